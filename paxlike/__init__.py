@@ -1,0 +1,1 @@
+"""paxlike: a JAX/XLA SPMD training system for language models."""
