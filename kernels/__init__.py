@@ -1,0 +1,1 @@
+"""Self-contained compute kernels (no imports from paxlike or models)."""

@@ -1,0 +1,142 @@
+"""Chunk-local GLA primitives in plain XLA, vectorised over [B, H, N] (the CPU fast path).
+
+Every chunk is handled at once with batched einsums, so XLA sees a few large fused ops instead of
+a loop. Intra-chunk scores use the secondary (sub-chunk) stabilisation of KERNELS.md §1:
+
+* off-diagonal sub-blocks I > J: A_IJ = (Q_I ⊙ e^{G_I − ζ_I}) (K_J ⊙ e^{ζ_I − G_J})ᵀ with ζ_I the
+  cumulative decay at the first row of sub-chunk I; both exponents are ≤ 0, so nothing overflows
+  however strong the gates are, and it is a plain matmul;
+* diagonal sub-blocks: elementwise in log space, Σ_k q_rk k_jk e^{G_rk − G_jk} (exponent clamped
+  at 0 so the masked upper triangle cannot produce inf).
+
+Inputs arrive in their own dtype and are upcast to the accumulation dtype (fp32, or fp64 for fp64
+inputs): on CPU bf16 matmuls are slower than fp32 ones, and fp32 keeps the bf16 error budget for
+the input rounding alone.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .chunked import ChunkOps
+
+_HI = jax.lax.Precision.HIGHEST
+
+
+def _ein(spec, *xs):
+    return jnp.einsum(spec, *xs, precision=_HI)
+
+
+def _masks(seg, C):
+    """(m_inter [B,1,N,C,1], m_last [B,1,N,C,1], same-document [B,1,N,C,C]) or Nones."""
+    if seg is None:
+        return None, None, None
+    s = seg[:, None, :, :]
+    return ((s == 0)[..., None], (s == s[..., -1:])[..., None],
+            s[..., :, None] == s[..., None, :])
+
+
+def _apply(x, m):
+    return x if m is None else jnp.where(m, x, 0.0)
+
+
+class _Intra:
+    """Stabilised intra-chunk factors of one call, shared by scores and their gradients."""
+
+    def __init__(self, q, k, G, sub):
+        *lead, C, K = G.shape
+        n = C // sub
+        self.n, self.c = n, sub
+        Gs = G.reshape(*lead, n, sub, K)
+        zeta = Gs[..., :, :1, :]                                           # [.., n, 1, K]
+        self.qs = q.reshape(*lead, n, sub, K)
+        self.ks = k.reshape(*lead, n, sub, K)
+        self.fq = jnp.exp(Gs - zeta)                                       # ≤ 1 factors
+        self.qz = self.qs * self.fq
+        # E[I, j] = exp(ζ_I − G_j) for keys j before sub-chunk I, else 0: [.., n, C, K]
+        before = np.arange(C)[None, :] < (np.arange(n) * sub)[:, None]
+        self.E = jnp.where(before[:, :, None], jnp.exp(jnp.minimum(zeta - G[..., None, :, :], 0)),
+                           0.0)
+        self.kz = k[..., None, :, :] * self.E
+        # diagonal blocks, elementwise in log space; causal mask inside the block
+        causal = np.tril(np.ones((sub, sub), bool))
+        diff = Gs[..., :, :, None, :] - Gs[..., :, None, :, :]             # [.., n, c, c, K]
+        self.D = jnp.where(causal[:, :, None], jnp.exp(jnp.minimum(diff, 0)), 0.0)
+
+    def scores(self):
+        """Unscaled causal A [.., C, C] (no document mask)."""
+        n, c = self.n, self.c
+        off = _ein("...irk,...ijk->...irj", self.qz, self.kz)             # [.., n, c, C]
+        diag = jnp.sum(self.qs[..., :, None, :] * self.ks[..., None, :, :] * self.D, -1)
+        eye = np.eye(n, dtype=bool)[:, None, :, None]
+        off = off.reshape(*off.shape[:-1], n, c)
+        full = jnp.where(eye, diag[..., :, :, None, :], off)
+        return full.reshape(*full.shape[:-4], n * c, n * c)
+
+    def grads(self, dA):
+        """(dq, dk) [.., C, K] of Σ dA ⊙ A for a causal dA [.., C, C]."""
+        n, c = self.n, self.c
+        lead = dA.shape[:-2]
+        dA5 = dA.reshape(*lead, n, c, n * c)
+        dq_off = _ein("...irj,...ijk->...irk", dA5, self.kz) * self.fq
+        dk_off = jnp.sum(_ein("...irj,...irk->...ijk", dA5, self.qz) * self.E, axis=-3)
+        dAd = jnp.moveaxis(jnp.diagonal(dA.reshape(*lead, n, c, n, c), axis1=-4, axis2=-2), -1, -3)
+        dq_d = jnp.sum(dAd[..., None] * self.ks[..., None, :, :] * self.D, axis=-2)
+        dk_d = jnp.sum(dAd[..., None] * self.qs[..., :, None, :] * self.D, axis=-3)
+        C = n * c
+        return (dq_off.reshape(*lead, C, -1) + dq_d.reshape(*lead, C, -1),
+                dk_off + dk_d.reshape(*lead, C, -1))
+
+
+def _fwd_state(k, v, G, seg, *, acc):
+    k, v = k.astype(acc), v.astype(acc)
+    _, m_last, _ = _masks(seg, G.shape[-2])
+    kd = _apply(k * jnp.exp(G[..., -1:, :] - G), m_last)
+    return _ein("...ck,...cv->...kv", kd, v)
+
+
+def _fwd_out(q, k, v, G, seg, S, *, acc, scale, sub):
+    q, k, v = (x.astype(acc) for x in (q, k, v))
+    m_inter, _, same = _masks(seg, G.shape[-2])
+    inter = _ein("...ck,...kv->...cv", _apply(q * jnp.exp(G), m_inter), S)
+    A = _apply(_Intra(q, k, G, sub).scores(), same)
+    return scale * (inter + _ein("...rj,...jv->...rv", A, v))
+
+
+def _bwd_prep(q, k, v, G, seg, do, *, acc, scale):
+    m_inter, _, _ = _masks(seg, G.shape[-2])
+    U = _fwd_state(k, v, G, seg, acc=acc)
+    W = scale * _ein("...ck,...cv->...kv", _apply(q.astype(acc) * jnp.exp(G), m_inter),
+                     do.astype(acc))
+    return U, W
+
+
+def _bwd_grads(q, k, v, G, seg, do, S, dSn, *, acc, scale, sub):
+    q, k, v, do = (x.astype(acc) for x in (q, k, v, do))
+    C = G.shape[-2]
+    m_inter, m_last, same = _masks(seg, C)
+    causal = np.tril(np.ones((C, C), bool))
+    mask = causal if same is None else same & causal
+    intra = _Intra(q, k, G, sub)
+    A = scale * jnp.where(mask, intra.scores(), 0.0)
+    dA = scale * jnp.where(mask, _ein("...rv,...jv->...rj", do, v), 0.0)
+    ed = _apply(jnp.exp(G[..., -1:, :] - G), m_last)          # key -> chunk-end decay
+    dv = _ein("...rj,...rv->...jv", A, do) + _ein("...jk,...kv->...jv", k * ed, dSn)
+    dq_i, dk_i = intra.grads(dA)
+    dq = scale * _apply(_ein("...rv,...kv->...rk", do, S) * jnp.exp(G), m_inter) + dq_i
+    dk = _ein("...jv,...kv->...jk", v, dSn) * ed + dk_i
+    return dq, dk, dv
+
+
+@functools.lru_cache(maxsize=None)
+def xla_ops(scale: float, sub: int, acc) -> ChunkOps:
+    """ChunkOps for the vectorised XLA path (cached so identical calls share one object)."""
+    acc = jnp.dtype(acc)
+    return ChunkOps(
+        fwd_state=functools.partial(_fwd_state, acc=acc),
+        fwd_out=functools.partial(_fwd_out, acc=acc, scale=scale, sub=sub),
+        bwd_prep=functools.partial(_bwd_prep, acc=acc, scale=scale),
+        bwd_grads=functools.partial(_bwd_grads, acc=acc, scale=scale, sub=sub))
