@@ -1,0 +1,1 @@
+"""Experiment configs: one file per model family, `get_config(size)` in each."""

@@ -1,0 +1,1 @@
+"""Flax NNX models whose weights and activations carry logical axis names."""

@@ -1,0 +1,110 @@
+"""Building blocks shared by the model families: parameters with logical names, RMSNorm, RoPE,
+the SwiGLU MLP, dropout and the scan over stacked layers."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from paxlike.sharding import constrain
+
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    # Keep matmul outputs, recompute the cheap elementwise work in the backward pass.
+    "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None]
+          ) -> nnx.Param:
+    """A float32 parameter whose dimensions carry logical axis names (see paxlike.sharding)."""
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), sharding_names=tuple(names))
+
+
+def scaled_normal(fan_in: int, scale: float = 1.0) -> Callable:
+    """Truncated normal with std scale / sqrt(fan_in)."""
+    return nnx.initializers.truncated_normal(stddev=scale / math.sqrt(fan_in))
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, *, eps: float = 1e-6, names: Sequence[str] = ("embed",),
+                 rngs: nnx.Rngs):
+        self.eps = eps
+        self.scale = param(rngs, nnx.initializers.ones, (dim,), names)
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Statistics in float32 whatever the compute dtype: bf16 variance loses too many bits.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return (x32 * self.scale[...]).astype(x.dtype)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
+    """Rotary position embedding (rotate-half form). x: [B, T, heads, head_dim]; positions: [B, T]."""
+    half = x.shape[-1] // 2
+    inv_freq = theta ** (-jnp.arange(half, dtype=jnp.float32) / half)
+    angles = positions.astype(jnp.float32)[..., None, None] * inv_freq  # [B, T, 1, half]
+    sin, cos = jnp.sin(angles), jnp.cos(angles)
+    x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+    out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+    return out.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    def __init__(self, d_model: int, mlp_dim: int, *, num_layers: int, rngs: nnx.Rngs):
+        self.w_gate = param(rngs, scaled_normal(d_model), (d_model, mlp_dim), ("embed", "mlp"))
+        self.w_up = param(rngs, scaled_normal(d_model), (d_model, mlp_dim), ("embed", "mlp"))
+        # Residual-branch outputs scaled down with depth so the residual stream stays O(1).
+        self.w_down = param(rngs, scaled_normal(mlp_dim, 1 / math.sqrt(2 * num_layers)),
+                            (mlp_dim, d_model), ("mlp", "embed"))
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        dt = x.dtype
+        gate = constrain(x @ self.w_gate[...].astype(dt), ("batch", "length", "mlp"))
+        up = constrain(x @ self.w_up[...].astype(dt), ("batch", "length", "mlp"))
+        out = (jax.nn.silu(gate) * up) @ self.w_down[...].astype(dt)
+        return constrain(out, ("batch", "length", "act_embed"))
+
+
+def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
+    if rate == 0.0 or key is None:
+        return x
+    keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+    return jnp.where(keep, x / (1.0 - rate), 0).astype(x.dtype)
+
+
+def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
+                 rngs: nnx.Rngs) -> nnx.Module:
+    """Creates `num_layers` copies of a layer with parameters stacked on a leading 'layers' axis."""
+    @nnx.split_rngs(splits=num_layers)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+    def make(rngs):
+        return make_layer(rngs)
+    return make(rngs)
+
+
+def scan_layers(layers: nnx.Module, x: jax.Array, apply: Callable, *, remat: str,
+                key: jax.Array | None = None) -> jax.Array:
+    """Applies stacked layers in a `lax.scan`, so compile time does not grow with depth.
+
+    `apply(layer, x, key)` runs one layer; `key` (if given) is folded with the layer index.
+    """
+    if remat not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}")
+    graphdef, state = nnx.split(layers)
+    num_layers = jax.tree.leaves(state)[0].shape[0]
+
+    def body(carry, inputs):
+        layer_state, index = inputs
+        layer_key = None if key is None else jax.random.fold_in(key, index)
+        return apply(nnx.merge(graphdef, layer_state), carry, layer_key), None
+
+    if remat != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+    x, _ = jax.lax.scan(body, x, (state, jnp.arange(num_layers)))
+    return x

@@ -1,0 +1,173 @@
+"""Llama-style decoder-only Transformer in Flax NNX.
+
+RMSNorm pre-norm blocks, rotary positions, grouped-query attention and a SwiGLU MLP; layers stacked
+on a 'layers' axis and applied with `lax.scan`. Every parameter carries logical axis names (see
+`paxlike.sharding` for how they become mesh axes). Packed sequences: `segment_ids` keep documents
+from attending to each other and `positions` restart at each document.
+
+The trainer uses this module through `build(cfg, rngs)` and `flops_per_token(cfg, seq_len)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from models import layers
+from paxlike.sharding import constrain
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "module": "models.transformer",
+        "vocab_size": 512,
+        "d_model": 128,
+        "num_layers": 4,
+        "num_heads": 4,
+        "num_kv_heads": 2,
+        "head_dim": 0,  # 0: d_model // num_heads
+        "mlp_dim": 512,
+        "tie_embeddings": False,
+        "rope_theta": 10000.0,
+        "norm_eps": 1e-6,
+        "dropout_rate": 0.0,
+        "compute_dtype": "float32",
+        "remat": "none",  # none | full | save_dots
+    })
+
+
+def head_dim(cfg) -> int:
+    return cfg.head_dim or cfg.d_model // cfg.num_heads
+
+
+def validate(cfg) -> list[str]:
+    """Problems with a model config, as messages naming the key and the fix."""
+    problems = []
+    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
+        if cfg[key] < 1:
+            problems.append(f"model.{key}={cfg[key]} must be positive")
+    if problems:
+        return problems
+    if not cfg.head_dim and cfg.d_model % cfg.num_heads:
+        problems.append(f"model.d_model={cfg.d_model} is not divisible by model.num_heads="
+                        f"{cfg.num_heads}; change one or set model.head_dim")
+    if cfg.num_heads % cfg.num_kv_heads:
+        problems.append(f"model.num_heads={cfg.num_heads} is not a multiple of model.num_kv_heads="
+                        f"{cfg.num_kv_heads} (grouped-query attention shares each KV head)")
+    if head_dim(cfg) % 2:
+        problems.append(f"head dimension {head_dim(cfg)} must be even for rotary embeddings")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        problems.append(f"model.compute_dtype={cfg.compute_dtype!r}; choose one of {list(COMPUTE_DTYPES)}")
+    if cfg.remat not in layers.REMAT_POLICIES:
+        problems.append(f"model.remat={cfg.remat!r}; choose one of {list(layers.REMAT_POLICIES)}")
+    if not 0.0 <= cfg.dropout_rate < 1.0:
+        problems.append(f"model.dropout_rate={cfg.dropout_rate} must be in [0, 1)")
+    return problems
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
+        self.rope_theta = cfg.rope_theta
+        self.wq = layers.param(rngs, layers.scaled_normal(d), (d, h, hd), ("embed", "heads", "head_dim"))
+        self.wk = layers.param(rngs, layers.scaled_normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        self.wv = layers.param(rngs, layers.scaled_normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
+        self.wo = layers.param(rngs, layers.scaled_normal(h * hd, 1 / math.sqrt(2 * cfg.num_layers)),
+                               (h, hd, d), ("heads", "head_dim", "embed"))
+
+    def __call__(self, x, positions, mask):
+        dt = x.dtype
+        q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
+        k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
+        v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
+        q = constrain(layers.rope(q, positions, self.rope_theta), ("batch", "length", "heads", "head_dim"))
+        k = constrain(layers.rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
+        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        o = jax.nn.dot_product_attention(q, k, v, mask=mask)
+        o = constrain(o, ("batch", "length", "heads", "head_dim"))
+        out = jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(dt))
+        return constrain(out, ("batch", "length", "act_embed"))
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.dropout_rate = cfg.dropout_rate
+        self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.attn = Attention(cfg, rngs)
+        self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp_dim, num_layers=cfg.num_layers, rngs=rngs)
+
+    def __call__(self, x, positions, mask, key=None):
+        keys = (None, None) if key is None else jax.random.split(key)
+        x = x + layers.dropout(self.attn(self.attn_norm(x), positions, mask), self.dropout_rate, keys[0])
+        x = x + layers.dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+def attention_mask(segment_ids: jax.Array) -> jax.Array:
+    """[B, 1, T, T] boolean: causal, and only within the same packed document.
+
+    Padding (segment 0) attends to earlier padding, so no softmax row is empty (no NaN)."""
+    t = segment_ids.shape[1]
+    causal = jnp.tril(jnp.ones((t, t), dtype=bool))
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    return (causal & same)[:, None]
+
+
+class Transformer(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        problems = validate(cfg)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg = cfg
+        self.compute_dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+        self.embed = layers.param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
+                                  ("vocab", "embed"))
+        self.layers = layers.stack_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+        self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.unembed = layers.param(rngs, layers.scaled_normal(cfg.d_model),
+                                        (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+    def __call__(self, tokens, positions, segment_ids, *, dropout_key=None):
+        """tokens, positions, segment_ids: [B, T] int. Returns float32 logits [B, T, vocab]."""
+        dt = self.compute_dtype
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        mask = attention_mask(segment_ids)
+        x = layers.scan_layers(self.layers, x, lambda blk, h, k: blk(h, positions, mask, k),
+                               remat=self.cfg.remat, key=dropout_key)
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            # Embeddings have std 1; scale so tied logits start at O(1) like the untied head.
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt)) / math.sqrt(self.cfg.d_model)
+        else:
+            logits = x @ self.unembed[...].astype(dt)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def build(cfg, rngs: nnx.Rngs) -> Transformer:
+    return Transformer(cfg, rngs)
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward, no rematerialisation).
+
+    6 · N_matmul + 12 · L · H · D_h · T, where N_matmul counts the weights used in matrix
+    multiplies (attention projections, MLP, output head; not the embedding lookup) and the second
+    term is the attention scores and weighted sum (2 · 2 · T · H · D_h per layer per token in the
+    forward pass, tripled for the backward). Attention is counted over the full T × T matrix,
+    which is what `jax.nn.dot_product_attention` computes on XLA; a causal-skipping kernel does
+    half of it.
+    """
+    d, hd, L = cfg.d_model, head_dim(cfg), cfg.num_layers
+    attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
+    mlp = 3 * d * cfg.mlp_dim
+    n_matmul = L * (attn + mlp) + d * cfg.vocab_size
+    return 6.0 * n_matmul + 12.0 * L * cfg.num_heads * hd * seq_len

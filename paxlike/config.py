@@ -1,0 +1,98 @@
+"""The trainer's configuration: defaults for every key, and validation with clear messages.
+
+An experiment file (`experiments/<family>.py`) defines `get_config(size)`, starting from
+`base_config()` and filling in its model section. The config is locked before command-line
+overrides are applied, so a mistyped `--config.KEY=VALUE` fails before any work starts.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+
+import ml_collections
+
+from paxlike.errors import UserError
+from paxlike.mesh import MESH_AXES
+from paxlike.sharding import PRESETS
+
+
+def base_config() -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.steps = 300
+    c.log_every = 10
+    c.eval_every = 100
+    c.checkpoint_every = 100
+    c.keep_checkpoints = 3
+    c.async_checkpoints = True
+    c.seed = 0
+    c.batch_size = 16          # global, in sequences
+    c.seq_len = 128
+    c.microbatches = 1         # gradient accumulation: batch_size is split into this many parts
+    c.sharding = "fsdp_tp"     # rules preset, see paxlike/sharding.py
+    # Peak FLOP/s per device for MFU; 0 = known figure for TPUs/GPUs, GEMM rate measured on CPU.
+    c.peak_tflops_per_device = 0.0
+    c.mesh = ml_collections.ConfigDict({axis: 1 for axis in MESH_AXES})
+    c.mesh.fsdp = -1
+    # The part of each axis that crosses slices / nodes (data-centre network).
+    c.mesh.dcn = ml_collections.ConfigDict({axis: 1 for axis in MESH_AXES})
+    c.optimizer = ml_collections.ConfigDict({
+        "learning_rate": 1e-3,
+        "warmup_steps": 30,
+        "min_lr_ratio": 0.1,    # cosine decays to learning_rate * min_lr_ratio at `steps`
+        "weight_decay": 0.1,    # applied to matrices only (not norms)
+        "b1": 0.9,
+        "b2": 0.95,
+        "eps": 1e-8,
+        "clip_norm": 1.0,       # global-norm gradient clipping; 0 disables
+    })
+    c.data = ml_collections.ConfigDict({
+        "source": "stdlib",     # stdlib | text | jsonl
+        "paths": "",            # comma-separated files or globs for text / jsonl
+        "jsonl_field": "text",
+        "val_fraction": 0.05,
+        "tokenizer": "byte",    # byte | bpe
+        "bpe_vocab_size": 4096,
+        "eval_batches": 4,
+    })
+    c.model = ml_collections.ConfigDict()  # filled in by the experiment file
+    return c
+
+
+def model_module(cfg):
+    """The models/ module that builds this config's model (named by `model.module`)."""
+    name = cfg.model.get("module")
+    if not name:
+        raise UserError("config has no model.module; an experiment file must name the model module")
+    try:
+        return importlib.import_module(name)
+    except ImportError as e:
+        raise UserError(f"model.module={name!r} cannot be imported: {e}") from e
+
+
+def validate(cfg) -> None:
+    """Raises UserError listing every problem found in the config."""
+    problems = []
+    for key in ("steps", "log_every", "batch_size", "seq_len", "microbatches", "keep_checkpoints"):
+        if cfg[key] < 1:
+            problems.append(f"{key}={cfg[key]} must be >= 1")
+    for key in ("eval_every", "checkpoint_every"):
+        if cfg[key] < 0:
+            problems.append(f"{key}={cfg[key]} must be >= 0 (0 disables it)")
+    if cfg.microbatches >= 1 and cfg.batch_size % cfg.microbatches:
+        problems.append(f"batch_size={cfg.batch_size} is not divisible by microbatches={cfg.microbatches}")
+    if cfg.sharding not in PRESETS:
+        problems.append(f"sharding={cfg.sharding!r}; choose one of {', '.join(PRESETS)}")
+    opt = cfg.optimizer
+    if opt.learning_rate <= 0:
+        problems.append(f"optimizer.learning_rate={opt.learning_rate} must be > 0")
+    if opt.warmup_steps < 0 or not 0 <= opt.min_lr_ratio <= 1:
+        problems.append("optimizer.warmup_steps must be >= 0 and optimizer.min_lr_ratio in [0, 1]")
+    module = model_module(cfg)
+    problems += module.validate(cfg.model) if hasattr(module, "validate") else []
+    if problems:
+        raise UserError("invalid config:\n  " + "\n  ".join(problems))
+
+
+def to_json(cfg) -> str:
+    return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)

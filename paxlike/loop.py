@@ -1,0 +1,155 @@
+"""One training run, start to finish: checks, state, the step loop, eval, checkpoints, metrics.
+
+Everything that could reject the user's input (config, mesh, model divisibility, data, an
+incompatible checkpoint) runs before anything is written, so a failed start leaves the workdir
+exactly as it was. Running the same command again resumes from the latest complete checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+
+from paxlike import config as config_lib
+from paxlike import data, hardware, metrics
+from paxlike.checkpoint import Checkpoints, param_shapes
+from paxlike.errors import UserError
+from paxlike.mesh import MESH_AXES, build_mesh, describe
+from paxlike.trainer import Trainer
+
+
+class _Preemption:
+    """Turns SIGTERM (how clusters announce preemption) into 'save a checkpoint and stop'."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        except ValueError:  # not the main thread (e.g. a test runner thread): nothing to install
+            self._previous = None
+        return self
+
+    def _handle(self, *_):
+        logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
+        self.requested = True
+
+    def __exit__(self, *_):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _write_json_atomically(path: str, text: str) -> None:
+    tmp = path + ".tmp"
+    with open(path + ".tmp", "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def evaluate(trainer: Trainer, params, dataset, token_bytes) -> dict:
+    sums = {"nll": 0.0, "tokens": 0.0, "bytes": 0.0}
+    for batch in dataset.eval_batches():
+        out = jax.device_get(trainer.eval_step(params, batch, token_bytes))
+        for k in sums:
+            sums[k] += float(out[k])
+    return {"eval_loss": sums["nll"] / max(sums["tokens"], 1.0),
+            "bits_per_byte": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
+
+
+def run(cfg, workdir: str, devices=None) -> list[float]:
+    """Trains `cfg` in `workdir` (resuming if it holds checkpoints). Returns the logged losses."""
+    config_lib.validate(cfg)
+    if os.path.exists(workdir) and not os.path.isdir(workdir):
+        raise UserError(f"--workdir={workdir} is a file, not a directory; choose another path")
+    sizes = {axis: cfg.mesh[axis] for axis in MESH_AXES}
+    mesh = build_mesh(sizes, cfg.mesh.dcn.to_dict(), devices)
+    trainer = Trainer(cfg, mesh)
+    ckpts = Checkpoints(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+                        async_save=cfg.async_checkpoints)
+    shapes = param_shapes(trainer.abstract_state().params)
+    start = ckpts.latest_step()
+    if start is not None:
+        ckpts.check_compatible(start, cfg.model.to_dict(), shapes)
+    dataset = data.build(cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
+                         seed=cfg.seed, workdir=workdir, batch_sharding=trainer.batch_sharding)
+    if dataset.tokenizer.vocab_size > cfg.model.vocab_size:
+        raise UserError(f"the {cfg.data.tokenizer} tokenizer has {dataset.tokenizer.vocab_size} "
+                        f"tokens but model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+
+    # Checks passed: from here on the workdir is ours to write.
+    primary = jax.process_index() == 0
+    if primary:
+        os.makedirs(workdir, exist_ok=True)
+        _write_json_atomically(os.path.join(workdir, "config.json"), config_lib.to_json(cfg))
+    writer = metrics.MetricsWriter(workdir, enabled=primary, total_steps=cfg.steps)
+    train_iter = dataset.train_iterator()
+    if start is None:
+        start = 0
+        state = trainer.init_state()
+    else:
+        state, meta = ckpts.restore(start, trainer.abstract_state())
+        train_iter.set_state(meta["data_state"])
+        writer.truncate_after(start)
+        logging.info("resumed from step %d", start)
+    token_bytes = jnp.asarray(np.asarray(dataset.tokenizer.token_bytes, np.float32))
+
+    num_params = sum(math.prod(s) for s in shapes.values())
+    flops_per_step = trainer.flops_per_step()
+    peak = hardware.peak_flops(mesh.devices.flat, trainer.module.COMPUTE_DTYPES.get(
+        cfg.model.get("compute_dtype", "float32"), jnp.float32), cfg.peak_tflops_per_device)
+    logging.info("mesh %s; %.2fM parameters; %d tokens/step; %.3g FLOPs/step; peak %.3g FLOP/s",
+                 describe(mesh), num_params / 1e6, cfg.batch_size * cfg.seq_len,
+                 flops_per_step, peak)
+    if start >= cfg.steps:
+        logging.info("already trained to step %d (steps=%d): nothing to do", start, cfg.steps)
+        ckpts.close()
+        writer.close()
+        return []
+
+    def save(step):
+        ckpts.save(step, state, {"step": step, "data_state": train_iter.get_state(),
+                                 "model": cfg.model.to_dict(), "param_shapes": shapes})
+
+    losses = []
+    compile_start = time.perf_counter()
+    trainer.compile(state)
+    logging.info("compiled the train step in %.1f s", time.perf_counter() - compile_start)
+    interval_start, interval_steps = time.perf_counter(), 0
+    with _Preemption() as preemption:
+        for step in range(start + 1, cfg.steps + 1):
+            state, step_metrics = trainer.train_step(state, next(train_iter))
+            interval_steps += 1
+            last = step == cfg.steps or preemption.requested
+            if step % cfg.log_every == 0 or last:
+                step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                elapsed = time.perf_counter() - interval_start
+                step_time = elapsed / interval_steps
+                step_metrics.update(step_time_s=step_time,
+                                    tokens_per_sec=cfg.batch_size * cfg.seq_len / step_time,
+                                    mfu=flops_per_step / step_time / peak)
+                if not math.isfinite(step_metrics["loss"]):
+                    raise UserError(f"loss is {step_metrics['loss']} at step {step}; lower "
+                                    f"optimizer.learning_rate or check the data")
+                writer.write_train(step, step_metrics)
+                losses.append(step_metrics["loss"])
+            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                writer.write_eval(step, evaluate(trainer, state.params, dataset, token_bytes))
+            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
+                save(step)
+            if step % cfg.log_every == 0 or last:
+                interval_start, interval_steps = time.perf_counter(), 0
+            if preemption.requested:
+                logging.warning("stopped at step %d after SIGTERM; run again to resume", step)
+                break
+    ckpts.close()
+    writer.close()
+    return losses

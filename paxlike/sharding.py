@@ -1,0 +1,132 @@
+"""Logical axis names -> mesh axes.
+
+Models name every dimension of every weight and activation logically ('embed', 'heads', 'batch'…)
+and never mention mesh axes. A rules table (plain data, chosen by name in the config) maps each
+logical name to an ordered tuple of mesh axes. This module is the one place where that mapping
+happens, for parameters (`param_shardings`) and activations (`constrain`).
+
+A rule's mesh axes are applied in order, skipping an axis already used by an earlier dimension of
+the same array and axes of size 1. A dimension that the remaining axes do not divide is an error:
+silently replicating it would hide a memory blow-up until the job runs on the real fleet.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import math
+from collections.abc import Mapping, Sequence
+
+import flax
+import jax
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from paxlike.errors import UserError
+
+# paxlike places parameters itself (born sharded by a jitted init with out_shardings); Flax's
+# eager sharding would instead demand a mesh while a model is merely being described.
+flax.config.update("flax_always_shard_variable", False)
+
+Rules = Mapping[str, tuple[str, ...]]
+
+# Logical names used by models. Weights: vocab, embed, heads, kv_heads, head_dim, mlp, layers.
+# Activations: batch, length, act_embed (the model dimension of activations), plus heads/kv_heads/
+# mlp/vocab, which shard the same way on weights and activations.
+_COMMON = {"head_dim": (), "act_embed": (), "layers": (), "state": ()}
+PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
+    # Weights sharded over fsdp on the model dimension, and over tensor on heads / mlp / vocab.
+    "fsdp_tp": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": ("context",),
+                "embed": ("fsdp",), "vocab": ("tensor",), "heads": ("tensor",),
+                "kv_heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",)},
+    # ZeRO-3 style: every weight sharded over fsdp only; batch over every data-like axis.
+    "fsdp": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": ("context",),
+             "embed": ("fsdp",), "vocab": (), "heads": (), "kv_heads": (), "mlp": (),
+             "experts": ()},
+    # Plain data parallelism: weights replicated, batch over every data-like axis.
+    "data": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": (),
+             "embed": (), "vocab": (), "heads": (), "kv_heads": (), "mlp": (), "experts": ()},
+}
+
+
+def get_rules(preset: str) -> dict[str, tuple[str, ...]]:
+    if preset not in PRESETS:
+        raise UserError(f"unknown sharding preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    return dict(PRESETS[preset])
+
+
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Rules,
+                    mesh: Mesh, what: str = "array") -> PartitionSpec:
+    """PartitionSpec for an array whose dimensions carry the logical `names`."""
+    if len(names) != len(shape):
+        raise ValueError(f"{what}: {len(names)} logical names {tuple(names)} for shape {tuple(shape)}")
+    used: set[str] = set()
+    spec = []
+    for name, dim in zip(names, shape):
+        if name is None:
+            spec.append(None)
+            continue
+        if name not in rules:
+            raise UserError(f"{what}: logical axis {name!r} has no sharding rule; known: {sorted(rules)}")
+        axes = tuple(a for a in rules[name] if a not in used and mesh.shape.get(a, 1) > 1)
+        ways = math.prod(mesh.shape[a] for a in axes)
+        if dim % ways:
+            sizes = ", ".join(f"mesh.{a}={mesh.shape[a]}" for a in axes)
+            raise UserError(
+                f"{what}: dimension {name!r} of size {dim} is not divisible by {sizes} (= {ways}); "
+                f"change the model size or the mesh")
+        used.update(axes)
+        spec.append(axes[0] if len(axes) == 1 else (axes or None))
+    return PartitionSpec(*spec)
+
+
+def variable_names(variable: nnx.Variable) -> tuple[str | None, ...]:
+    """The logical axis names a model attached to a parameter."""
+    names = variable.get_metadata().get("out_sharding")
+    if names is None:
+        raise ValueError(f"parameter of shape {variable.shape} has no logical axis names")
+    return tuple(names)
+
+
+def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
+    """NamedSharding for every parameter, from its logical names and the rules."""
+    def one(path, variable):
+        where = "parameter " + "/".join(str(p) for p in path)
+        spec = logical_to_spec(variable_names(variable), variable.shape, rules, mesh, where)
+        return NamedSharding(mesh, spec)
+    return jax.tree.map_with_path(one, abstract_state,
+                                  is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+# The (mesh, rules) that `constrain` uses while a model is traced by the trainer.
+_ACTIVE: contextvars.ContextVar[tuple[Mesh, Rules] | None] = contextvars.ContextVar(
+    "paxlike_sharding_rules", default=None)
+
+
+@contextlib.contextmanager
+def use_rules(mesh: Mesh, rules: Rules):
+    """Makes `constrain` shard activations on `mesh` by `rules` inside the block."""
+    token = _ACTIVE.set((mesh, rules))
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
+    """Constrains an activation to the sharding its logical names map to.
+
+    Outside `use_rules` (a model run on its own, e.g. in a kernel test) this returns `x` unchanged;
+    the trainer always traces models inside `use_rules`, so CPU runs exercise the sharding path.
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return x
+    mesh, rules = active
+    spec = logical_to_spec(names, x.shape, rules, mesh, "activation")
+    return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
+
+
+def batch_spec(rules: Rules, mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:
+    """Sharding of a [batch, length] input array."""
+    return logical_to_spec(("batch", "length"), shape, rules, mesh, "input batch")
