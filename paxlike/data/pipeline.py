@@ -52,7 +52,12 @@ def process_rows(sharding: jax.sharding.Sharding, global_shape: tuple[int, ...],
     `jax.make_array_from_process_local_data` expects them: the sorted union of the row ranges of
     its addressable shards. `devices` overrides the addressable set (used to test other layouts).
     """
-    index_map = sharding.devices_indices_map(tuple(global_shape))
+    try:
+        index_map = sharding.devices_indices_map(tuple(global_shape))
+    except ValueError as e:   # jax's IndivisibleError: batch or seq_len not divisible by the mesh
+        raise UserError(f'batch shape {tuple(global_shape)} (batch_size, seq_len) cannot be split '
+                        f'over {sharding.spec} of the mesh {dict(sharding.mesh.shape)}: make '
+                        'batch_size (and seq_len, if sharded) divisible by those mesh axes') from None
     devices = sharding.addressable_devices if devices is None else devices
     starts, size = set(), None
     for d in devices:
@@ -210,6 +215,7 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
         raise UserError(f'data.val_fraction must be a number in [0, 1); got {val_fraction!r}')
     if seq_len < 1 or global_batch_size < 1:
         raise UserError(f'seq_len and batch_size must be >= 1; got {seq_len}, {global_batch_size}')
+    process_rows(batch_sharding, (global_batch_size, seq_len))   # fails early on a bad split
 
     corpus = sources.load_corpus(source, paths=paths, jsonl_field=field,
                                  val_fraction=float(val_fraction))
