@@ -1,0 +1,218 @@
+"""Pallas kernels for the linear recurrence h_l = A_l h_{l-1} + b_l (diagonal or per-channel 2x2 A).
+
+Two kernel bodies, one per target, because the two compilers want different shapes of work:
+
+* ``tpu`` (Mosaic): grid (batch, channel tiles, time blocks). The time axis is the innermost,
+  sequential ("arbitrary") grid axis; the state crossing block boundaries lives in a VMEM scratch.
+  Inside a (block_t, block_d) block the recurrence is solved by a Hillis-Steele scan along the
+  sublane axis (log2(block_t) steps of ``pltpu.roll`` + compose), so every vector op works on full
+  (8, 128) tiles instead of one row at a time.
+* ``gpu`` (Triton): grid (batch, channel tiles); each program walks the whole sequence for its
+  channels. Triton has no shift/roll of register tensors (only a forward cumsum), so the in-program
+  recurrence is sequential; ``unroll`` rows are loaded before they are consumed so that several
+  global loads are in flight per step.
+
+Both run on CPU with ``interpret=True`` (that is how the tests check their numerics) and both
+support ``reverse`` natively (the time traversal is mirrored, no flip copies of the inputs).
+
+Layout: planes. A diagonal recurrence is one ``a`` plane and one ``b`` plane of shape [B, L, d];
+a 2x2 recurrence is four ``a`` planes (a00, a01, a10, a11) and two ``b`` planes. ``h0`` planes are
+[B, 1, d] (a unit second-minor dim keeps Mosaic's (8, 128) block rule satisfied). Compute is fp32.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+# Per-kind element algebra on tuples of planes. ``compose(later, earlier)`` is the scan combine.
+_N_A = {"diagonal": 1, "block2": 4}
+_N_B = {"diagonal": 1, "block2": 2}
+_IDENT_A = {"diagonal": (1.0,), "block2": (1.0, 0.0, 0.0, 1.0)}
+
+
+def _apply(kind, a, b, h):
+    """A h + b for one element (planes broadcast against h)."""
+    if kind == "diagonal":
+        return (a[0] * h[0] + b[0],)
+    a00, a01, a10, a11 = a
+    return (a00 * h[0] + a01 * h[1] + b[0], a10 * h[0] + a11 * h[1] + b[1])
+
+
+def _compose(kind, later, earlier):
+    """(A2, b2) o (A1, b1) = (A2 A1, A2 b1 + b2): applying ``earlier`` first, then ``later``."""
+    (a2, b2), (a1, b1) = later, earlier
+    if kind == "diagonal":
+        return (a2[0] * a1[0],), (a2[0] * b1[0] + b2[0],)
+    p00, p01, p10, p11 = a2
+    q00, q01, q10, q11 = a1
+    a = (p00 * q00 + p01 * q10, p00 * q01 + p01 * q11,
+         p10 * q00 + p11 * q10, p10 * q01 + p11 * q11)
+    return a, _apply(kind, a2, b2, b1)
+
+
+# ----------------------------------------------------------------------------------------------
+# TPU (Mosaic) body
+# ----------------------------------------------------------------------------------------------
+def _tpu_kernel(*refs, kind, reverse, block_t):
+    from jax.experimental.pallas import tpu as pltpu
+
+    na, nb = _N_A[kind], _N_B[kind]
+    a_refs = refs[:na]
+    b_refs = refs[na:na + nb]
+    h0_refs = refs[na + nb:na + 2 * nb]
+    out_refs = refs[na + 2 * nb:na + 3 * nb]
+    carry_refs = refs[na + 3 * nb:]
+
+    @pl.when(pl.program_id(2) == 0)
+    def _init():
+        for c, h in zip(carry_refs, h0_refs):
+            c[...] = h[...].astype(jnp.float32)
+
+    a = tuple(r[...].astype(jnp.float32) for r in a_refs)
+    b = tuple(r[...].astype(jnp.float32) for r in b_refs)
+    row = lax.broadcasted_iota(jnp.int32, a[0].shape, 0)
+    k = 1
+    while k < block_t:  # Hillis-Steele: after the step with offset k, row i holds rows (i-2k, i]
+        shift = block_t - k if reverse else k  # roll only takes non-negative shifts
+        valid = row < block_t - k if reverse else row >= k
+        a_e = tuple(jnp.where(valid, pltpu.roll(x, shift, 0), i)
+                    for x, i in zip(a, _IDENT_A[kind]))
+        b_e = tuple(jnp.where(valid, pltpu.roll(x, shift, 0), 0.0) for x in b)
+        a, b = _compose(kind, (a, b), (a_e, b_e))
+        k *= 2
+    h = _apply(kind, a, b, tuple(c[...] for c in carry_refs))
+    last = 0 if reverse else block_t - 1
+    for o, c, v in zip(out_refs, carry_refs, h):
+        o[...] = v.astype(o.dtype)
+        c[...] = v[last:last + 1, :]
+
+
+def _tpu_call(a, b, h0, *, kind, reverse, block_t, block_d, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    bsz, length, d = a[0].shape
+    nt, nd = length // block_t, d // block_d
+    if reverse:
+        t_map = lambda i, j, t: (i, nt - 1 - t, j)  # noqa: E731  (visit time blocks last-first)
+    else:
+        t_map = lambda i, j, t: (i, t, j)  # noqa: E731
+    seq_spec = pl.BlockSpec((None, block_t, block_d), t_map)
+    h_spec = pl.BlockSpec((None, 1, block_d), lambda i, j, t: (i, 0, j))
+    out_dtype = b[0].dtype
+    return pl.pallas_call(
+        functools.partial(_tpu_kernel, kind=kind, reverse=reverse, block_t=block_t),
+        grid=(bsz, nd, nt),
+        in_specs=[seq_spec] * (len(a) + len(b)) + [h_spec] * len(h0),
+        out_specs=[seq_spec] * len(b),
+        out_shape=[jax.ShapeDtypeStruct((bsz, length, d), out_dtype)] * len(b),
+        scratch_shapes=[pltpu.VMEM((1, block_d), jnp.float32)] * len(b),
+        compiler_params=pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=interpret,
+        name=f"pararnn_scan_{kind}{'_rev' if reverse else ''}",
+    )(*a, *b, *h0)
+
+
+# ----------------------------------------------------------------------------------------------
+# GPU (Triton) body
+# ----------------------------------------------------------------------------------------------
+def _gpu_kernel(*refs, kind, reverse, length, unroll):
+    na, nb = _N_A[kind], _N_B[kind]
+    a_refs = refs[:na]
+    b_refs = refs[na:na + nb]
+    h0_refs = refs[na + nb:na + 2 * nb]
+    out_refs = refs[na + 2 * nb:]
+
+    def body(i, h):
+        base = length - (i + 1) * unroll if reverse else i * unroll
+        steps = [base + (unroll - 1 - u if reverse else u) for u in range(unroll)]
+        # Issue every load of the unrolled group first: they do not depend on h.
+        loads = [(tuple(r[t, :].astype(jnp.float32) for r in a_refs),
+                  tuple(r[t, :].astype(jnp.float32) for r in b_refs)) for t in steps]
+        for t, (a, b) in zip(steps, loads):
+            h = _apply(kind, a, b, h)
+            for o, v in zip(out_refs, h):
+                o[t, :] = v.astype(o.dtype)
+        return h
+
+    h = tuple(r[0, :].astype(jnp.float32) for r in h0_refs)
+    lax.fori_loop(0, length // unroll, body, h)
+
+
+def _gpu_call(a, b, h0, *, kind, reverse, block_d, unroll, interpret, num_warps=1, num_stages=2):
+    from jax.experimental.pallas import triton as plgpu
+
+    bsz, length, d = a[0].shape
+    seq_spec = pl.BlockSpec((None, length, block_d), lambda i, j: (i, 0, j))
+    h_spec = pl.BlockSpec((None, 1, block_d), lambda i, j: (i, 0, j))
+    return pl.pallas_call(
+        functools.partial(_gpu_kernel, kind=kind, reverse=reverse, length=length, unroll=unroll),
+        grid=(bsz, d // block_d),
+        in_specs=[seq_spec] * (len(a) + len(b)) + [h_spec] * len(h0),
+        out_specs=[seq_spec] * len(b),
+        out_shape=[jax.ShapeDtypeStruct((bsz, length, d), b[0].dtype)] * len(b),
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name=f"pararnn_scan_{kind}{'_rev' if reverse else ''}",
+    )(*a, *b, *h0)
+
+
+# ----------------------------------------------------------------------------------------------
+# Entry point on planes: padding and tile choice
+# ----------------------------------------------------------------------------------------------
+def default_variant():
+    """The kernel body for the default backend; CPU interprets the TPU body (fewest grid steps)."""
+    backend = jax.default_backend()
+    return ("gpu", False) if backend in ("gpu", "cuda", "rocm") else ("tpu", backend != "tpu")
+
+
+def _pad_to(x, axis, size, value):
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    pad = [(0, 0)] * x.ndim
+    pad[axis] = (0, extra)
+    return jnp.pad(x, pad, constant_values=value)
+
+
+def scan_planes(a, b, h0, *, kind, reverse=False, variant=None, interpret=None,
+                block_t=None, block_d=None, unroll=8):
+    """Run the kernel on plane tuples: a (1 or 4 planes) and b (1 or 2) [B, L, d]; h0 planes [B, d].
+
+    Returns the tuple of output planes [B, L, d]. L and d are padded to whole blocks: time padding
+    is identity elements (A = I, b = 0) appended at the end, which leave every real output alone in
+    both directions (reverse starts from the padded end, where identities just carry h0 through).
+    """
+    if variant is None:
+        variant, auto_interp = default_variant()
+        interpret = auto_interp if interpret is None else interpret
+    interpret = bool(interpret)
+    bsz, length, d = b[0].shape
+    if variant == "tpu":
+        if block_d is None:  # lanes: 128 on hardware; wide tiles in interpret mean fewer grid steps
+            block_d = min(1024, -(-d // 128) * 128) if interpret else 128
+        if block_t is None:
+            block_t = 256 if length >= 256 else max(8, 1 << (length - 1).bit_length())
+        t_mult, d_mult = block_t, block_d
+    elif variant == "gpu":
+        if block_d is None:
+            block_d = 32 if d >= 32 else max(1, 1 << (d - 1).bit_length())
+        t_mult, d_mult = unroll, block_d
+    else:
+        raise ValueError(f"unknown Pallas variant {variant!r} (expected 'tpu' or 'gpu')")
+    lp, dp = -(-length // t_mult) * t_mult, -(-d // d_mult) * d_mult
+    a = tuple(_pad_to(_pad_to(x, 2, dp, 0.0), 1, lp, i) for x, i in zip(a, _IDENT_A[kind]))
+    b = tuple(_pad_to(_pad_to(x, 2, dp, 0.0), 1, lp, 0.0) for x in b)
+    h0 = tuple(_pad_to(x, 1, dp, 0.0)[:, None, :] for x in h0)
+    if variant == "tpu":
+        out = _tpu_call(a, b, h0, kind=kind, reverse=reverse, block_t=block_t, block_d=block_d,
+                        interpret=interpret)
+    else:
+        out = _gpu_call(a, b, h0, kind=kind, reverse=reverse, block_d=block_d, unroll=unroll,
+                        interpret=interpret)
+    return tuple(o[:, :length, :d] for o in out)
