@@ -140,6 +140,13 @@ def test_bpe_round_trip_and_cache_reuse(tmp_path, monkeypatch):
     assert tok.decode(ids) == s and len(ids) < len(s.encode())
     assert sum(int(tok.token_bytes[i]) for i in ids) == len(s.encode())
     assert tok.token_bytes[tok.eos_id] == 0
+    # With save_tokenizer=False nothing is written until the caller says so.
+    wd_late = tmp_path / 'late'
+    late = data.build(cfg, seq_len=32, global_batch_size=8, seed=0, workdir=str(wd_late),
+                      batch_sharding=_sharding(), save_tokenizer=False)
+    assert not wd_late.exists()
+    late.save_tokenizer()
+    assert (wd_late / 'tokenizer.json').read_text() == (wd / 'tokenizer.json').read_text()
     # A second build reuses the cached file: training is never called again.
     monkeypatch.setattr(tokenizer_lib, '_train_bpe', lambda *a: pytest.fail('retrained'))
     ds2 = _build(cfg, seq_len=32, batch=8, workdir=str(wd))
@@ -260,6 +267,9 @@ def test_state_round_trip_reproduces_next_batch(stdlib_ds):
     for e in expected:
         _assert_batches_equal(_host(next(fresh)), e)
     _assert_batches_equal(expected[0], stdlib_ds.global_train_batch(3))
+    # Rewinding the same (prefetching) iterator works too.
+    it.set_state(state)
+    _assert_batches_equal(_host(next(it)), expected[0])
 
 
 def test_state_after_batch_size_change_resumes_at_rows_consumed():
@@ -431,13 +441,15 @@ def test_two_real_processes_load_their_share_of_the_same_global_batch(tmp_path):
     ('bad_val_fraction', r"data.val_fraction must be a number in \[0, 1\)"),
     ('bad_bpe_vocab', r"data.bpe_vocab_size must be an integer"),
     ('empty_paths', r"data.paths is empty"),
+    ('too_small_bpe', r"fewer than one global batch"),
+    ('workdir_is_a_file', r"cannot write the tokenizer into the workdir .*writable directory"),
     ('indivisible_batch', r"batch shape \(12, 64\).*divisible"),
 ])
 def test_bad_input_raises_user_error(tmp_path, case, match):
     f = tmp_path / 'a.txt'
     f.write_text('some text\n' * 100)
     jl = tmp_path / 'a.jsonl'
-    kw = {}
+    kw, seq_len, workdir = {}, 64, tmp_path / 'wd'
     if case == 'missing_path':
         kw = dict(source='text', paths=f'{f},{tmp_path}/nope.txt')
     elif case == 'empty_glob':
@@ -463,6 +475,13 @@ def test_bad_input_raises_user_error(tmp_path, case, match):
     elif case == 'too_small':
         f.write_text('tiny')
         kw = dict(source='text', paths=str(f), val_fraction=0.0, eval_batches=0)
+    elif case == 'too_small_bpe':
+        kw = dict(source='text', paths=str(f), tokenizer='bpe', bpe_vocab_size=300,
+                  val_fraction=0.0, eval_batches=0)
+        seq_len = 1000
+    elif case == 'workdir_is_a_file':
+        kw = dict(source='text', paths=str(f), tokenizer='bpe', bpe_vocab_size=300)
+        workdir, seq_len = f, 16
     elif case == 'no_val':
         kw = dict(source='text', paths=str(f), val_fraction=0.0)
     elif case == 'bad_val_fraction':
@@ -473,5 +492,5 @@ def test_bad_input_raises_user_error(tmp_path, case, match):
         kw = dict(source='text', paths=' , ')
     batch = 12 if case == 'indivisible_batch' else 8
     with pytest.raises(UserError, match=match):
-        _build(_cfg(**kw), batch=batch, workdir=str(tmp_path / 'wd'))
+        _build(_cfg(**kw), batch=batch, seq_len=seq_len, workdir=str(workdir))
     assert not (tmp_path / 'wd').exists()   # nothing written for a bad input

@@ -140,7 +140,7 @@ class Dataset:
 
     def __init__(self, *, tokenizer, train: packing.PackedSplit, val: packing.PackedSplit | None,
                  seq_len: int, global_batch_size: int, seed: int, eval_batches: int,
-                 batch_sharding, description: str = ''):
+                 batch_sharding, description: str = '', workdir: str | None = None):
         self.tokenizer = tokenizer
         self.train, self.val = train, val
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
@@ -149,6 +149,7 @@ class Dataset:
         self.global_shape = (global_batch_size, seq_len)
         self.local_rows = process_rows(batch_sharding, self.global_shape)
         self.description = description
+        self.workdir = workdir
 
     # ---- host-side views (also what tests compare across process layouts) ----
     def _train_rows_dataset(self) -> grain.MapDataset:
@@ -172,6 +173,10 @@ class Dataset:
                 for k, v in local.items()}
 
     # ---- the interface the trainer uses ----
+    def save_tokenizer(self) -> None:
+        """Writes a newly trained BPE tokenizer to the workdir (no-op if already saved / byte)."""
+        tokenizer_lib.save_if_new(self.tokenizer, self.workdir)
+
     def train_iterator(self) -> TrainIterator:
         return TrainIterator(self)
 
@@ -198,8 +203,13 @@ def _pack(tok, docs, seq_len, split):
 
 
 def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir: str | None,
-          batch_sharding: jax.sharding.NamedSharding) -> Dataset:
-    """Reads, splits, tokenizes and packs the configured corpus (see DEFAULTS for the keys)."""
+          batch_sharding: jax.sharding.NamedSharding, save_tokenizer: bool = True) -> Dataset:
+    """Reads, splits, tokenizes and packs the configured corpus (see DEFAULTS for the keys).
+
+    A newly trained BPE tokenizer is written to `<workdir>/tokenizer.json` at the end, after every
+    check here passed; with save_tokenizer=False the caller does it with `ds.save_tokenizer()` once
+    its own checks passed too, so a rejected run leaves the workdir untouched.
+    """
     source, tok_name = _get(cfg_data, 'source'), _get(cfg_data, 'tokenizer')
     paths, field = _get(cfg_data, 'paths'), _get(cfg_data, 'jsonl_field')
     val_fraction, n_eval = _get(cfg_data, 'val_fraction'), _get(cfg_data, 'eval_batches')
@@ -243,8 +253,11 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
     if n_eval > 0 and (val is None or val.num_rows == 0):
         raise UserError(f'the val split of {corpus.description} is empty; raise data.val_fraction '
                         '(or set data.eval_batches=0 to train without eval)')
+    if save_tokenizer:
+        tokenizer_lib.save_if_new(tok, workdir)
     logging.info('data: %d train rows, %d val rows of %d tokens; %s tokenizer, vocab %d',
                  train.num_rows, val.num_rows if val else 0, seq_len, tok.name, tok.vocab_size)
     return Dataset(tokenizer=tok, train=train, val=val, seq_len=seq_len,
                    global_batch_size=global_batch_size, seed=seed, eval_batches=n_eval,
-                   batch_sharding=batch_sharding, description=corpus.description)
+                   batch_sharding=batch_sharding, description=corpus.description,
+                   workdir=workdir)

@@ -63,6 +63,7 @@ class BPETokenizer:
     """A `tokenizers.Tokenizer` with a ByteLevel pre-tokenizer/decoder and one EOS special token."""
 
     name = 'bpe'
+    unsaved = None   # (path, meta_path, settings) while a freshly trained tokenizer awaits saving
 
     def __init__(self, tok):
         self._tok = tok
@@ -144,7 +145,8 @@ def _atomic_write(path: str, text: str) -> None:
 def build_tokenizer(name: str, *, bpe_vocab_size: int, workdir: str | None,
                     train_texts_fn, settings: dict):
     """Returns a tokenizer. For BPE, loads `<workdir>/tokenizer.json` when it was trained with the same
-    `settings` (data source and vocab size), else trains on `train_texts_fn()` and saves it there.
+    `settings` (data source and vocab size), else trains on `train_texts_fn()`; `save_if_new`
+    then writes it there.
     """
     if name not in TOKENIZERS:
         raise UserError(f'data.tokenizer must be one of {", ".join(TOKENIZERS)}; got {name!r}')
@@ -179,10 +181,25 @@ def build_tokenizer(name: str, *, bpe_vocab_size: int, workdir: str | None,
                 from None
         logging.info('data: reusing the BPE tokenizer cached in %s', path)
         return BPETokenizer(tok)
-    tok = _train_bpe(train_texts_fn(), bpe_vocab_size)
+    tok = BPETokenizer(_train_bpe(train_texts_fn(), bpe_vocab_size))
     if path:
+        tok.unsaved = (path, meta_path, settings)
+    return tok
+
+
+def save_if_new(tok, workdir: str | None) -> None:
+    """Writes a freshly trained BPE tokenizer to the workdir. Separate from `build_tokenizer` so the
+    caller can finish validating its input first: a bad input must leave the workdir untouched."""
+    pending = getattr(tok, 'unsaved', None)
+    if not pending:
+        return
+    path, meta_path, settings = pending
+    try:
         os.makedirs(workdir, exist_ok=True)
         _atomic_write(meta_path, json.dumps(settings, sort_keys=True))
-        _atomic_write(path, tok.to_str())
-        logging.info('data: saved the BPE tokenizer to %s', path)
-    return BPETokenizer(tok)
+        _atomic_write(path, tok._json)
+    except OSError as e:
+        raise UserError(f'cannot write the tokenizer into the workdir {workdir!r}: '
+                        f'{e.strerror or e}; check that --workdir is a writable directory') from None
+    tok.unsaved = None
+    logging.info('data: saved the BPE tokenizer to %s', path)
