@@ -1,0 +1,296 @@
+"""Pallas GLA kernels (TPU/Mosaic and GPU/Triton share one kernel body per pass).
+
+Three kernels, each with one grid point per (batch, head, chunk) -- every point independent, so
+the grid is fully parallel on both backends and no cross-iteration scratch is needed (Triton has
+none); the short chunk-to-chunk state scan runs in XLA (see chunked.py):
+
+  _state_kernel  U_n = (K ⊙ e^{γ−G})ᵀ V  [and, for the backward, W_n = s (Q ⊙ e^G)ᵀ dO]
+  _out_kernel    O_n = s (Q ⊙ e^G) S_n + A_n V_n
+  _grads_kernel  dq, dk, dv of one chunk given S_n and dS_{n+1}
+
+Blocks are [n_sub, c, D] (sub-chunk c = 16): a sub-chunk is a leading-axis index of a ref, never a
+value slice (Triton cannot slice register tensors), and the last two block dims equal the array's
+(Mosaic's (8, 128) rule is then met for any K, V). Triton needs power-of-two tensor dims, so on that
+backend K and V are zero-padded to a power of two >= 16 (zero q/k/g/v rows change nothing).
+
+Intra-chunk scores use the sub-chunk stabilisation of KERNELS.md §1 (off-diagonal sub-blocks as
+matmuls with a reference row ζ_I, diagonal sub-blocks elementwise in log space), so no exponent is
+ever positive. All arithmetic is fp32 (fp64 for fp64 inputs in interpret mode); matmuls run at
+HIGHEST precision so fp32 results do not degrade to bf16/tf32 passes on TPU/GPU.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from .chunked import ChunkOps, chunked_gla
+from .reference import acc_dtype
+
+_HI = jax.lax.Precision.HIGHEST
+BACKENDS = ("tpu", "triton")
+
+
+def _mm(a, b, ta=False, tb=False):
+    dims = (((0 if ta else 1,), (1 if tb else 0,)), ((), ()))
+    return jax.lax.dot_general(a, b, dims, precision=_HI, preferred_element_type=a.dtype)
+
+
+def _tile_masks(seg_c, seg_r, I, J, c):
+    """Causal (if I == J) and same-document mask of sub-block (I, J) as [c, c] bool, or None."""
+    mask = None
+    if I == J:
+        mask = (jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+                >= jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
+    if seg_c is not None:
+        same = seg_c[I] == seg_r[J]                                  # [c,1] vs [1,c]
+        mask = same if mask is None else mask & same
+    return mask
+
+
+def _where(mask, x):
+    return x if mask is None else jnp.where(mask, x, 0.0)
+
+
+class _Chunk:
+    """Loads of one chunk (per sub-chunk, cast to the accumulation dtype) and shared factors."""
+
+    def __init__(self, refs, acc, n, c):
+        self.r, self.acc, self.n, self.c = refs, acc, n, c
+        G = refs["G"]
+        self.gamma = G[n - 1, c - 1:c, :]                           # [1, K]
+        self.seg = refs.get("seg_c") is not None
+        if self.seg:
+            self.seg_c = [refs["seg_c"][i] for i in range(n)]         # [c, 1] each
+            self.seg_r = [refs["seg_r"][i] for i in range(n)]         # [1, c] each
+            self.seg_last = refs["seg_c"][n - 1, c - 1:c, :]          # [1, 1]
+        else:
+            self.seg_c = self.seg_r = None
+
+    def ld(self, name, i):
+        return self.r[name][i].astype(self.acc)
+
+    def zeta(self, i):
+        return self.r["G"][i, 0:1, :]                                # G at sub-chunk's first row
+
+    def m_inter(self, i):      # rows that still see the chunk-start state
+        return None if not self.seg else self.seg_c[i] == 0
+
+    def m_last(self, i):       # keys that reach the chunk-end state
+        return None if not self.seg else self.seg_c[i] == self.seg_last
+
+    def score(self, q_i, G_i, I, J):
+        """Unscaled masked A_IJ [c, c]; both exponents ≤ 0 by construction."""
+        c = self.c
+        mask = _tile_masks(self.seg_c, self.seg_r, I, J, c)
+        if I > J:
+            z = self.zeta(I)
+            kz = self.ld("k", J) * jnp.exp(z - self.ld("G", J))
+            return _where(mask, _mm(q_i * jnp.exp(G_i - z), kz, tb=True))
+        d = jnp.exp(jnp.minimum(G_i[:, None, :] - G_i[None, :, :], 0.0))
+        a = jnp.sum(q_i[:, None, :] * self.ld("k", I)[None, :, :] * d, axis=-1)
+        return _where(mask, a)
+
+
+def _state_kernel(*refs, names, acc, n, c, scale, with_w):
+    ins = dict(zip(names, refs[:len(names)]))
+    outs = refs[len(names):]
+    ch = _Chunk(ins, acc, n, c)
+    u = w = None
+    for i in range(n):
+        G_i = ch.ld("G", i)
+        kd = _where(ch.m_last(i), ch.ld("k", i) * jnp.exp(ch.gamma - G_i))
+        t = _mm(kd, ch.ld("v", i), ta=True)
+        u = t if u is None else u + t
+        if with_w:
+            qd = _where(ch.m_inter(i), ch.ld("q", i) * jnp.exp(G_i))
+            t = _mm(qd, ch.ld("do", i), ta=True)
+            w = t if w is None else w + t
+    outs[0][...] = u.astype(outs[0].dtype)
+    if with_w:
+        outs[1][...] = (scale * w).astype(outs[1].dtype)
+
+
+def _out_kernel(*refs, names, acc, n, c, scale):
+    ins = dict(zip(names, refs[:len(names)]))
+    o_ref = refs[len(names)]
+    ch = _Chunk(ins, acc, n, c)
+    S = ins["S"][...].astype(acc)
+    for I in range(n):
+        q_i, G_i = ch.ld("q", I), ch.ld("G", I)
+        o = _mm(_where(ch.m_inter(I), q_i * jnp.exp(G_i)), S)
+        for J in range(I + 1):
+            o = o + _mm(ch.score(q_i, G_i, I, J), ch.ld("v", J))
+        o_ref[I] = (scale * o).astype(o_ref.dtype)
+
+
+def _grads_kernel(*refs, names, acc, n, c, scale):
+    ins = dict(zip(names, refs[:len(names)]))
+    dq_ref, dk_ref, dv_ref = refs[len(names):]
+    ch = _Chunk(ins, acc, n, c)
+    S, dSn = ins["S"][...].astype(acc), ins["dSn"][...].astype(acc)
+    dk, dv = [None] * n, [None] * n
+    for J in range(n):          # state terms of dk, dv (keys reaching the chunk-end state)
+        ed = _where(ch.m_last(J), jnp.exp(ch.gamma - ch.ld("G", J)))
+        dk[J] = _mm(ch.ld("v", J), dSn, tb=True) * ed
+        dv[J] = _mm(ch.ld("k", J) * ed, dSn)
+    for I in range(n):
+        q_i, G_i, do_i = ch.ld("q", I), ch.ld("G", I), ch.ld("do", I)
+        dq = scale * _where(ch.m_inter(I), _mm(do_i, S, tb=True) * jnp.exp(G_i))
+        for J in range(I + 1):
+            mask = _tile_masks(ch.seg_c, ch.seg_r, I, J, c)
+            a = scale * ch.score(q_i, G_i, I, J)
+            da = scale * _where(mask, _mm(do_i, ch.ld("v", J), tb=True))
+            dv[J] = dv[J] + _mm(a, do_i, ta=True)
+            k_j = ch.ld("k", J)
+            if I > J:
+                z = ch.zeta(I)
+                fk = jnp.exp(z - ch.ld("G", J))
+                fq = jnp.exp(G_i - z)
+                dq = dq + _mm(da, k_j * fk) * fq
+                dk[J] = dk[J] + _mm(da, q_i * fq, ta=True) * fk
+            else:
+                d = jnp.exp(jnp.minimum(G_i[:, None, :] - G_i[None, :, :], 0.0))
+                dq = dq + jnp.sum(da[:, :, None] * k_j[None, :, :] * d, axis=1)
+                dk[J] = dk[J] + jnp.sum(da[:, :, None] * q_i[:, None, :] * d, axis=0)
+        dq_ref[I] = dq.astype(dq_ref.dtype)
+    for J in range(n):
+        dk_ref[J] = dk[J].astype(dk_ref.dtype)
+        dv_ref[J] = dv[J].astype(dv_ref.dtype)
+
+
+# ----------------------------------------------------------------------------- pallas_call glue
+
+def _call(kernel, ins, out_shapes, *, backend, interpret, name):
+    """ins: dict name -> (array, kind) with kind 'chunk' [B,H,N,n,c,D], 'seg' [B,N,n,a,b],
+    'state' [B,H,N,K,V]; out_shapes: list of (shape, dtype, kind)."""
+    B, H, N = next(x.shape[:3] for x, kind in ins.values() if kind in ("chunk", "state"))
+
+    def spec(shape, kind):
+        if kind == "seg":
+            return pl.BlockSpec((None, None) + tuple(shape[2:]), lambda b, h, t: (b, t, 0, 0, 0))
+        zeros = (0,) * (len(shape) - 3)
+        return pl.BlockSpec((None, None, None) + tuple(shape[3:]),
+                            lambda b, h, t: (b, h, t) + zeros)
+
+    names = tuple(ins)
+    params = {}
+    if not interpret:
+        if backend == "tpu":
+            from jax.experimental.pallas import tpu as pltpu
+            params["compiler_params"] = pltpu.CompilerParams(
+                dimension_semantics=("parallel", "parallel", "parallel"))
+        else:
+            from jax.experimental.pallas import triton as pltr
+            params["compiler_params"] = pltr.CompilerParams(num_warps=4, num_stages=1)
+    f = pl.pallas_call(
+        functools.partial(kernel, names=names),
+        grid=(B, H, N),
+        in_specs=[spec(x.shape, kind) for x, kind in ins.values()],
+        out_specs=[spec(s, kind) for s, _, kind in out_shapes],
+        out_shape=[jax.ShapeDtypeStruct(s, d) for s, d, _ in out_shapes],
+        interpret=interpret, name=name, **params)
+    return f(*(x for x, _ in ins.values()))
+
+
+def _sub(x, c):
+    """[B,H,N,C,D] -> [B,H,N,C/c,c,D] (free reshape)."""
+    *lead, C, D = x.shape
+    return x.reshape(*lead, C // c, c, D)
+
+
+def _seg_ins(seg, c):
+    if seg is None:
+        return {}
+    B, N, C = seg.shape
+    s = seg.reshape(B, N, C // c, c)
+    return {"seg_c": (s[..., :, None], "seg"), "seg_r": (s[..., None, :], "seg")}
+
+
+def _make_ops(scale, c, acc, backend, interpret):
+    kw = dict(backend=backend, interpret=interpret)
+    common = dict(acc=acc, c=c, scale=scale)
+
+    def fwd_state(k, v, G, seg, q=None, do=None):
+        with_w = q is not None
+        B, H, N, C, K = k.shape
+        V = v.shape[-1]
+        ins = {"k": (_sub(k, c), "chunk"), "v": (_sub(v, c), "chunk"), "G": (_sub(G, c), "chunk")}
+        if with_w:
+            ins.update(q=(_sub(q, c), "chunk"), do=(_sub(do, c), "chunk"))
+        ins.update(_seg_ins(seg, c))
+        outs = [((B, H, N, K, V), acc, "state")] * (2 if with_w else 1)
+        res = _call(functools.partial(_state_kernel, n=C // c, with_w=with_w, **common), ins,
+                    outs, name="gla_state_bwd" if with_w else "gla_state", **kw)
+        return tuple(res) if with_w else res[0]
+
+    def fwd_out(q, k, v, G, seg, S):
+        B, H, N, C, _ = q.shape
+        ins = {"q": (_sub(q, c), "chunk"), "k": (_sub(k, c), "chunk"), "v": (_sub(v, c), "chunk"),
+               "G": (_sub(G, c), "chunk"), "S": (S, "state")}
+        ins.update(_seg_ins(seg, c))
+        vs = _sub(v, c).shape
+        (o,) = _call(functools.partial(_out_kernel, n=C // c, **common), ins,
+                     [(vs, acc, "chunk")], name="gla_out", **kw)
+        return o.reshape(v.shape)
+
+    def bwd_prep(q, k, v, G, seg, do):
+        return fwd_state(k, v, G, seg, q=q, do=do)
+
+    def bwd_grads(q, k, v, G, seg, do, S, dSn):
+        C = q.shape[-2]
+        ins = {"q": (_sub(q, c), "chunk"), "k": (_sub(k, c), "chunk"), "v": (_sub(v, c), "chunk"),
+               "G": (_sub(G, c), "chunk"), "do": (_sub(do, c), "chunk"), "S": (S, "state"),
+               "dSn": (dSn, "state")}
+        ins.update(_seg_ins(seg, c))
+        qs, vs = _sub(q, c).shape, _sub(v, c).shape
+        dq, dk, dv = _call(functools.partial(_grads_kernel, n=C // c, **common), ins,
+                           [(qs, acc, "chunk"), (qs, acc, "chunk"), (vs, acc, "chunk")],
+                           name="gla_grads", **kw)
+        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+
+    return ChunkOps(fwd_state, fwd_out, bwd_prep, bwd_grads)
+
+
+@functools.lru_cache(maxsize=None)
+def pallas_ops(scale: float, sub: int, acc, backend: str, interpret: bool) -> ChunkOps:
+    return _make_ops(scale, sub, jnp.dtype(acc), backend, interpret)
+
+
+def default_backend() -> tuple[str, bool]:
+    """(kernel flavour, interpret) for the current default JAX backend."""
+    platform = jax.default_backend()
+    if platform == "tpu":
+        return "tpu", False
+    if platform in ("gpu", "cuda", "rocm"):
+        return "triton", False
+    return "tpu", True          # CPU: interpret the kernels (TPU flavour: no padding needed)
+
+
+def _pow2(n: int) -> int:
+    return max(16, 1 << (n - 1).bit_length())
+
+
+def pallas_gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, sub,
+               backend=None, interpret=None):
+    """chunked_gla with Pallas chunk kernels; backend 'tpu' | 'triton' (None: from the platform)."""
+    if backend is None:
+        backend, auto_interp = default_backend()
+        interpret = auto_interp if interpret is None else interpret
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown Pallas backend {backend!r}; expected one of {BACKENDS}")
+    interpret = bool(interpret)
+    K, V = q.shape[-1], v.shape[-1]
+    Kp, Vp = (_pow2(K), _pow2(V)) if backend == "triton" else (K, V)
+    if (Kp, Vp) != (K, V):
+        padk = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, Kp - K),))
+        q, k, g = padk(q), padk(k), padk(g)
+        v = jnp.pad(v, ((0, 0),) * 3 + ((0, Vp - V),))
+        if initial_state is not None:
+            initial_state = jnp.pad(initial_state, ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
+    ops = pallas_ops(scale, sub, acc_dtype(q.dtype), backend, interpret)
+    o, final = chunked_gla(ops, q, k, v, g, scale=scale, initial_state=initial_state,
+                           segment_ids=segment_ids, chunk_size=chunk_size)
+    return o[..., :V], final[:, :, :K, :V]
