@@ -23,7 +23,7 @@ REMAT_POLICIES = {
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None]
           ) -> nnx.Param:
     """A float32 parameter whose dimensions carry logical axis names (see paxlike.sharding)."""
-    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), sharding_names=tuple(names))
+    return nnx.Param(init(rngs.params(), tuple(shape), jnp.float32), out_sharding=tuple(names))
 
 
 def scaled_normal(fan_in: int, scale: float = 1.0) -> Callable:

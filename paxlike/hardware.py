@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import time
 
 import jax
@@ -22,6 +23,7 @@ PEAK_BF16_FLOPS = {
 }
 
 
+@functools.cache  # one measurement per process and dtype is enough
 def measure_gemm_flops(dtype=jnp.float32, n: int = 2048, repeats: int = 3) -> float:
     """FLOP/s of a jitted n×n×n matrix multiply on the default device (best of `repeats`)."""
     a = jnp.ones((n, n), dtype)

@@ -65,8 +65,11 @@ def evaluate(trainer: Trainer, params, dataset, token_bytes) -> dict:
             "bits_per_byte": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
 
 
-def run(cfg, workdir: str, devices=None) -> list[float]:
-    """Trains `cfg` in `workdir` (resuming if it holds checkpoints). Returns the logged losses."""
+def run(cfg, workdir: str, devices=None, stop_at: int | None = None) -> list[float]:
+    """Trains `cfg` in `workdir` (resuming if it holds checkpoints). Returns the logged losses.
+
+    `stop_at` stops early after that step with a checkpoint, exactly as a preemption would.
+    """
     config_lib.validate(cfg)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a directory; choose another path")
@@ -80,7 +83,8 @@ def run(cfg, workdir: str, devices=None) -> list[float]:
     if start is not None:
         ckpts.check_compatible(start, cfg.model.to_dict(), shapes)
     dataset = data.build(cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
-                         seed=cfg.seed, workdir=workdir, batch_sharding=trainer.batch_sharding)
+                         seed=cfg.seed, workdir=workdir, batch_sharding=trainer.batch_sharding,
+                         save_tokenizer=False)
     if dataset.tokenizer.vocab_size > cfg.model.vocab_size:
         raise UserError(f"the {cfg.data.tokenizer} tokenizer has {dataset.tokenizer.vocab_size} "
                         f"tokens but model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
@@ -89,6 +93,7 @@ def run(cfg, workdir: str, devices=None) -> list[float]:
     primary = jax.process_index() == 0
     if primary:
         os.makedirs(workdir, exist_ok=True)
+        dataset.save_tokenizer()
         _write_json_atomically(os.path.join(workdir, "config.json"), config_lib.to_json(cfg))
     writer = metrics.MetricsWriter(workdir, enabled=primary, total_steps=cfg.steps)
     train_iter = dataset.train_iterator()
@@ -128,6 +133,8 @@ def run(cfg, workdir: str, devices=None) -> list[float]:
         for step in range(start + 1, cfg.steps + 1):
             state, step_metrics = trainer.train_step(state, next(train_iter))
             interval_steps += 1
+            if step == stop_at:
+                preemption.requested = True
             last = step == cfg.steps or preemption.requested
             if step % cfg.log_every == 0 or last:
                 step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
@@ -148,7 +155,7 @@ def run(cfg, workdir: str, devices=None) -> list[float]:
             if step % cfg.log_every == 0 or last:
                 interval_start, interval_steps = time.perf_counter(), 0
             if preemption.requested:
-                logging.warning("stopped at step %d after SIGTERM; run again to resume", step)
+                logging.warning("stopped at step %d; run again to resume", step)
                 break
     ckpts.close()
     writer.close()

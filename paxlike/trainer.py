@@ -26,7 +26,7 @@ BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 @flax.struct.dataclass
 class TrainState:
     step: jax.Array      # int32 scalar: number of completed optimizer steps
-    params: Any          # nested dict of float32 arrays, as `nnx.split(model)[1].to_pure_dict()`
+    params: Any          # nested dict of float32 arrays, as `nnx.to_pure_dict(nnx.state(model))`
     opt_state: Any
     rng: jax.Array       # uint32[2]; the dropout key of step s is fold_in(rng, s)
 
@@ -47,12 +47,13 @@ class Trainer:
         # Weight decay on matrices only: norm scales carry a single logical axis besides 'layers'.
         decay_mask = jax.tree.map(
             lambda v: len([n for n in sharding.variable_names(v) if n != "layers"]) > 1,
-            abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable)).to_pure_dict()
+            abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        decay_mask = nnx.to_pure_dict(decay_mask)
         self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, cfg.steps, decay_mask)
 
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
-        self.param_shardings = param_shardings.to_pure_dict()
-        abstract_pure = abstract_params.to_pure_dict()
+        self.param_shardings = nnx.to_pure_dict(param_shardings)
+        abstract_pure = nnx.to_pure_dict(abstract_params)
         abstract_opt = jax.eval_shape(self.tx.init, abstract_pure)
         self.state_shardings = TrainState(
             step=self.replicated, params=self.param_shardings,
@@ -85,7 +86,7 @@ class Trainer:
         init_key, rng = jax.random.split(key)
         with sharding.use_rules(self.mesh, self.rules):
             model = self.module.build(self.cfg.model, nnx.Rngs(params=init_key))
-        params = nnx.split(model)[1].to_pure_dict()
+        params = nnx.to_pure_dict(nnx.state(model))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                           opt_state=self.tx.init(params), rng=rng)
 
@@ -126,7 +127,7 @@ class Trainer:
                                             (micro, jnp.arange(m)))
         updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
                    "learning_rate": self.schedule(state.step)}
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
         return new_state, metrics

@@ -1,0 +1,29 @@
+"""Small configs for tests: the tiny experiment shrunk so a step takes milliseconds."""
+
+from experiments import transformer
+
+
+def small_test_config(**overrides):
+    cfg = transformer.get_config("tiny")
+    cfg.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
+                     vocab_size=512)
+    cfg.update(batch_size=16, seq_len=32, steps=5, log_every=1, eval_every=0,
+               checkpoint_every=0, async_checkpoints=False)
+    cfg.optimizer.warmup_steps = 2
+    cfg.data.eval_batches = 1
+    for key, value in overrides.items():
+        node = cfg
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node[p]
+        node[leaf] = value
+    return cfg
+
+
+def cli_overrides(**overrides) -> list[str]:
+    """The same small model as command-line flags, for subprocess tests."""
+    flags = [f"--config.model.{k}={v}" for k, v in dict(
+        d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64).items()]
+    flags += [f"--config.{k}={v}" for k, v in dict(
+        batch_size=16, seq_len=32, log_every=1, eval_every=0, **overrides).items()]
+    return flags
