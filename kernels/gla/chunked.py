@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .reference import acc_dtype, resets_from_segments
 
@@ -100,15 +101,12 @@ def backward_states(dST, decay, W):
 
 
 def chunk_cumsum(x: jax.Array, reverse: bool = False) -> jax.Array:
-    """Cumulative sum over the chunk axis (-2). An unrolled running sum: XLA:CPU's cumsum
-    (reduce-window) is ~4x slower at C = 64, and a triangular matmul costs C flops per element."""
+    """Cumulative sum over the chunk axis (-2) as a triangular matmul: XLA:CPU lowers cumsum to a
+    quadratic reduce-window (slow), and an unrolled running sum costs seconds of compile time."""
     C = x.shape[-2]
-    order = range(C - 1, -1, -1) if reverse else range(C)
-    out, run = [None] * C, None
-    for i in order:
-        run = x[..., i, :] if run is None else run + x[..., i, :]
-        out[i] = run
-    return jnp.stack(out, axis=-2)
+    tri = np.tril(np.ones((C, C))) if not reverse else np.triu(np.ones((C, C)))
+    return jnp.einsum("rc,...ck->...rk", jnp.asarray(tri, x.dtype), x,
+                      precision=jax.lax.Precision.HIGHEST)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -146,6 +144,9 @@ def _core_bwd(ops, res, cts):
 
 
 _chunked_core.defvjp(_core_fwd, _core_bwd)
+# jit boundary around the core: eager callers compile it once per chunked shape (so T = 1..64 share
+# one executable), and under an outer jit it is inlined as usual.
+_chunked_core_jit = jax.jit(_chunked_core, static_argnums=(0,))
 
 
 def chunked_gla(ops: ChunkOps, q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
@@ -157,5 +158,5 @@ def chunked_gla(ops: ChunkOps, q, k, v, g, *, scale, initial_state, segment_ids,
           else initial_state.astype(acc))
     seg = None if segment_ids is None else segment_offsets(segment_ids, chunk_size)
     q, k, v, g = (to_chunks(x, chunk_size) for x in (q, k, v, g))
-    o, final = _chunked_core(ops, q, k, v, g, h0, seg)
+    o, final = _chunked_core_jit(ops, q, k, v, g, h0, seg)
     return from_chunks(o, T).astype(q.dtype), final
