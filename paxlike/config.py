@@ -91,7 +91,7 @@ def validate(cfg) -> None:
     module = model_module(cfg)
     problems += module.validate(cfg.model) if hasattr(module, "validate") else []
     if problems:
-        raise UserError("invalid config:\n  " + "\n  ".join(problems))
+        raise UserError("invalid config: " + "; ".join(problems))
 
 
 def to_json(cfg) -> str:

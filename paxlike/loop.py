@@ -89,6 +89,12 @@ def run(cfg, workdir: str, devices=None, stop_at: int | None = None) -> list[flo
         raise UserError(f"the {cfg.data.tokenizer} tokenizer has {dataset.tokenizer.vocab_size} "
                         f"tokens but model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
 
+    if start is not None and start >= cfg.steps:
+        logging.info("already trained to step %d (steps=%d): nothing to do; raise --config.steps "
+                     "to train further", start, cfg.steps)
+        ckpts.close()
+        return []
+
     # Checks passed: from here on the workdir is ours to write.
     primary = jax.process_index() == 0
     if primary:
@@ -114,11 +120,6 @@ def run(cfg, workdir: str, devices=None, stop_at: int | None = None) -> list[flo
     logging.info("mesh %s; %.2fM parameters; %d tokens/step; %.3g FLOPs/step; peak %.3g FLOP/s",
                  describe(mesh), num_params / 1e6, cfg.batch_size * cfg.seq_len,
                  flops_per_step, peak)
-    if start >= cfg.steps:
-        logging.info("already trained to step %d (steps=%d): nothing to do", start, cfg.steps)
-        ckpts.close()
-        writer.close()
-        return []
 
     def save(step):
         ckpts.save(step, state, {"step": step, "data_state": train_iter.get_state(),

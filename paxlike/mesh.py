@@ -47,8 +47,8 @@ def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
     if product != num_devices:
         shape = " x ".join(f"{a}={s}" for a, s in resolved.items() if s != 1) or "all 1"
         raise UserError(
-            f"mesh sizes multiply to {product} ({shape}) but there are {num_devices} devices; make the "
-            f"product equal {num_devices} (or set one axis to -1)")
+            f"mesh sizes multiply to {product} ({shape}) but there are {num_devices} device(s); make "
+            f"the product equal {num_devices} (or set one axis to -1)")
     for axis, what in _UNIMPLEMENTED.items():
         if resolved[axis] > 1:
             raise UserError(f"mesh.{axis}={resolved[axis]}: {what} is not implemented yet; set it to 1")

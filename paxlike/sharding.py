@@ -91,7 +91,7 @@ def variable_names(variable: nnx.Variable) -> tuple[str | None, ...]:
 def param_shardings(abstract_state: nnx.State, mesh: Mesh, rules: Rules) -> nnx.State:
     """NamedSharding for every parameter, from its logical names and the rules."""
     def one(path, variable):
-        where = "parameter " + "/".join(str(p) for p in path)
+        where = "parameter " + "/".join(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
         spec = logical_to_spec(variable_names(variable), variable.shape, rules, mesh, where)
         return NamedSharding(mesh, spec)
     return jax.tree.map_with_path(one, abstract_state,

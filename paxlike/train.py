@@ -22,9 +22,7 @@ from paxlike.errors import UserError
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(experiments.__file__), "transformer.py") + ":tiny"
 
-_CONFIG = config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG, "Experiment config file and size, e.g. experiments/transformer.py:tiny. "
-    "Override any key with --config.KEY=VALUE.", lock_config=True)
+_CONFIG = None  # defined in run_cli: defining it already applies the --config.KEY overrides
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and config.json; default "
     "runs/<config file>-<size>. Running again with the same workdir resumes.")
@@ -56,6 +54,46 @@ def _setup_jax():
                                    num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
+def _fail(message: str) -> None:
+    logging.flush()
+    print(f"paxlike: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+
+def _config_error(e: Exception) -> str:
+    """One line describing why the config could not be loaded or overridden."""
+    if isinstance(e, (AttributeError, KeyError)):  # ml_collections: override of a missing key
+        text = str(e).strip("'\"").replace("\\n", "; ").replace("\\'", "'")
+        return f"unknown config key in --config.KEY=VALUE: {text}"
+    root = e
+    while root.__cause__ is not None or root.__context__ is not None:
+        root = root.__cause__ or root.__context__
+    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
+    if isinstance(root, OSError) and not isinstance(root, FileNotFoundError):
+        return f"cannot load the --config file: {lines[-1] if lines else root}"
+    if isinstance(root, FileNotFoundError):
+        return f"--config file not found: {root.filename or root}"
+    return f"--config: {lines[-1] if lines else type(root).__name__}"
+
+
+def _parse_flags(argv):
+    """absl flag parsing, with config problems reported as one line instead of a traceback."""
+    global _CONFIG
+    try:
+        _CONFIG = config_flags.DEFINE_config_file(
+            "config", _DEFAULT_CONFIG, "Experiment config file and size, e.g. "
+            "experiments/transformer.py:tiny. Override any key with --config.KEY=VALUE.",
+            lock_config=True)
+        parsed = flags.FLAGS(argv)
+        _CONFIG.value.to_dict()  # the config file loads lazily; make a broken one fail here
+        return parsed
+    except flags.Error as e:
+        message = str(e)
+        _fail(_config_error(e) if "parsing config file" in message else message)
+    except Exception as e:  # noqa: BLE001 - every config failure becomes one clear line
+        _fail(_config_error(e))
+
+
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
@@ -67,9 +105,7 @@ def main(argv):
         logging.info("training %s in %s", config_arg, workdir)
         loop.run(_CONFIG.value, workdir)
     except UserError as e:
-        logging.flush()
-        print(f"paxlike: error: {e}", file=sys.stderr)
-        sys.exit(2)
+        _fail(str(e))
 
 
 def _quiet_library_logs(record) -> bool:
@@ -80,7 +116,7 @@ def _quiet_library_logs(record) -> bool:
 def run_cli():
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_library_logs)
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)
 
 
 if __name__ == "__main__":

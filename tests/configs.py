@@ -1,6 +1,22 @@
 """Small configs for tests: the tiny experiment shrunk so a step takes milliseconds."""
 
+import hashlib
+import os
+
 from experiments import transformer
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def snapshot(directory) -> dict[str, str]:
+    """{relative path: sha256 of contents} of every file below `directory`."""
+    result = {}
+    for dirpath, _, files in os.walk(directory):
+        for name in files:
+            path = os.path.join(dirpath, name)
+            with open(path, "rb") as f:
+                result[os.path.relpath(path, directory)] = hashlib.sha256(f.read()).hexdigest()
+    return result
 
 
 def small_test_config(**overrides):
