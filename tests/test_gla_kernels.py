@@ -10,6 +10,8 @@ only ones used (the same list is compiled for TPU and lowered for CUDA at the en
 """
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import jax
@@ -18,6 +20,9 @@ from hypothesis import given, settings, strategies as st, HealthCheck
 
 from kernels.gla import chunk_gla, gla_step, recurrent_gla
 from kernels.gla.pallas import pallas_gla
+
+# Several processes on one machine may load libtpu (for ahead-of-time compiles) at once.
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 STRONG, WEAK = 0.1, 16.0     # gate normalisers: g = logsigmoid(u) / norm
 TOL = {"float64": 1e-12, "float32": 1e-5}
@@ -56,7 +61,7 @@ def make(T, K, V, dtype, norm, *, B=1, H=2, seed=0, segments=False):
     x["dst"] = jnp.asarray(r.standard_normal((B, H, K, V)), acc)
     seg = None
     if segments:   # documents of assorted lengths, including length 1 and chunk-aligned starts
-        starts = sorted({0, 1, 2, min(T - 1, 64), min(T - 1, 65), T // 3, T // 2})
+        starts = sorted({0, 1, 2, T // 3, min(T - 1, 64), min(T - 1, 66)})
         seg = np.zeros((B, T), np.int32)
         for s in starts[1:]:
             seg[:, s:] += 1
@@ -94,7 +99,7 @@ def assert_close(out, ref, tol, what=""):
 # --------------------------------------------------------------------------- fp64 exactness
 
 XLA_SHAPES = [(1, 32, 48), (3, 32, 48), (37, 32, 48), (63, 32, 48), (64, 32, 48), (65, 64, 32),
-              (1000, 100, 64)]
+              (1000, 32, 64)]
 
 
 @pytest.mark.parametrize("T,K,V", XLA_SHAPES)
@@ -159,15 +164,19 @@ def test_segments_equal_separate_runs(impl):
 
 @pytest.mark.parametrize("impl", ["reference", "xla", "pallas"])
 def test_two_halves_with_carried_state_equal_one_run(impl):
+    """Cut inside a document (and off chunk boundaries); same shapes as the segment test so the
+    Pallas executables are shared."""
     T, K, V, _, _ = PALLAS_CONFIGS["f32_seg_k100"]
-    x, _ = make(T, K, V, "float32", 1.0)
-    full, s_full = chunk_gla(x["q"], x["k"], x["v"], x["g"], initial_state=x["h0"],
-                             output_final_state=True, impl=impl)
-    cut = 70                                        # not a chunk boundary
-    first = {n: x[n][:, :cut] for n in ("q", "k", "v", "g")}
-    second = {n: x[n][:, cut:] for n in ("q", "k", "v", "g")}
-    o1, s1 = chunk_gla(**first, initial_state=x["h0"], output_final_state=True, impl=impl)
-    o2, s2 = chunk_gla(**second, initial_state=s1, output_final_state=True, impl=impl)
+    x, seg = make(T, K, V, "float32", 1.0, segments=True)
+    xs = [x[n] for n in ("q", "k", "v", "g")]
+    full, s_full = chunk_gla(*xs, initial_state=x["h0"], output_final_state=True,
+                             segment_ids=seg, impl=impl)
+    cut = T // 2                                    # 65: inside a document, off chunk edges
+    assert seg[0, cut] == seg[0, cut - 1]
+    o1, s1 = chunk_gla(*(a[:, :cut] for a in xs), initial_state=x["h0"], output_final_state=True,
+                       segment_ids=seg[:, :cut], impl=impl)
+    o2, s2 = chunk_gla(*(a[:, cut:] for a in xs), initial_state=s1, output_final_state=True,
+                       segment_ids=seg[:, cut:], impl=impl)
     assert rel_rms(jnp.concatenate([o1, o2], 1), full) <= TOL["float32"]
     assert rel_rms(s2, s_full) <= TOL["float32"]
 
@@ -201,14 +210,16 @@ def test_final_state_optional_and_default_scale():
 
 # --------------------------------------------------------------------------- properties
 
-@settings(max_examples=6, deadline=None, derandomize=True,
+@settings(max_examples=5, deadline=None, derandomize=True,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(B=st.integers(1, 2), T=st.integers(1, 140), H=st.integers(1, 2),
        K=st.sampled_from([8, 16, 24]), V=st.sampled_from([8, 20]),
        norm=st.sampled_from([STRONG, 1.0, WEAK]), segments=st.booleans())
 def test_property_xla_equals_recurrence_fp64(B, T, H, K, V, norm, segments):
+    """Forward only (gradients are covered above): keeps each example to one small compile."""
     x, seg = make(T, K, V, "float64", norm, B=B, H=H, seed=T * 7 + K, segments=segments)
-    assert_close(run("xla", x, seg), run("reference", x, seg), TOL["float64"])
+    assert_close(run("xla", x, seg, grads=False), run("reference", x, seg, grads=False),
+                 TOL["float64"])
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -260,13 +271,10 @@ def _train_fn(backend, segments):
 
 @pytest.mark.parametrize("name", sorted(PALLAS_CONFIGS))
 def test_pallas_compiles_for_tpu(name):
-    topologies = pytest.importorskip("jax.experimental.topologies")
-    pytest.importorskip("libtpu")
-    try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
-                                            chips_per_host_bounds=(2, 2, 1), num_slices=1)
-    except Exception as e:     # libtpu present but unusable here
-        pytest.skip(f"no TPU topology: {e}")
+    pytest.importorskip("libtpu")          # the `tpu` extra; with it installed this must pass
+    from jax.experimental import topologies
+    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
     T, K, V, dtype, segments = PALLAS_CONFIGS[name]
     sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
     with jax.enable_x64(False):

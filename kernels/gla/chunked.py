@@ -14,7 +14,7 @@ rowsum(S_{n+1} ⊙ dS_{n+1})", which needs no extra kernel.
 Only step 1/3-style chunk-local work lives in `ops`, so the XLA (vectorised einsums) and Pallas
 (one grid point per chunk) paths share this file: layout, padding, segments, scans and custom_vjp.
 
-Segments: `seg` is [B, N, C] float, the number of document starts since the end of the previous
+Segments: `seg` is [N, B, 1, C] float, the number of document starts since the end of the previous
 chunk (0 = same document as the chunk-start state). Row r sees key j iff seg[r] == seg[j]; row r
 sees the chunk-start state iff seg[r] == 0; key j reaches S_{n+1} iff seg[j] == seg[C-1]; S_n
 survives into S_{n+1} iff seg[C-1] == 0. Padded rows (k = v = q = g = 0) change nothing.
@@ -32,31 +32,44 @@ from .reference import acc_dtype, resets_from_segments
 
 
 class ChunkOps(NamedTuple):
-    """Chunk-local primitives; arrays are [B, H, N, C, *], seg [B, N, C] or None."""
-    fwd_state: callable   # (k, v, G, seg) -> U [B,H,N,K,V]
-    fwd_out: callable     # (q, k, v, G, seg, S) -> O [B,H,N,C,V]
+    """Chunk-local primitives; arrays are chunk-major [N, B, H, C, *], seg [N, B, 1, C] or None."""
+    fwd_state: callable   # (k, v, G, seg) -> U [N,B,H,K,V]
+    fwd_out: callable     # (q, k, v, G, seg, S) -> O [N,B,H,C,V]
     bwd_prep: callable    # (q, k, v, G, seg, dO) -> (U, W)
     bwd_grads: callable   # (q, k, v, G, seg, dO, S, dS_next) -> (dq, dk, dv)
+    # optional cheaper ops valid only where fast_ok(G) (a traced bool) holds; chosen per call
+    fast: "ChunkOps | None" = None
+    fast_ok: callable = None
+
+
+def _choose(ops, G, run, *args):
+    """run(ops, *args) with ops.fast when ops.fast_ok(G), else with ops (one lax.cond)."""
+    if ops.fast is None:
+        return run(ops, *args)
+    return jax.lax.cond(ops.fast_ok(G), functools.partial(run, ops.fast),
+                        functools.partial(run, ops), *args)
 
 
 # ----------------------------------------------------------------------------- layout
+# Chunk-major [N, B, H, C, D]: the chunk scan runs over axis 0 without transposes, and every einsum
+# has its batch dims (n, b, h) leading, which XLA:CPU's batched dot wants.
 
 def to_chunks(x: jax.Array, chunk: int) -> jax.Array:
-    """[B, T, H, D] -> [B, H, N, C, D], zero-padding T up to a multiple of C."""
+    """[B, T, H, D] -> [N, B, H, C, D], zero-padding T up to a multiple of C."""
     B, T, H, D = x.shape
     n = -(-T // chunk)
     x = jnp.pad(x, ((0, 0), (0, n * chunk - T), (0, 0), (0, 0)))
-    return x.reshape(B, n, chunk, H, D).transpose(0, 3, 1, 2, 4)
+    return x.reshape(B, n, chunk, H, D).transpose(1, 0, 3, 2, 4)
 
 
 def from_chunks(x: jax.Array, T: int) -> jax.Array:
-    """[B, H, N, C, D] -> [B, T, H, D] (drops padding)."""
-    B, H, N, C, D = x.shape
-    return x.transpose(0, 2, 3, 1, 4).reshape(B, N * C, H, D)[:, :T]
+    """[N, B, H, C, D] -> [B, T, H, D] (drops padding)."""
+    N, B, H, C, D = x.shape
+    return x.transpose(1, 0, 3, 2, 4).reshape(B, N * C, H, D)[:, :T]
 
 
 def segment_offsets(segment_ids: jax.Array, chunk: int) -> jax.Array:
-    """[B, T] ids -> [B, N, C] float: document starts since the previous chunk's last row.
+    """[B, T] ids -> [N, B, 1, C] float: document starts since the previous chunk's last row.
 
     Padding repeats the last id so no reset is added after T. Float because kernels compare
     it with masks; counts ≤ C are exact in any float type.
@@ -66,38 +79,41 @@ def segment_offsets(segment_ids: jax.Array, chunk: int) -> jax.Array:
     count = jnp.cumsum(resets_from_segments(segment_ids).astype(jnp.int32), axis=1)
     count = jnp.pad(count, ((0, 0), (0, n * chunk - T)), mode="edge").reshape(B, n, chunk)
     prev = jnp.concatenate([count[:, :1, :1], count[:, :-1, -1:]], axis=1)   # row before chunk
-    return (count - prev).astype(jnp.float32)
+    return (count - prev).astype(jnp.float32).transpose(1, 0, 2)[:, :, None, :]
 
 
 def chunk_decay(G: jax.Array, seg) -> jax.Array:
-    """exp(γ_n) with γ_n = G at the chunk's last row, zeroed when a document starts inside."""
+    """exp(γ_n) [N,B,H,K], γ_n = G at the chunk's last row; 0 when a document starts inside."""
     decay = jnp.exp(G[..., -1, :])
     if seg is not None:
-        decay = decay * (seg[:, None, :, -1:] == 0).astype(decay.dtype)
+        decay = decay * (seg[..., -1:] == 0).astype(decay.dtype)
     return decay
 
 
 # ----------------------------------------------------------------------------- scans
 
 def forward_states(h0, decay, U):
-    """All chunk-boundary states S_0..S_N, [B, H, N+1, K, V]; S_0 = h0."""
+    """Chunk-start states S_0..S_{N-1} [N, B, H, K, V] (S_0 = h0) and the final state S_N."""
     def step(s, xs):
         d, u = xs
-        s_next = d[..., :, None] * s + u
-        return s_next, s_next
-    _, rest = jax.lax.scan(step, h0, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(U, 2, 0)))
-    return jnp.concatenate([h0[:, :, None], jnp.moveaxis(rest, 0, 2)], axis=2)
+        return d[..., :, None] * s + u, s
+    final, starts = jax.lax.scan(step, h0, (decay, U))
+    return starts, final
 
 
-def backward_states(dST, decay, W):
-    """dS_0..dS_N with dS_N = dS_T and dS_n = diag(exp γ_n) dS_{n+1} + W_n."""
+def backward_states(dST, decay, W, S, U):
+    """Reverse scan dS_n = diag(exp γ_n) dS_{n+1} + W_n from dS_N = dS_T.
+
+    Returns dS_{n+1} for every chunk [N, B, H, K, V], dS_0 (= d initial_state) and the dg term
+    rowsum(S_{n+1} ⊙ dS_{n+1}) [N, B, H, K], with S_{n+1} rebuilt from S_n and U_n on the fly so
+    the end-of-chunk states never need storing.
+    """
     def step(ds, xs):
-        d, w = xs
-        ds_prev = d[..., :, None] * ds + w
-        return ds_prev, ds_prev
-    _, rest = jax.lax.scan(step, dST, (jnp.moveaxis(decay, 2, 0), jnp.moveaxis(W, 2, 0)),
-                           reverse=True)
-    return jnp.concatenate([jnp.moveaxis(rest, 0, 2), dST[:, :, None]], axis=2)
+        d, w, s, u = xs
+        end = d[..., :, None] * s + u
+        return d[..., :, None] * ds + w, (ds, jnp.sum(end * ds, axis=-1))
+    dS0, (ends, rowsum) = jax.lax.scan(step, dST, (decay, W, S, U), reverse=True)
+    return ends, dS0, rowsum
 
 
 def chunk_cumsum(x: jax.Array, reverse: bool = False) -> jax.Array:
@@ -116,31 +132,37 @@ def _chunked_core(ops, q, k, v, g, h0, seg):
     return _core_fwd(ops, q, k, v, g, h0, seg)[0]
 
 
+def _fwd_body(ops, q, k, v, G, h0, seg):
+    S, final = forward_states(h0, chunk_decay(G, seg), ops.fwd_state(k, v, G, seg))
+    return ops.fwd_out(q, k, v, G, seg, S), final
+
+
 def _core_fwd(ops, q, k, v, g, h0, seg):
     G = chunk_cumsum(g.astype(h0.dtype))                 # chunk-local cumulative log decay
-    decay = chunk_decay(G, seg)
-    U = ops.fwd_state(k, v, G, seg)
-    S = forward_states(h0, decay, U)
-    o = ops.fwd_out(q, k, v, G, seg, S[:, :, :-1])
-    return (o, S[:, :, -1]), (q, k, v, g, h0, seg)
+    o, final = _choose(ops, G, _fwd_body, q, k, v, G, h0, seg)
+    return (o, final), (q, k, v, g, h0, seg)
 
 
 def _core_bwd(ops, res, cts):
     q, k, v, g, h0, seg = res
     do, dST = cts
+    G = chunk_cumsum(g.astype(h0.dtype))
+    return _choose(ops, G, _bwd_body, q, k, v, g, G, h0, seg, do, dST)
+
+
+def _bwd_body(ops, q, k, v, g, G, h0, seg, do, dST):
     acc = h0.dtype
-    G = chunk_cumsum(g.astype(acc))
     decay = chunk_decay(G, seg)
     U, W = ops.bwd_prep(q, k, v, G, seg, do)
-    S = forward_states(h0, decay, U)                     # recomputed, one state per chunk
-    dS = backward_states(dST.astype(acc), decay, W)
-    dq, dk, dv = ops.bwd_grads(q, k, v, G, seg, do, S[:, :, :-1], dS[:, :, 1:])
+    S, _ = forward_states(h0, decay, U)                  # recomputed, one state per chunk
+    dS_end, dh0, rowsum = backward_states(dST.astype(acc), decay, W, S, U)
+    dq, dk, dv = ops.bwd_grads(q, k, v, G, seg, do, S, dS_end)
     # closed-form gate gradient, chunk-locally (no long cumsum -> no fp32 cancellation over T)
     local = q.astype(acc) * dq - k.astype(acc) * dk
-    dg = chunk_cumsum(local, reverse=True) + jnp.sum(S[:, :, 1:] * dS[:, :, 1:], -1)[..., None, :]
+    dg = chunk_cumsum(local, reverse=True) + rowsum[..., None, :]
     dseg = None if seg is None else jnp.zeros_like(seg)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
-            dS[:, :, 0].astype(h0.dtype), dseg)
+            dh0.astype(h0.dtype), dseg)
 
 
 _chunked_core.defvjp(_core_fwd, _core_bwd)

@@ -164,16 +164,16 @@ def _grads_kernel(*refs, names, acc, n, c, scale):
 # ----------------------------------------------------------------------------- pallas_call glue
 
 def _call(kernel, ins, out_shapes, *, backend, interpret, name):
-    """ins: dict name -> (array, kind) with kind 'chunk' [B,H,N,n,c,D], 'seg' [B,N,n,a,b],
-    'state' [B,H,N,K,V]; out_shapes: list of (shape, dtype, kind)."""
-    B, H, N = next(x.shape[:3] for x, kind in ins.values() if kind in ("chunk", "state"))
+    """ins: dict name -> (array, kind) with kind 'chunk' [N,B,H,n,c,D], 'seg' [N,B,n,a,b],
+    'state' [N,B,H,K,V]; out_shapes: list of (shape, dtype, kind). Grid (N, B, H)."""
+    N, B, H = next(x.shape[:3] for x, kind in ins.values() if kind in ("chunk", "state"))
 
     def spec(shape, kind):
-        if kind == "seg":
-            return pl.BlockSpec((None, None) + tuple(shape[2:]), lambda b, h, t: (b, t, 0, 0, 0))
+        if kind == "seg":      # one segment row per (chunk, batch), shared by the heads
+            return pl.BlockSpec((None, None) + tuple(shape[2:]), lambda t, b, h: (t, b, 0, 0, 0))
         zeros = (0,) * (len(shape) - 3)
         return pl.BlockSpec((None, None, None) + tuple(shape[3:]),
-                            lambda b, h, t: (b, h, t) + zeros)
+                            lambda t, b, h: (t, b, h) + zeros)
 
     names = tuple(ins)
     params = {}
@@ -187,7 +187,7 @@ def _call(kernel, ins, out_shapes, *, backend, interpret, name):
             params["compiler_params"] = pltr.CompilerParams(num_warps=4, num_stages=1)
     f = pl.pallas_call(
         functools.partial(kernel, names=names),
-        grid=(B, H, N),
+        grid=(N, B, H),
         in_specs=[spec(x.shape, kind) for x, kind in ins.values()],
         out_specs=[spec(s, kind) for s, _, kind in out_shapes],
         out_shape=[jax.ShapeDtypeStruct(s, d) for s, d, _ in out_shapes],
@@ -196,7 +196,7 @@ def _call(kernel, ins, out_shapes, *, backend, interpret, name):
 
 
 def _sub(x, c):
-    """[B,H,N,C,D] -> [B,H,N,C/c,c,D] (free reshape)."""
+    """[N,B,H,C,D] -> [N,B,H,C/c,c,D] (free reshape)."""
     *lead, C, D = x.shape
     return x.reshape(*lead, C // c, c, D)
 
@@ -204,8 +204,8 @@ def _sub(x, c):
 def _seg_ins(seg, c):
     if seg is None:
         return {}
-    B, N, C = seg.shape
-    s = seg.reshape(B, N, C // c, c)
+    N, B, _, C = seg.shape
+    s = seg.reshape(N, B, C // c, c)
     return {"seg_c": (s[..., :, None], "seg"), "seg_r": (s[..., None, :], "seg")}
 
 
@@ -215,19 +215,19 @@ def _make_ops(scale, c, acc, backend, interpret):
 
     def fwd_state(k, v, G, seg, q=None, do=None):
         with_w = q is not None
-        B, H, N, C, K = k.shape
+        N, B, H, C, K = k.shape
         V = v.shape[-1]
         ins = {"k": (_sub(k, c), "chunk"), "v": (_sub(v, c), "chunk"), "G": (_sub(G, c), "chunk")}
         if with_w:
             ins.update(q=(_sub(q, c), "chunk"), do=(_sub(do, c), "chunk"))
         ins.update(_seg_ins(seg, c))
-        outs = [((B, H, N, K, V), acc, "state")] * (2 if with_w else 1)
+        outs = [((N, B, H, K, V), acc, "state")] * (2 if with_w else 1)
         res = _call(functools.partial(_state_kernel, n=C // c, with_w=with_w, **common), ins,
                     outs, name="gla_state_bwd" if with_w else "gla_state", **kw)
         return tuple(res) if with_w else res[0]
 
     def fwd_out(q, k, v, G, seg, S):
-        B, H, N, C, _ = q.shape
+        C = q.shape[-2]
         ins = {"q": (_sub(q, c), "chunk"), "k": (_sub(k, c), "chunk"), "v": (_sub(v, c), "chunk"),
                "G": (_sub(G, c), "chunk"), "S": (S, "state")}
         ins.update(_seg_ins(seg, c))
