@@ -40,6 +40,7 @@ def cli_overrides(**overrides) -> list[str]:
     """The same small model as command-line flags, for subprocess tests."""
     flags = [f"--config.model.{k}={v}" for k, v in dict(
         d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64).items()]
-    flags += [f"--config.{k}={v}" for k, v in dict(
-        batch_size=16, seq_len=32, log_every=1, eval_every=0, **overrides).items()]
+    settings = {"batch_size": 16, "seq_len": 32, "log_every": 1, "eval_every": 0,
+                "optimizer.warmup_steps": 2, **overrides}
+    flags += [f"--config.{k}={v}" for k, v in settings.items()]
     return flags
