@@ -115,8 +115,8 @@ def run(cfg, workdir: str, devices=None, stop_at: int | None = None) -> list[flo
 
     num_params = sum(math.prod(s) for s in shapes.values())
     flops_per_step = trainer.flops_per_step()
-    peak = hardware.peak_flops(mesh.devices.flat, trainer.module.COMPUTE_DTYPES.get(
-        cfg.model.get("compute_dtype", "float32"), jnp.float32), cfg.peak_tflops_per_device)
+    peak = hardware.peak_flops(mesh.devices.flat, jnp.dtype(cfg.model.get("compute_dtype", "float32")),
+                               cfg.peak_tflops_per_device)
     logging.info("mesh %s; %.2fM parameters; %d tokens/step; %.3g FLOPs/step; peak %.3g FLOP/s",
                  describe(mesh), num_params / 1e6, cfg.batch_size * cfg.seq_len,
                  flops_per_step, peak)
