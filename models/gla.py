@@ -1,0 +1,281 @@
+"""Gated linear attention (GLA) language model (Yang et al., ICML 2024) in Flax NNX.
+
+Layer (KERNELS.md §1, "Gate used by the GLA layer"), with H heads, K = d·expand_k keys and
+V = d·expand_v values in total:
+
+    q, k = x W_q, x W_k                               [T, H, K/H]
+    v    = x W_v                                      [T, H, V/H]
+    g    = logsigmoid(x W_1 W_2 + b) / τ              low-rank data-dependent log decay, τ = 16
+    o_h  = chunk_gla(q_h, k_h, v_h, g_h)              S_t = diag(e^{g_t}) S_{t-1} + k_tᵀ v_t
+    y    = (swish(x W_r) ⊙ concat_h RMSNorm(o_h)) W_O
+
+Block = pre-norm GLA + pre-norm SwiGLU, residuals; no positional encoding (the decay orders
+tokens). LM = embedding → scanned blocks → final RMSNorm → output head. Packed documents are kept
+apart by passing `segment_ids` to the kernel, which clears the state where the id changes.
+
+Decoding carries one [B, H, K/H, V/H] float32 state per layer: `init_cache`, `prefill` (a prompt
+through the chunked kernel, starting from and returning the cache) and `decode_step` (one token
+through the recurrent step). Both reproduce the logits of the full forward pass.
+
+The trainer uses this module through `build(cfg, rngs)` and `flops_per_token(cfg, seq_len)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from kernels import gla as gla_kernels
+from models import layers
+from paxlike.sharding import constrain
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+GLA_IMPLS = ("auto", "xla", "pallas", "reference")
+
+# Activation layouts: heads are sharded over `tensor` exactly like the weights that produce them.
+SEQ = ("batch", "length", "act_embed")
+HEADS = ("batch", "length", "heads", "head_dim")
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "module": "models.gla",
+        "vocab_size": 512,
+        "d_model": 128,
+        "num_layers": 4,
+        "num_heads": 4,
+        "expand_k": 0.5,            # total key dim = d_model · expand_k (paper: d/2)
+        "expand_v": 1.0,            # total value dim = d_model · expand_v (paper: d)
+        "gate_low_rank_dim": 16,    # rank of the gate projection W_1 W_2
+        "gate_logit_normalizer": 16.0,  # τ in g = logsigmoid(·) / τ
+        "mlp_dim": 512,
+        "tie_embeddings": False,
+        "norm_eps": 1e-6,
+        "dropout_rate": 0.0,
+        "chunk_size": 64,           # kernel chunk (multiple of 16; power of two for pallas)
+        "gla_impl": "auto",         # kernels.gla impl: auto | xla | pallas | reference
+        "compute_dtype": "float32",
+        "remat": "none",            # none | full | save_dots
+    })
+
+
+def key_dim(cfg) -> int:
+    """Total key (and gate) dimension over all heads."""
+    return int(round(cfg.d_model * cfg.expand_k))
+
+
+def value_dim(cfg) -> int:
+    return int(round(cfg.d_model * cfg.expand_v))
+
+
+def validate(cfg) -> list[str]:
+    """Problems with a model config, as messages naming the key and the fix."""
+    problems = []
+    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "gate_low_rank_dim"):
+        if cfg[key] < 1:
+            problems.append(f"model.{key}={cfg[key]} must be positive")
+    if problems:
+        return problems
+    for key, total in (("expand_k", key_dim(cfg)), ("expand_v", value_dim(cfg))):
+        if cfg[key] <= 0 or abs(total - cfg.d_model * cfg[key]) > 1e-9 or total % cfg.num_heads:
+            problems.append(f"model.d_model={cfg.d_model} × model.{key}={cfg[key]} must be a whole "
+                            f"number divisible by model.num_heads={cfg.num_heads}")
+    if cfg.gate_logit_normalizer <= 0:
+        problems.append(f"model.gate_logit_normalizer={cfg.gate_logit_normalizer} must be > 0")
+    if cfg.chunk_size < 16 or cfg.chunk_size % 16:
+        problems.append(f"model.chunk_size={cfg.chunk_size} must be a positive multiple of 16")
+    if cfg.gla_impl not in GLA_IMPLS:
+        problems.append(f"model.gla_impl={cfg.gla_impl!r}; choose one of {list(GLA_IMPLS)}")
+    elif cfg.gla_impl in ("pallas", "auto") and cfg.chunk_size & (cfg.chunk_size - 1):
+        problems.append(f"model.chunk_size={cfg.chunk_size} must be a power of two for the Pallas "
+                        f"kernel (model.gla_impl={cfg.gla_impl!r})")
+    if cfg.compute_dtype not in COMPUTE_DTYPES:
+        problems.append(f"model.compute_dtype={cfg.compute_dtype!r}; choose one of {list(COMPUTE_DTYPES)}")
+    if cfg.remat not in layers.REMAT_POLICIES:
+        problems.append(f"model.remat={cfg.remat!r}; choose one of {list(layers.REMAT_POLICIES)}")
+    if not 0.0 <= cfg.dropout_rate < 1.0:
+        problems.append(f"model.dropout_rate={cfg.dropout_rate} must be in [0, 1)")
+    return problems
+
+
+class GatedLinearAttention(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d, h, r = cfg.d_model, cfg.num_heads, cfg.gate_low_rank_dim
+        dk, dv = key_dim(cfg) // h, value_dim(cfg) // h
+        self.tau = float(cfg.gate_logit_normalizer)
+        self.chunk_size, self.impl = cfg.chunk_size, cfg.gla_impl
+        proj = lambda hd: layers.param(rngs, layers.scaled_normal(d), (d, h, hd),
+                                       ("embed", "heads", "head_dim"))
+        self.wq, self.wk, self.wv = proj(dk), proj(dk), proj(dv)
+        self.wr = proj(dv)  # output gate
+        # Low-rank gate. The rank-16 axis is tiny and stays replicated (no logical name).
+        self.w_gate_down = layers.param(rngs, layers.scaled_normal(d), (d, r), ("embed", None))
+        self.w_gate_up = layers.param(rngs, layers.scaled_normal(r), (r, h, dk),
+                                      (None, "heads", "head_dim"))
+        # The bias is stored flat over (heads · head_dim): the trainer decides weight decay by the
+        # number of logical axes (matrices have two), and a bias must not be decayed. 'heads' on
+        # the flat axis shards it in the same contiguous per-head blocks as (heads, head_dim).
+        self.gate_bias = layers.param(rngs, nnx.initializers.zeros, (h * dk,), ("heads",))
+        # Per-head RMSNorm of the output, its scale shared by the heads (as in the paper's code).
+        self.out_norm = layers.RMSNorm(dv, eps=cfg.norm_eps, names=("head_dim",), rngs=rngs)
+        self.wo = layers.param(rngs, layers.scaled_normal(h * dv, 1 / math.sqrt(2 * cfg.num_layers)),
+                               (h, dv, d), ("heads", "head_dim", "embed"))
+
+    def _project(self, x):
+        """x [B, T, d] -> q, k, v, output gate r (compute dtype) and log decay g (float32)."""
+        dt = x.dtype
+        heads = lambda w: constrain(jnp.einsum("btd,dhk->bthk", x, w[...].astype(dt)), HEADS)
+        q, k, v, r = heads(self.wq), heads(self.wk), heads(self.wv), heads(self.wr)
+        low = constrain(x @ self.w_gate_down[...].astype(dt), ("batch", "length", None))
+        logits = jnp.einsum("btr,rhk->bthk", low, self.w_gate_up[...].astype(dt))
+        # The decay accumulates over many steps in the kernel: keep it in float32 even under bf16.
+        bias = self.gate_bias[...].reshape(self.w_gate_up.shape[1:])
+        g = jax.nn.log_sigmoid(logits.astype(jnp.float32) + bias) / self.tau
+        return q, k, v, r, constrain(g, HEADS)
+
+    def _output(self, o, r):
+        """Per-head norm, swish gate and output projection: o, r [B, T, H, V/H] -> [B, T, d]."""
+        o = self.out_norm(o.astype(r.dtype)) * jax.nn.silu(r)
+        out = jnp.einsum("bthk,hkd->btd", constrain(o, HEADS), self.wo[...].astype(r.dtype))
+        return constrain(out, SEQ)
+
+    def __call__(self, x, segment_ids=None, state=None):
+        """Whole sequence: x [B, T, d] -> (y [B, T, d], final state [B, H, K/H, V/H] float32).
+
+        `state` (optional) continues a previous call; the kernel resets it where segment_ids change.
+        Without a state (training) no final state is computed and None is returned.
+        """
+        q, k, v, r, g = self._project(x)
+        o, final = gla_kernels.chunk_gla(q, k, v, g, initial_state=state, segment_ids=segment_ids,
+                                         output_final_state=state is not None,
+                                         chunk_size=self.chunk_size, impl=self.impl)
+        return self._output(constrain(o, HEADS), r), final
+
+    def step(self, x, state):
+        """One token per row through the recurrent step: x [B, 1, d] -> (y [B, 1, d], state)."""
+        q, k, v, r, g = self._project(x)
+        o, state = gla_kernels.gla_step(q[:, 0], k[:, 0], v[:, 0], g[:, 0], state)
+        return self._output(o[:, None], r), state
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.dropout_rate = cfg.dropout_rate
+        self.mix_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mix = GatedLinearAttention(cfg, rngs)
+        self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp_dim, num_layers=cfg.num_layers, rngs=rngs)
+
+    def __call__(self, x, segment_ids=None, key=None, state=None, decode=False):
+        """x [B, T, d] -> (x, state). decode=True: T = 1 through the recurrent step."""
+        keys = (None, None) if key is None else jax.random.split(key)
+        h = self.mix_norm(x)
+        h, state = self.mix.step(h, state) if decode else self.mix(h, segment_ids, state)
+        x = x + layers.dropout(h, self.dropout_rate, keys[0])
+        x = x + layers.dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
+        return constrain(x, SEQ), state
+
+
+class GLALanguageModel(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        problems = validate(cfg)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg = cfg
+        self.compute_dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+        self.embed = layers.param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
+                                  ("vocab", "embed"))
+        self.layers = layers.stack_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+        self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.unembed = layers.param(rngs, layers.scaled_normal(cfg.d_model),
+                                        (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+    def _embed(self, tokens):
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
+        return constrain(x, SEQ)
+
+    def _logits(self, x):
+        x = self.final_norm(x)
+        dt = self.compute_dtype
+        if self.cfg.tie_embeddings:
+            # Embeddings have std 1; scale so tied logits start at O(1) like the untied head.
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt)) / math.sqrt(self.cfg.d_model)
+        else:
+            logits = x @ self.unembed[...].astype(dt)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+    def __call__(self, tokens, positions, segment_ids, *, dropout_key=None):
+        """tokens, positions, segment_ids: [B, T] int. Returns float32 logits [B, T, vocab].
+
+        `positions` is unused: GLA has no positional encoding. Documents are separated by the
+        state resets at segment_ids changes.
+        """
+        del positions
+        x = layers.scan_layers(self.layers, self._embed(tokens),
+                               lambda blk, h, k: blk(h, segment_ids, k)[0],
+                               remat=self.cfg.remat, key=dropout_key)
+        return self._logits(x)
+
+    # ------------------------------------------------------------------ decoding
+    def init_cache(self, batch_size: int) -> jax.Array:
+        """Zero recurrent state of every layer: [layers, B, H, K/H, V/H] float32."""
+        cfg = self.cfg
+        h = cfg.num_heads
+        return jnp.zeros((cfg.num_layers, batch_size, h, key_dim(cfg) // h, value_dim(cfg) // h),
+                         jnp.float32)
+
+    def _scan_with_cache(self, x, cache, decode):
+        """Runs the stacked layers over x, each with its own slice of the cache (no dropout)."""
+        graphdef, params = nnx.split(self.layers)
+
+        def body(h, inputs):
+            layer_params, layer_state = inputs
+            return nnx.merge(graphdef, layer_params)(h, state=layer_state, decode=decode)
+
+        return jax.lax.scan(body, x, (params, cache))
+
+    def prefill(self, tokens, cache=None):
+        """A prompt (one document per row) through the chunked kernel.
+
+        tokens [B, T] -> (float32 logits [B, T, vocab], cache after the last token).
+        `cache` (default: zeros) continues an earlier prefill/decode.
+        """
+        cache = self.init_cache(tokens.shape[0]) if cache is None else cache
+        x, cache = self._scan_with_cache(self._embed(tokens), cache, decode=False)
+        return self._logits(x), cache
+
+    def decode_step(self, tokens, cache):
+        """One token per row: tokens [B] -> (float32 logits [B, vocab], updated cache)."""
+        x, cache = self._scan_with_cache(self._embed(tokens[:, None]), cache, decode=True)
+        return self._logits(x)[:, 0], cache
+
+
+def build(cfg, rngs: nnx.Rngs) -> GLALanguageModel:
+    return GLALanguageModel(cfg, rngs)
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward, no rematerialisation).
+
+    6 · N_matmul + 3 · L · (2 · C · (K + V) + 4 · K · V / H), where N_matmul counts the weights
+    used in matrix multiplies (q, k, v, output-gate, output and low-rank gate projections, MLP,
+    output head; not the embedding lookup), K and V are the total key and value dims, C the chunk
+    size and H the heads. The second term is the chunked GLA itself, per layer and token in the
+    forward pass: intra-chunk scores Q Kᵀ and their product with V over whole C × C blocks
+    (2 · C · K/H + 2 · C · V/H per head, counted as the XLA path computes it, not causally halved),
+    plus reading and writing the K/H × V/H state (2 · 2 · K/H · V/H per head); the backward
+    pass is counted as twice the forward. `seq_len` does not enter: the cost is linear in T.
+    """
+    del seq_len
+    d, L, H = cfg.d_model, cfg.num_layers, cfg.num_heads
+    K, V, R = key_dim(cfg), value_dim(cfg), cfg.gate_low_rank_dim
+    mixer = d * (2 * K + 2 * V) + V * d + d * R + R * K
+    mlp = 3 * d * cfg.mlp_dim
+    n_matmul = L * (mixer + mlp) + d * cfg.vocab_size
+    gla = 2 * cfg.chunk_size * (K + V) + 4 * K * V / H
+    return 6.0 * n_matmul + 3.0 * L * gla
