@@ -30,6 +30,17 @@ def _ein(spec, *xs):
     return jnp.einsum(spec, *xs, precision=_HI)
 
 
+def _tmm(a, b):
+    """aᵀ b over the chunk axis: [.., C, X], [.., C, Y] -> [.., X, Y].
+
+    XLA:CPU only hands dots with the contraction on the lhs's last axis to its fast (YNNPACK)
+    kernels; the algebraic simplifier would fold a plain transpose back into the dot, so the
+    transposed operand is pinned with an optimisation barrier (~25% faster measured).
+    """
+    at = jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2))
+    return _ein("...xc,...cy->...xy", at, b)
+
+
 def _masks(seg, C):
     """(m_inter [N,B,1,C,1], m_last [N,B,1,C,1], same-document [N,B,1,C,C]) or Nones."""
     if seg is None:
@@ -153,7 +164,7 @@ def _factors(q, k, G, acc):
 def _fast_state(k, v, G, seg, *, acc):
     _, m_last, _ = _masks(seg, G.shape[-2])
     kz = _apply(k.astype(acc) * jnp.exp(-G), m_last)
-    return jnp.exp(G[..., -1, :])[..., :, None] * _ein("...ck,...cv->...kv", kz, v.astype(acc))
+    return jnp.exp(G[..., -1, :])[..., :, None] * _tmm(kz, v.astype(acc))
 
 
 def _fast_out(q, k, v, G, seg, S, *, acc, scale, sub):
@@ -169,7 +180,7 @@ def _fast_out(q, k, v, G, seg, S, *, acc, scale, sub):
 def _fast_prep(q, k, v, G, seg, do, *, acc, scale):
     m_inter, _, _ = _masks(seg, G.shape[-2])
     qe = q.astype(acc) * jnp.exp(G)
-    W = scale * _ein("...ck,...cv->...kv", _apply(qe, m_inter), do.astype(acc))
+    W = scale * _tmm(_apply(qe, m_inter), do.astype(acc))
     return _fast_state(k, v, G, seg, acc=acc), W
 
 
@@ -183,11 +194,11 @@ def _fast_grads(q, k, v, G, seg, do, S, dSn, *, acc, scale, sub):
     A = scale * jnp.where(mask, _ein("...rk,...jk->...rj", qe, kz), 0.0)
     dA = scale * jnp.where(mask, _ein("...rv,...jv->...rj", do, v), 0.0)
     dSg = jnp.exp(G[..., -1, :])[..., :, None] * dSn            # e^γ folded into the state grad
-    dv = _ein("...rj,...rv->...jv", A, do) + _ein("...jk,...kv->...jv", _apply(kz, m_last), dSg)
+    dv = _tmm(A, do) + _ein("...jk,...kv->...jv", _apply(kz, m_last), dSg)
     dq = jnp.exp(G) * (_apply(scale * _ein("...rv,...kv->...rk", do, S), m_inter)
                        + _ein("...rj,...jk->...rk", dA, kz))
     dk = jnp.exp(-G) * (_apply(_ein("...jv,...kv->...jk", v, dSg), m_last)
-                        + _ein("...rj,...rk->...jk", dA, qe))
+                        + _tmm(dA, qe))
     return dq, dk, dv
 
 

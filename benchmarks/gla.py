@@ -1,0 +1,141 @@
+"""CPU benchmark of the GLA paths: reference recurrence, chunked XLA, Pallas (interpret mode).
+
+    .venv/bin/python benchmarks/gla.py                      # T = 512 .. 8192, all three paths
+    .venv/bin/python benchmarks/gla.py --T 4096 --impls xla,reference
+
+Shapes follow issue 3: B·H = 8 (B = 1, H = 8), K = 64, V = 128, fp32, gates logsigmoid(u)/16.
+Times are the best of --repeats runs of a jitted function after one warm-up run.
+
+GFLOP/s uses one nominal FLOP count for every path -- the matmul work of the chunked algorithm with
+C = 64 (per chunk, forward 4CKV + 2C²K + 2C²V, backward 10CKV + 6C²K + 4C²V) -- so the column is
+"useful work per second" and directly comparable between paths. "% GEMM" divides it by the rate of
+a jitted fp32 2048³ matmul measured in the same run. Memory is the compiled fwd+bwd program's
+argument + output + temp − alias bytes (XLA memory_analysis), which must grow linearly in T.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax                      # noqa: E402
+import jax.numpy as jnp         # noqa: E402
+import numpy as np              # noqa: E402
+
+from kernels.gla import chunk_gla   # noqa: E402
+
+B, H, K, V, C = 1, 8, 64, 128, 64
+
+
+def machine() -> str:
+    cpu = platform.processor() or "?"
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    return (f"{platform.node()} | {cpu} | {os.cpu_count()} CPUs | jax {jax.__version__} "
+            f"({jax.default_backend()}) | load avg {load:.1f} at start")
+
+
+def nominal_flops(T: int) -> tuple[float, float]:
+    n = -(-T // C) * B * H
+    fwd = n * (4 * C * K * V + 2 * C * C * K + 2 * C * C * V)
+    bwd = n * (10 * C * K * V + 6 * C * C * K + 4 * C * C * V)
+    return float(fwd), float(fwd + bwd)
+
+
+def best_time(f, args, repeats: int) -> float:
+    jax.block_until_ready(f(*args))
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        jax.block_until_ready(f(*args))
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def gemm_rate(repeats: int) -> float:
+    a = jnp.asarray(np.random.default_rng(0).standard_normal((2048, 2048)), jnp.float32)
+    t = best_time(jax.jit(lambda x, y: x @ y), (a, a), repeats)
+    return 2 * 2048 ** 3 / t
+
+
+def inputs(T: int):
+    r = np.random.default_rng(0)
+    q, k = (jnp.asarray(r.standard_normal((B, T, H, K)), jnp.float32) for _ in range(2))
+    v = jnp.asarray(r.standard_normal((B, T, H, V)), jnp.float32)
+    g = jax.nn.log_sigmoid(jnp.asarray(r.standard_normal((B, T, H, K)), jnp.float32)) / 16
+    return q, k, v, g
+
+
+def programs(impl: str):
+    def fwd(q, k, v, g):
+        return chunk_gla(q, k, v, g, impl=impl)[0]
+
+    def loss(q, k, v, g):
+        return jnp.sum(fwd(q, k, v, g))
+    return jax.jit(fwd), jax.jit(jax.grad(loss, argnums=(0, 1, 2, 3)))
+
+
+def compiled_bytes(f, args) -> int:
+    m = f.lower(*args).compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--T", default="512,1024,2048,4096,8192")
+    p.add_argument("--impls", default="reference,xla,pallas")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--pallas-max-T", type=int, default=8192,
+                   help="skip pallas (interpret mode, slow) above this T")
+    a = p.parse_args()
+    Ts = [int(t) for t in a.T.split(",")]
+    impls = a.impls.split(",")
+
+    print(f"machine: {machine()}")
+    gemm = gemm_rate(a.repeats)
+    print(f"fp32 GEMM 2048^3 rate, same run: {gemm / 1e9:.1f} GFLOP/s")
+    print(f"shapes: B={B} H={H} K={K} V={V} fp32, nominal FLOPs with C={C}\n")
+    head = (f"{'impl':<10}{'T':>6} | {'fwd ms':>9}{'GFLOP/s':>9}{'%GEMM':>7} | "
+            f"{'fwd+bwd ms':>11}{'GFLOP/s':>9}{'%GEMM':>7} | {'fwd+bwd MiB':>11}")
+    print(head)
+    print("-" * len(head))
+    rows = {}
+    for T in Ts:
+        args = inputs(T)
+        f_flops, fb_flops = nominal_flops(T)
+        for impl in impls:
+            if impl == "pallas" and T > a.pallas_max_T:
+                continue
+            fwd, fb = programs(impl)
+            tf = best_time(fwd, args, a.repeats)
+            tfb = best_time(fb, args, a.repeats)
+            mem = compiled_bytes(fb, args) / 2 ** 20
+            rows[(impl, T)] = (tf, tfb, mem)
+            print(f"{impl:<10}{T:>6} | {tf * 1e3:>9.1f}{f_flops / tf / 1e9:>9.1f}"
+                  f"{100 * f_flops / tf / gemm:>6.1f}% | {tfb * 1e3:>11.1f}"
+                  f"{fb_flops / tfb / 1e9:>9.1f}{100 * fb_flops / tfb / gemm:>6.1f}% | "
+                  f"{mem:>11.1f}", flush=True)
+    if "xla" in impls and "reference" in impls:
+        print("\nspeed-up of xla over the reference recurrence:")
+        for T in Ts:
+            if ("xla", T) in rows and ("reference", T) in rows:
+                x, r = rows[("xla", T)], rows[("reference", T)]
+                print(f"  T={T:>5}: fwd {r[0] / x[0]:5.2f}x   fwd+bwd {r[1] / x[1]:5.2f}x")
+    for impl in impls:
+        mems = [(T, rows[(impl, T)][2]) for T in Ts if (impl, T) in rows]
+        if len(mems) > 1:
+            per = ", ".join(f"{m / T * 1024:.1f}" for T, m in mems)
+            print(f"{impl}: compiled fwd+bwd memory per 1K tokens (MiB): {per}")
+
+
+if __name__ == "__main__":
+    main()
