@@ -8,6 +8,16 @@ from experiments import transformer
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def subprocess_env() -> dict[str, str]:
+    """Environment for CLI subprocesses: this checkout on the path, CPU only, and the session's
+    compilation cache (set in conftest) so that repeated runs reuse compiled programs."""
+    import jax
+    return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+            "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+            "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
 def snapshot(directory) -> dict[str, str]:
     """{relative path: sha256 of contents} of every file below `directory`."""
     result = {}

@@ -8,9 +8,9 @@ import sys
 
 import pytest
 
-from configs import ROOT, cli_overrides, snapshot
+from configs import ROOT, cli_overrides, snapshot, subprocess_env
 
-ENV = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+ENV = subprocess_env()
 
 
 def _cli(*args):

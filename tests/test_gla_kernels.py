@@ -206,6 +206,8 @@ def test_final_state_optional_and_default_scale():
     assert s is None and o.shape == (1, 5, 2, 8)
     o2, _ = chunk_gla(x["q"], x["k"], x["v"], x["g"], scale=16 ** -0.5, impl="xla")
     np.testing.assert_array_equal(np.asarray(o), np.asarray(o2))
+    o3, _ = chunk_gla(x["q"], x["k"], x["v"], x["g"])          # impl="auto" is xla on CPU
+    np.testing.assert_array_equal(np.asarray(o), np.asarray(o3))
 
 
 # --------------------------------------------------------------------------- properties

@@ -10,7 +10,7 @@ import sys
 
 import numpy as np
 
-from configs import ROOT, cli_overrides, small_test_config
+from configs import ROOT, cli_overrides, small_test_config, subprocess_env
 from paxlike import loop
 
 
@@ -26,7 +26,7 @@ def test_two_processes_match_one(tmp_path):
 
     workdir = tmp_path / "two_processes"
     port = _free_port()
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     procs = [subprocess.Popen(
         [sys.executable, "-m", "paxlike.train", f"--workdir={workdir}", "--cpu_devices=4",
          f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2", f"--process_id={i}",

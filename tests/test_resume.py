@@ -13,7 +13,7 @@ import time
 import numpy as np
 import pytest
 
-from configs import ROOT, cli_overrides, small_test_config, snapshot
+from configs import ROOT, cli_overrides, small_test_config, snapshot, subprocess_env
 from paxlike import loop
 from paxlike.errors import UserError
 
@@ -35,7 +35,7 @@ def _logged_losses(workdir):
 def test_sigkill_then_rerun_gives_identical_losses(tmp_path):
     # Dropout makes the RNG part of what must be restored.
     settings = dict(steps=300, checkpoint_every=20, **{"model.dropout_rate": 0.1})
-    env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu"}
+    env = subprocess_env()
     killed = tmp_path / "killed"
     proc = subprocess.Popen(_train_cmd(killed, **settings), cwd=ROOT, env=env,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
