@@ -22,6 +22,7 @@ a 2x2 recurrence is four ``a`` planes (a00, a01, a10, a11) and two ``b`` planes.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -165,10 +166,35 @@ def _gpu_call(a, b, h0, *, kind, reverse, block_d, unroll, interpret, num_warps=
 # ----------------------------------------------------------------------------------------------
 # Entry point on planes: padding and tile choice
 # ----------------------------------------------------------------------------------------------
+_FORCED = []  # stack of (variant, interpret) set by ``target``
+
+
+@contextlib.contextmanager
+def target(variant, interpret=False):
+    """Force the kernel body, e.g. to compile for a TPU topology or export for CUDA from a CPU host
+    (the default follows ``jax.default_backend()``, which is the host's)."""
+    if variant not in ("tpu", "gpu"):
+        raise ValueError(f"unknown Pallas variant {variant!r} (expected 'tpu' or 'gpu')")
+    _FORCED.append((variant, bool(interpret)))
+    try:
+        yield
+    finally:
+        _FORCED.pop()
+
+
 def default_variant():
-    """The kernel body for the default backend; CPU interprets the TPU body (fewest grid steps)."""
+    """(variant, interpret) for the default backend.
+
+    CPU interprets the GPU body: in interpret mode its per-row loop over wide channel tiles
+    compiles and runs faster than the TPU body's block-wise Hillis-Steele scan (measured:
+    block2, L=8192, d=256: 0.9 s compile + 0.5 s run vs 2.4 s + 2.6 s).
+    """
+    if _FORCED:
+        return _FORCED[-1]
     backend = jax.default_backend()
-    return ("gpu", False) if backend in ("gpu", "cuda", "rocm") else ("tpu", backend != "tpu")
+    if backend in ("gpu", "cuda", "rocm"):
+        return "gpu", False
+    return ("tpu", False) if backend == "tpu" else ("gpu", True)
 
 
 def _pad_to(x, axis, size, value):
@@ -189,8 +215,8 @@ def scan_planes(a, b, h0, *, kind, reverse=False, variant=None, interpret=None,
     both directions (reverse starts from the padded end, where identities just carry h0 through).
     """
     if variant is None:
-        variant, auto_interp = default_variant()
-        interpret = auto_interp if interpret is None else interpret
+        variant, forced_interpret = default_variant()
+        interpret = forced_interpret if interpret is None else interpret
     interpret = bool(interpret)
     bsz, length, d = b[0].shape
     if variant == "tpu":
@@ -200,7 +226,9 @@ def scan_planes(a, b, h0, *, kind, reverse=False, variant=None, interpret=None,
             block_t = 256 if length >= 256 else max(8, 1 << (length - 1).bit_length())
         t_mult, d_mult = block_t, block_d
     elif variant == "gpu":
-        if block_d is None:
+        if block_d is None and interpret:  # one program per sequence: fewest interpreted steps
+            block_d = d
+        elif block_d is None:  # Triton tiles are powers of two; 32 lanes = one warp per program
             block_d = 32 if d >= 32 else max(1, 1 << (d - 1).bit_length())
         t_mult, d_mult = unroll, block_d
     else:

@@ -186,7 +186,7 @@ def linear_scan(a, b, h0=None, *, reverse=False, impl="auto"):
     sn = _STATE_NDIM[kind]
     if b.ndim < sn + 1:
         raise ValueError(f"linear_scan: b{tuple(b.shape)} has no time axis")
-    if a.shape[:-(sn + 1)] != b.shape[:-sn] or a.shape[-1] != b.shape[-1]:
+    if a.shape[:b.ndim - sn] != b.shape[:b.ndim - sn] or a.shape[-1] != b.shape[-1]:
         raise ValueError(f"linear_scan: a{tuple(a.shape)} does not match b{tuple(b.shape)}")
     batch = b.shape[:-(sn + 1)]
     state = b.shape[-sn:]

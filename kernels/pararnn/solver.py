@@ -89,8 +89,10 @@ def _f_and_jac(cfg, consts, jconsts, hprev, xs):
 
 
 def _max_abs(r):
-    # NaN propagates through max, so a NaN residual is never "converged".
-    return jnp.max(jnp.abs(r)).astype(jnp.float32)
+    # Any non-finite entry makes the residual +inf: XLA's max-reduce on CPU does not propagate
+    # NaN (an all-NaN array reduces to -inf), which would otherwise read as "converged".
+    m = jnp.max(jnp.abs(r)).astype(jnp.float32)
+    return jnp.where(jnp.all(jnp.isfinite(r)), m, jnp.inf)
 
 
 def _converged(res, threshold):
@@ -123,8 +125,10 @@ def _sequential_solve(cfg, consts, h0, xs):
 def _newton_loop(cfg, consts, jconsts, h0, xs, H, n_iters, damped, scan_impl):
     """Up to ``n_iters`` Newton steps from H; stops early once under ``cfg.tol`` when one is set.
 
-    Returns (H, residual history [n_iters], iterations run). The history after an early stop holds
-    the final residual (the iterate no longer changes, so that is its residual).
+    A while_loop even for a fixed count: one copy of the scan kernel in the program (unrolling
+    multiplies compile time, badly so for interpreted Pallas), at the price of one Jacobian
+    more than needed on the last step. Returns (H, residual history [n_iters], iterations run).
+    After an early stop the history holds the final residual (the iterate no longer changes).
     """
     zeros = jnp.zeros_like(h0)
 
@@ -136,20 +140,10 @@ def _newton_loop(cfg, consts, jconsts, h0, xs, H, n_iters, damped, scan_impl):
     def newton_step(H, r, J):
         return H + scan_lib.scan_raw(cfg.kind, J, r, zeros, impl=scan_impl)
 
-    if cfg.tol is None and not damped:  # fixed count, unrolled: the last step needs no Jacobian
-        r, J, _ = linearise(H)
-        hist = []
-        for k in range(n_iters):
-            H = newton_step(H, r, J)
-            if k + 1 < n_iters:
-                r, J, res = linearise(H)
-            else:
-                res = _max_abs(_cell_all(cfg, consts, scan_lib.shift_in(h0, H, False), xs) - H)
-            hist.append(res)
-        return H, jnp.stack(hist), jnp.int32(n_iters)
-
     def cond(c):
         k, _, _, _, res, _ = c
+        if cfg.tol is None and not damped:
+            return k < n_iters
         return (k < n_iters) & ~_converged(res, cfg.threshold)
 
     def body(c):
@@ -321,7 +315,11 @@ def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations
     xsf = jax.tree.map(lambda x: x.reshape((-1,) + x.shape[len(batch):]), xs)
     h_ex = jax.ShapeDtypeStruct(state, h0.dtype)
     x_ex = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape[2:], x.dtype), xsf)
-    out = jax.eval_shape(cell, h_ex, x_ex)
+    try:
+        out = jax.eval_shape(cell, h_ex, x_ex)
+    except Exception as e:  # a shape error inside the cell is an argument error here
+        raise ValueError(f"cell(h, x) fails on one step with h {tuple(state)} and x "
+                         f"{jax.tree.map(lambda s: tuple(s.shape), x_ex)}: {e}") from e
     if not hasattr(out, "shape") or tuple(out.shape) != tuple(state):
         raise ValueError(f"cell(h, x) must return an array of the state shape {tuple(state)}, "
                          f"got {getattr(out, 'shape', type(out))}")
