@@ -49,10 +49,20 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
 }
 
 
-def get_rules(preset: str) -> dict[str, tuple[str, ...]]:
+def get_rules(preset: str, mesh: Mesh | None = None) -> dict[str, tuple[str, ...]]:
+    """The rules of a named preset; with `mesh`, checks that every mesh axis in use has a rule
+    (an axis no rule maps to would silently replicate all the work along it)."""
     if preset not in PRESETS:
         raise UserError(f"unknown sharding preset {preset!r}; choose one of {', '.join(PRESETS)}")
-    return dict(PRESETS[preset])
+    rules = dict(PRESETS[preset])
+    if mesh is not None:
+        mapped = {axis for axes in rules.values() for axis in axes}
+        unused = [f"mesh.{a}={n}" for a, n in mesh.shape.items() if n > 1 and a not in mapped]
+        if unused:
+            raise UserError(f"{', '.join(unused)} is not used by sharding preset {preset!r}, so its "
+                            f"devices would all do the same work; set it to 1 or choose a preset "
+                            f"that uses it ({', '.join(p for p in PRESETS if p != preset)})")
+    return rules
 
 
 def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Rules,

@@ -39,7 +39,7 @@ class Trainer:
     def __post_init__(self):
         cfg = self.cfg
         self.module = model_module(cfg)
-        self.rules = sharding.get_rules(cfg.sharding)
+        self.rules = sharding.get_rules(cfg.sharding, self.mesh)
         abstract_model = nnx.eval_shape(lambda: self.module.build(cfg.model, nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract_model)
         with sharding.use_rules(self.mesh, self.rules):

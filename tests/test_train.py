@@ -8,6 +8,7 @@ from jax.sharding import PartitionSpec as P
 
 from configs import small_test_config
 from paxlike import loop
+from paxlike.errors import UserError
 from paxlike.mesh import build_mesh
 from paxlike.trainer import Trainer
 
@@ -20,9 +21,16 @@ def test_same_losses_on_every_mesh(tmp_path):
     reference = _losses(tmp_path, "single", devices=jax.devices()[:1])
     assert reference.shape == (5,) and reference[-1] < reference[0]
     for name, mesh in {"data8": {"data": 8, "fsdp": 1}, "fsdp8": {"fsdp": 8},
-                       "dp_fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2}}.items():
+                       "dp_fsdp_tp": {"data": 2, "fsdp": 2, "tensor": 2},
+                       "fsdp_context": {"fsdp": 4, "context": 2}}.items():
         losses = _losses(tmp_path, name, **{f"mesh.{k}": v for k, v in mesh.items()})
         np.testing.assert_allclose(losses, reference, rtol=1e-5, err_msg=name)
+
+
+def test_mesh_axis_unused_by_preset_is_refused():
+    cfg = small_test_config(sharding="fsdp")
+    with pytest.raises(UserError, match="mesh.tensor=2 is not used by sharding preset 'fsdp'"):
+        Trainer(cfg, build_mesh({"fsdp": 4, "tensor": 2}))
 
 
 def test_parameters_born_sharded_as_rules_say():
