@@ -1,0 +1,317 @@
+"""ParaRNN language models: ParaGRU / ParaLSTM blocks trained in parallel over the sequence.
+
+Each layer is a Mamba-style mixer block around a nonlinear RNN cell with diagonal recurrent
+weights (Danieli et al., 2025; KERNELS.md section 2):
+
+    x -> RMSNorm -> in_proj -> (u, g)
+    u -> short causal depthwise conv -> SiLU -> block-diagonal multi-head B u + b   (one GEMM)
+      -> cell over the sequence (kernels.pararnn.solve: Newton + parallel scan, or lax.scan)
+    y = RMSNorm_per_head(h * SiLU(g)) -> out_proj -> + residual        [+ optional SwiGLU MLP]
+
+Only the diagonal recurrent weights (a_*, and the LSTM peepholes p_*) live inside the solver: the
+input projection of every gate for every step is computed once, up front, as a single einsum, so
+the Newton iterations touch nothing but elementwise work and a linear scan.
+
+Packed documents: the recurrent state and the conv window are cut at every document start (a
+change of segment id, or position 0). The cell receives a `keep` flag per step and multiplies the
+carried state by it, so a packed row computes exactly what separate documents would.
+
+The trainer uses this module through `build(cfg, rngs)` and `flops_per_token(cfg, seq_len)`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+from flax import nnx
+
+from kernels import pararnn
+from kernels.pararnn import cells
+from models import layers
+from paxlike.sharding import constrain
+
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+CELLS = ("gru", "lstm")
+SOLVER_IMPLS = ("auto", "sequential", "parallel", "pallas")
+FALLBACKS = ("none", "sequential", "damped")
+# Recurrent (diagonal) weights of each cell, and the gates whose input projection B x + b is
+# computed outside the solver (order = the x[0..2] order of kernels.pararnn.cells).
+RECURRENT = {"gru": ("a_z", "a_r", "a_c"), "lstm": ("a_f", "a_z", "a_o", "p_f", "p_o")}
+GATES = {"gru": cells.GRU_GATES, "lstm": cells.LSTM_GATES}
+RECURRENT_CLIP = 0.5
+
+
+def default_config() -> ml_collections.ConfigDict:
+    return ml_collections.ConfigDict({
+        "module": "models.pararnn",
+        "cell": "gru",            # gru | lstm
+        "vocab_size": 512,
+        "d_model": 128,
+        "num_layers": 4,
+        "expand": 1,              # cell width d_inner = expand * d_model
+        "num_heads": 4,           # blocks of the block-diagonal input projection B (paper: 4)
+        "conv_width": 4,          # taps of the short causal conv
+        "mlp_dim": 0,             # > 0 adds a pre-norm SwiGLU MLP after each mixer
+        "tie_embeddings": False,
+        "norm_eps": 1e-6,
+        "dropout_rate": 0.0,
+        "compute_dtype": "float32",
+        "remat": "none",          # none | full | save_dots
+        # The cell solve (kernels.pararnn.solve). "auto" = sequential lax.scan on CPU, Newton
+        # with the Pallas scan on accelerators.
+        "solver_impl": "auto",
+        "newton_iterations": 3,
+        "newton_tol": 0.0,        # > 0: stop early under this residual (and judge convergence)
+        "solver_fallback": "none",  # none | sequential | damped, when Newton does not converge
+        "warn_unconverged": True,
+    })
+
+
+def d_inner(cfg) -> int:
+    return cfg.expand * cfg.d_model
+
+
+def validate(cfg) -> list[str]:
+    """Problems with a model config, as messages naming the key and the fix."""
+    problems = []
+    for key in ("vocab_size", "d_model", "num_layers", "expand", "num_heads", "conv_width",
+                "newton_iterations"):
+        if cfg[key] < 1:
+            problems.append(f"model.{key}={cfg[key]} must be positive")
+    if problems:
+        return problems
+    if d_inner(cfg) % cfg.num_heads:
+        problems.append(f"model.expand * model.d_model = {d_inner(cfg)} is not divisible by "
+                        f"model.num_heads={cfg.num_heads}")
+    for key, choices in (("cell", CELLS), ("compute_dtype", tuple(COMPUTE_DTYPES)),
+                         ("remat", tuple(layers.REMAT_POLICIES)), ("solver_impl", SOLVER_IMPLS),
+                         ("solver_fallback", FALLBACKS)):
+        if cfg[key] not in choices:
+            problems.append(f"model.{key}={cfg[key]!r}; choose one of {list(choices)}")
+    if cfg.mlp_dim < 0 or cfg.newton_tol < 0:
+        problems.append("model.mlp_dim and model.newton_tol must be >= 0 (0 disables them)")
+    if not 0.0 <= cfg.dropout_rate < 1.0:
+        problems.append(f"model.dropout_rate={cfg.dropout_rate} must be in [0, 1)")
+    return problems
+
+
+# --------------------------------------------------------------------------------- initialisers
+def clipped_normal(fan_in: int, clip: float = RECURRENT_CLIP):
+    """Diagonal recurrent / peephole weights: truncated normal, std 1/sqrt(fan_in), |w| <= clip.
+
+    The clip keeps every |df/dh| well under 1 at initialisation, where Newton converges in the
+    published three iterations."""
+    def init(key, shape, dtype):
+        w = jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) / math.sqrt(fan_in)
+        return jnp.clip(w, -clip, clip)
+    return init
+
+
+def kaiming_uniform(fan_in: int):
+    """He/Kaiming uniform, U(-sqrt(6 / fan_in), sqrt(6 / fan_in)), as the published B."""
+    bound = math.sqrt(6.0 / fan_in)
+    return lambda key, shape, dtype: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+# --------------------------------------------------------------------------------- the cell
+class ParaCell(nnx.Module):
+    """ParaGRU / ParaLSTM: block-diagonal input projection, diagonal recurrence, Newton solve.
+
+    `__call__(u, keep) -> h`: u [B, T, d_inner] cell inputs, keep [B, T] (0 where the state
+    resets), h [B, T, d_inner] float32 hidden states.
+    """
+
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        self.cfg = cfg
+        self.kind = cfg.cell
+        di, nh = d_inner(cfg), cfg.num_heads
+        hd = di // nh
+        n_gates = len(GATES[self.kind])
+        # One [heads, in, gate, out] weight: B is block-diagonal over heads, every gate at once.
+        self.w_in = layers.param(rngs, kaiming_uniform(hd), (nh, hd, n_gates, hd),
+                                 ("heads", "head_dim", None, "head_dim"))
+        # Vectors over the cell width are kept one per gate and 1-D, so the trainer's weight-decay
+        # mask (matrices only) leaves them alone, like norm scales.
+        for gate in GATES[self.kind]:
+            setattr(self, f"b_{gate}", layers.param(rngs, nnx.initializers.zeros, (di,), ("mlp",)))
+        for name in RECURRENT[self.kind]:
+            setattr(self, name, layers.param(rngs, clipped_normal(hd), (di,), ("mlp",)))
+
+    def gate_inputs(self, u):
+        """B u + b for every gate and step: [B, T, gates, d_inner] float32, one GEMM."""
+        b, t, di = u.shape
+        nh = self.cfg.num_heads
+        uh = constrain(u.reshape(b, t, nh, di // nh), ("batch", "length", "heads", "head_dim"))
+        x = jnp.einsum("bthi,higo->btgho", uh, self.w_in[...].astype(u.dtype),
+                       preferred_element_type=jnp.float32)
+        x = x.reshape(b, t, x.shape[2], di)
+        bias = jnp.stack([getattr(self, f"b_{g}")[...] for g in GATES[self.kind]])
+        return constrain(x + bias, ("batch", "length", None, "mlp"))
+
+    def recurrent_params(self):
+        return {name: getattr(self, name)[...] for name in RECURRENT[self.kind]}
+
+    def step_functions(self):
+        """(cell(h, (x, keep)), analytic Jacobian, jacobian kind) for kernels.pararnn.solve."""
+        params = self.recurrent_params()
+        if self.kind == "gru":
+            f, jac, kind = cells.paragru_cell, cells.paragru_jacobian, "diagonal"
+        else:
+            f, jac, kind = cells.paralstm_cell, cells.paralstm_jacobian, "block2"
+
+        # A document start multiplies the carried state by 0, so the step sees h_{l-1} = 0 exactly
+        # as the first step of a separate document would; d/dh picks up the same factor.
+        def cell(h, xk):
+            x, keep = xk
+            return f(params, h * keep, x)
+
+        def jacobian(h, xk):
+            x, keep = xk
+            return jac(params, h * keep, x) * keep
+        return cell, jacobian, kind
+
+    def __call__(self, u, keep):
+        cfg = self.cfg
+        x = self.gate_inputs(u)
+        cell, jacobian, kind = self.step_functions()
+        b, t, _, di = x.shape
+        h0 = jnp.zeros((b, di) if kind == "diagonal" else (b, 2, di), jnp.float32)
+        # The solve runs in float32 whatever the compute dtype: Newton's residual and the scan's
+        # long products of Jacobians lose too much in bfloat16.
+        hs = pararnn.solve(
+            cell, h0, (x, keep.astype(jnp.float32)), jacobian=kind, jacobian_fn=jacobian,
+            iterations=cfg.newton_iterations, tol=cfg.newton_tol or None, impl=cfg.solver_impl,
+            fallback=None if cfg.solver_fallback == "none" else cfg.solver_fallback,
+            warn=cfg.warn_unconverged)
+        if kind == "block2":
+            hs = hs[:, :, 1]  # state is [c; h]: the block reads h
+        return constrain(hs, ("batch", "length", "mlp"))
+
+
+# --------------------------------------------------------------------------------- the block
+def document_index(positions, segment_ids):
+    """[B, T] int: number of document starts up to and including each token.
+
+    A document starts where positions restart at 0 or the segment id changes; tokens of one
+    document share an index, so two tokens may exchange information iff their indices agree."""
+    change = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)
+    return jnp.cumsum(change | (positions == 0), axis=1)
+
+
+def causal_conv(u, weight, bias, doc):
+    """Depthwise causal conv, u [B, T, C], weight [K, C]; tap k reads token t-k only if it is in
+    the same document (otherwise it counts as the zero padding before a document)."""
+    k_taps = weight.shape[0]
+    out = u * weight[0]
+    for k in range(1, k_taps):  # K is 4: a few shifted multiply-adds beat a conv op here
+        shifted = jnp.pad(u, ((0, 0), (k, 0), (0, 0)))[:, :-k]
+        same = jnp.pad(doc, ((0, 0), (k, 0)), constant_values=-1)[:, :-k] == doc
+        out = out + jnp.where(same[..., None], shifted, 0) * weight[k]
+    return out + bias
+
+
+class MixerBlock(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        d, di, nh = cfg.d_model, d_inner(cfg), cfg.num_heads
+        self.cfg = cfg
+        self.norm = layers.RMSNorm(d, eps=cfg.norm_eps, rngs=rngs)
+        self.in_proj = layers.param(rngs, layers.scaled_normal(d), (d, 2, di), ("embed", None, "mlp"))
+        # Conv taps stored newest-first (tap 0 = current token); identity-ish start is not needed:
+        # fan-in K init like a depthwise conv.
+        self.conv_w = layers.param(rngs, layers.scaled_normal(cfg.conv_width), (cfg.conv_width, di),
+                                   (None, "mlp"))
+        self.conv_b = layers.param(rngs, nnx.initializers.zeros, (di,), ("mlp",))
+        self.cell = ParaCell(cfg, rngs)
+        self.out_norm = layers.RMSNorm(di, eps=cfg.norm_eps, names=("mlp",), rngs=rngs)
+        self.out_proj = layers.param(rngs, layers.scaled_normal(di, 1 / math.sqrt(2 * cfg.num_layers)),
+                                     (di, d), ("mlp", "embed"))
+        self.num_heads = nh
+        if cfg.mlp_dim:
+            self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, rngs=rngs)
+            self.mlp = layers.SwiGLU(d, cfg.mlp_dim, num_layers=cfg.num_layers, rngs=rngs)
+
+    def mixer(self, x, doc, keep):
+        dt = x.dtype
+        ug = jnp.einsum("btd,dgc->btgc", self.norm(x), self.in_proj[...].astype(dt))
+        u = constrain(ug[:, :, 0], ("batch", "length", "mlp"))
+        g = constrain(ug[:, :, 1], ("batch", "length", "mlp"))
+        u = jax.nn.silu(causal_conv(u, self.conv_w[...].astype(dt), self.conv_b[...].astype(dt), doc))
+        h = self.cell(u, keep)
+        y = h * jax.nn.silu(g.astype(jnp.float32))
+        # Gated RMSNorm per head (group norm): statistics never cross a head, so a head-sharded
+        # (tensor-parallel) layout needs no all-reduce here.
+        b, t, di = y.shape
+        yh = y.reshape(b, t, self.num_heads, di // self.num_heads)
+        yh = yh * jax.lax.rsqrt(jnp.mean(yh * yh, axis=-1, keepdims=True) + self.out_norm.eps)
+        y = (yh.reshape(b, t, di) * self.out_norm.scale[...]).astype(dt)
+        out = y @ self.out_proj[...].astype(dt)
+        return constrain(out, ("batch", "length", "act_embed"))
+
+    def __call__(self, x, doc, keep, key=None):
+        rate = self.cfg.dropout_rate
+        keys = (None, None) if key is None else jax.random.split(key)
+        x = x + layers.dropout(self.mixer(x, doc, keep), rate, keys[0])
+        if self.cfg.mlp_dim:
+            x = x + layers.dropout(self.mlp(self.mlp_norm(x)), rate, keys[1])
+        return constrain(x, ("batch", "length", "act_embed"))
+
+
+class ParaRNNLM(nnx.Module):
+    def __init__(self, cfg, rngs: nnx.Rngs):
+        problems = validate(cfg)
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg = cfg
+        self.compute_dtype = COMPUTE_DTYPES[cfg.compute_dtype]
+        self.embed = layers.param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
+                                  ("vocab", "embed"))
+        self.layers = layers.stack_layers(lambda r: MixerBlock(cfg, r), cfg.num_layers, rngs)
+        self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        if not cfg.tie_embeddings:
+            self.unembed = layers.param(rngs, layers.scaled_normal(cfg.d_model),
+                                        (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
+
+    def __call__(self, tokens, positions, segment_ids, *, dropout_key=None):
+        """tokens, positions, segment_ids: [B, T] int. Returns float32 logits [B, T, vocab]."""
+        dt = self.compute_dtype
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
+        x = constrain(x, ("batch", "length", "act_embed"))
+        doc = document_index(positions, segment_ids)
+        keep = jnp.concatenate([jnp.zeros_like(doc[:, :1]), (doc[:, 1:] == doc[:, :-1])], axis=1)
+        keep = constrain(keep.astype(jnp.float32), ("batch", "length"))
+        x = layers.scan_layers(self.layers, x, lambda blk, h, k: blk(h, doc, keep, k),
+                               remat=self.cfg.remat, key=dropout_key)
+        x = self.final_norm(x)
+        if self.cfg.tie_embeddings:
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt)) / math.sqrt(self.cfg.d_model)
+        else:
+            logits = x @ self.unembed[...].astype(dt)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def build(cfg, rngs: nnx.Rngs) -> ParaRNNLM:
+    return ParaRNNLM(cfg, rngs)
+
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward, no rematerialisation).
+
+    6 · N_matmul + 6 · L · K · d_inner, where N_matmul counts the weights used in matrix
+    multiplies per layer — in_proj (2 · d · d_inner), the block-diagonal B
+    (gates · d_inner² / heads), out_proj (d_inner · d), the optional MLP (3 · d · mlp_dim) — plus
+    the output head (d · vocab), and the second term is the K-tap depthwise conv. The cell's own
+    work is elementwise and linear in the width (per Newton iteration: the cell, its Jacobian and
+    a scan over d_inner channels, ~30 · d_inner FLOPs a token), which is under 1% of the matmuls
+    at the configured sizes and is left out, as norms and activations are; `seq_len` does not
+    enter (no attention).
+    """
+    del seq_len
+    d, di, L = cfg.d_model, d_inner(cfg), cfg.num_layers
+    gates = len(GATES[cfg.cell])
+    per_layer = 2 * d * di + gates * di * di // cfg.num_heads + di * d + 3 * d * cfg.mlp_dim
+    n_matmul = L * per_layer + d * cfg.vocab_size
+    return 6.0 * n_matmul + 6.0 * L * cfg.conv_width * di
