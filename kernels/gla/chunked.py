@@ -117,10 +117,14 @@ def backward_states(dST, decay, W, S, U):
 
 
 def chunk_cumsum(x: jax.Array, reverse: bool = False) -> jax.Array:
-    """Cumulative sum over the chunk axis (-2) as a triangular matmul: XLA:CPU lowers cumsum to a
-    quadratic reduce-window (slow), and an unrolled running sum costs seconds of compile time."""
+    """(Reverse) cumulative sum over the chunk axis (-2) as one triangular matmul.
+
+    XLA:CPU lowers cumsum to a quadratic reduce-window and an unrolled running sum costs seconds
+    of compile time. A two-level (8 x 8) split was 2x faster but added a rounding step that pushed
+    the fp32 gate gradient under strong gates from 9.2e-6 to 1.2e-5 relative RMS (limit 1e-5).
+    """
     C = x.shape[-2]
-    tri = np.tril(np.ones((C, C))) if not reverse else np.triu(np.ones((C, C)))
+    tri = np.triu(np.ones((C, C))) if reverse else np.tril(np.ones((C, C)))
     return jnp.einsum("rc,...ck->...rk", jnp.asarray(tri, x.dtype), x,
                       precision=jax.lax.Precision.HIGHEST)
 
