@@ -130,34 +130,41 @@ def run(cfg, workdir: str, devices=None, stop_at: int | None = None) -> list[flo
     trainer.compile(state)
     logging.info("compiled the train step in %.1f s", time.perf_counter() - compile_start)
     interval_start, interval_steps = time.perf_counter(), 0
-    with _Preemption() as preemption:
-        for step in range(start + 1, cfg.steps + 1):
-            state, step_metrics = trainer.train_step(state, next(train_iter))
-            interval_steps += 1
-            if step == stop_at:
-                preemption.requested = True
-            last = step == cfg.steps or preemption.requested
-            if step % cfg.log_every == 0 or last:
-                step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
-                elapsed = time.perf_counter() - interval_start
-                step_time = elapsed / interval_steps
-                step_metrics.update(step_time_s=step_time,
-                                    tokens_per_sec=cfg.batch_size * cfg.seq_len / step_time,
-                                    mfu=flops_per_step / step_time / peak)
-                if not math.isfinite(step_metrics["loss"]):
-                    raise UserError(f"loss is {step_metrics['loss']} at step {step}; lower "
-                                    f"optimizer.learning_rate or check the data")
-                writer.write_train(step, step_metrics)
-                losses.append(step_metrics["loss"])
-            if cfg.eval_every and (step % cfg.eval_every == 0 or last):
-                writer.write_eval(step, evaluate(trainer, state.params, dataset, token_bytes))
-            if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last:
-                save(step)
-            if step % cfg.log_every == 0 or last:
-                interval_start, interval_steps = time.perf_counter(), 0
-            if preemption.requested:
-                logging.warning("stopped at step %d; run again to resume", step)
-                break
-    ckpts.close()
-    writer.close()
+    # finally: an error (e.g. a diverged loss) still lets the last asynchronous save complete.
+    try:
+        with _Preemption() as preemption:
+            for step in range(start + 1, cfg.steps + 1):
+                state, step_metrics = trainer.train_step(state, next(train_iter))
+                interval_steps += 1
+                if step == stop_at:
+                    preemption.requested = True
+                last = step == cfg.steps or preemption.requested
+                log_now = step % cfg.log_every == 0 or last
+                save_now = (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last
+                if log_now or save_now:  # never checkpoint a diverged state
+                    loss, grad_norm = (float(step_metrics[k]) for k in ("loss", "grad_norm"))
+                    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+                        raise UserError(f"training diverged at step {step} (loss {loss}, gradient "
+                                        f"norm {grad_norm}); lower optimizer.learning_rate or "
+                                        f"check the data. Earlier checkpoints are kept.")
+                if log_now:
+                    step_metrics = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
+                    step_time = (time.perf_counter() - interval_start) / interval_steps
+                    step_metrics.update(step_time_s=step_time,
+                                        tokens_per_sec=cfg.batch_size * cfg.seq_len / step_time,
+                                        mfu=flops_per_step / step_time / peak)
+                    writer.write_train(step, step_metrics)
+                    losses.append(step_metrics["loss"])
+                if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                    writer.write_eval(step, evaluate(trainer, state.params, dataset, token_bytes))
+                if save_now:
+                    save(step)
+                if log_now:
+                    interval_start, interval_steps = time.perf_counter(), 0
+                if preemption.requested:
+                    logging.warning("stopped at step %d; run again to resume", step)
+                    break
+    finally:
+        ckpts.close()
+        writer.close()
     return losses

@@ -87,3 +87,11 @@ def test_finished_run_rerun_does_nothing(tmp_path):
     before = snapshot(workdir)
     assert loop.run(small_test_config(steps=3), workdir) == []
     assert snapshot(workdir) == before
+
+
+def test_divergence_stops_without_checkpointing_the_diverged_state(tmp_path):
+    cfg = small_test_config(steps=6, checkpoint_every=1, **{"optimizer.learning_rate": 1e35,
+                                                            "optimizer.warmup_steps": 0})
+    with pytest.raises(UserError, match="training diverged at step 2"):
+        loop.run(cfg, str(tmp_path / "run"))
+    assert sorted(os.listdir(tmp_path / "run" / "checkpoints")) == ["1"]
