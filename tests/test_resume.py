@@ -70,6 +70,8 @@ def test_half_written_checkpoint_is_skipped_with_warning(tmp_path, caplog):
     assert any("not completely written" in r.getMessage() and "[6]" in r.getMessage()
                for r in caplog.records)
     np.testing.assert_array_equal(resumed, straight[4:])
+    # keep_checkpoints=3 keeps the newest three; the half-written directory is cleaned away.
+    assert sorted(os.listdir(ckpts), key=int) == ["4", "6", "8"]
 
 
 def test_changed_model_shape_is_refused_and_nothing_changes(tmp_path):
