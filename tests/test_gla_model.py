@@ -118,7 +118,7 @@ def test_parameters_sharded_with_heads_on_tensor():
         "layers/mix/w_gate_down": P(None, "fsdp", None),          # (embed, rank 16)
         "layers/mix/w_gate_up": P(None, None, "tensor", None),    # (rank, heads, head_dim)
         "layers/mix/gate_bias": P(None, "tensor"),                # (heads · head_dim)
-        "layers/mix/out_norm/scale": P(),                         # (head_dim,): shared by heads
+        "layers/mix/out_norm/scale": P(None, None),               # (head_dim,): shared by heads
         "layers/mix/wo": P(None, "tensor", None, "fsdp"),         # (heads, head_dim, embed)
         "layers/mlp/w_gate": P(None, "fsdp", "tensor"),
         "layers/mlp/w_down": P(None, "tensor", "fsdp"),
