@@ -151,3 +151,13 @@ def test_bfloat16_compute_tracks_float32():
     assert low.dtype == jnp.float32
     rel = float(jnp.sqrt(jnp.mean((low - ref) ** 2) / jnp.mean(ref ** 2)))
     assert rel < 3e-2, rel
+
+
+def test_flops_formula_matches_compiler():
+    # One layer: XLA's cost analysis counts the body of the layer scan once, whatever its length.
+    cfg = _config(**{"model.d_model": 128, "model.mlp_dim": 512, "model.num_layers": 1,
+                     "model.chunk_size": 64, "seq_len": 128, "batch_size": 4})
+    trainer = Trainer(cfg, build_mesh({}, devices=jax.devices()[:1]))
+    cost = trainer.compile().cost_analysis()
+    cost = cost[0] if isinstance(cost, list) else cost
+    assert trainer.flops_per_step() == pytest.approx(cost["flops"], rel=0.10)
