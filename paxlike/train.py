@@ -10,17 +10,14 @@ runs/transformer-tiny. Running the same command again resumes from the latest ch
 from __future__ import annotations
 
 import os
-import sys
 
 import logging as py_logging
 
 from absl import app, flags, logging
-from ml_collections import config_flags
-
-import experiments
+from paxlike import cli
 from paxlike.errors import UserError
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(experiments.__file__), "transformer.py") + ":tiny"
+_DEFAULT_CONFIG = cli.DEFAULT_CONFIG
 
 _CONFIG = None  # defined in run_cli: defining it already applies the --config.KEY overrides
 _WORKDIR = flags.DEFINE_string(
@@ -54,44 +51,11 @@ def _setup_jax():
                                    num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
-def _fail(message: str) -> None:
-    logging.flush()
-    print(f"paxlike: error: {message}", file=sys.stderr)
-    sys.exit(2)
-
-
-def _config_error(e: Exception) -> str:
-    """One line describing why the config could not be loaded or overridden."""
-    if isinstance(e, (AttributeError, KeyError)):  # ml_collections: override of a missing key
-        text = str(e).strip("'\"").replace("\\n", "; ").replace("\\'", "'")
-        return f"unknown config key in --config.KEY=VALUE: {text}"
-    root = e
-    while root.__cause__ is not None or root.__context__ is not None:
-        root = root.__cause__ or root.__context__
-    lines = [line.strip() for line in str(root).splitlines() if line.strip()]
-    if isinstance(root, OSError) and not isinstance(root, FileNotFoundError):
-        return f"cannot load the --config file: {lines[-1] if lines else root}"
-    if isinstance(root, FileNotFoundError):
-        return f"--config file not found: {root.filename or root}"
-    return f"--config: {lines[-1] if lines else type(root).__name__}"
-
-
 def _parse_flags(argv):
     """absl flag parsing, with config problems reported as one line instead of a traceback."""
     global _CONFIG
-    try:
-        _CONFIG = config_flags.DEFINE_config_file(
-            "config", _DEFAULT_CONFIG, "Experiment config file and size, e.g. "
-            "experiments/transformer.py:tiny. Override any key with --config.KEY=VALUE.",
-            lock_config=True)
-        parsed = flags.FLAGS(argv)
-        _CONFIG.value.to_dict()  # the config file loads lazily; make a broken one fail here
-        return parsed
-    except flags.Error as e:
-        message = str(e)
-        _fail(_config_error(e) if "parsing config file" in message else message)
-    except Exception as e:  # noqa: BLE001 - every config failure becomes one clear line
-        _fail(_config_error(e))
+    parsed, _CONFIG = cli.parse_flags_with_config(argv, _DEFAULT_CONFIG)
+    return parsed
 
 
 def main(argv):
@@ -100,12 +64,12 @@ def main(argv):
     try:
         _setup_jax()
         from paxlike import loop  # after _setup_jax: importing the trainer touches no devices
-        config_arg = flags.FLAGS["config"].serialize().partition("=")[2] or _DEFAULT_CONFIG
+        config_arg = cli.config_argument(_DEFAULT_CONFIG)
         workdir = _WORKDIR.value or default_workdir(config_arg)
         logging.info("training %s in %s", config_arg, workdir)
         loop.run(_CONFIG.value, workdir)
     except UserError as e:
-        _fail(str(e))
+        cli.fail(str(e))
 
 
 def _quiet_library_logs(record) -> bool:
