@@ -171,8 +171,9 @@ def _bwd_body(ops, q, k, v, g, G, h0, seg, do, dST):
 
 _chunked_core.defvjp(_core_fwd, _core_bwd)
 # jit boundary around the core: eager callers compile it once per chunked shape (so T = 1..64 share
-# one executable), and under an outer jit it is inlined as usual.
-_chunked_core_jit = jax.jit(_chunked_core, static_argnums=(0,))
+# one executable); inline=True splices it into an outer jit (a nested call measured ~40% slower
+# on XLA:CPU at T = 512).
+_chunked_core_jit = jax.jit(_chunked_core, static_argnums=(0,), inline=True)
 
 
 def chunked_gla(ops: ChunkOps, q, k, v, g, *, scale, initial_state, segment_ids, chunk_size):
@@ -183,8 +184,6 @@ def chunked_gla(ops: ChunkOps, q, k, v, g, *, scale, initial_state, segment_ids,
     h0 = (jnp.zeros((B, H, K, V), acc) if initial_state is None
           else initial_state.astype(acc))
     seg = None if segment_ids is None else segment_offsets(segment_ids, chunk_size)
-    # Barriers keep XLA from fusing the layout transposes into the core's matmuls and exps: fused,
-    # they turn contiguous batched dots into strided loops (measured ~3x slower on CPU).
-    q, k, v, g = jax.lax.optimization_barrier(tuple(to_chunks(x, chunk_size) for x in (q, k, v, g)))
+    q, k, v, g = (to_chunks(x, chunk_size) for x in (q, k, v, g))
     o, final = _chunked_core_jit(ops, q, k, v, g, h0, seg)
-    return from_chunks(jax.lax.optimization_barrier(o), T).astype(q.dtype), final
+    return from_chunks(o, T).astype(q.dtype), final
