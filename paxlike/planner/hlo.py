@@ -1,0 +1,193 @@
+"""What a compiled program really does: collectives and their bytes, read from the optimized HLO.
+
+The TPU compiler rewrites collectives freely: an FSDP all-gather feeding a matmul becomes a loop of
+collective-permutes ("windowed einsum"), small ones are fused or combined, the CPU backend emits
+all-reduce where TPU emits reduce-scatter. Counting ops is therefore backend-specific, but the bytes
+each device *sends* are comparable across all of them, so that is the figure we report and the
+cost model predicts:
+
+  all-gather         output × (g-1)/g          reduce-scatter   input × (g-1)/g
+  all-reduce         2 × size × (g-1)/g        all-to-all       size × (g-1)/g
+  collective-permute size (each device sends its operand once)
+
+where g is the replica-group size. Ops inside loops are multiplied by the loop's trip count (read
+from its condition, `i < N`), and ops inside fusions/calls by how often those run.
+"""
+
+from __future__ import annotations
+
+import collections
+import math
+import re
+
+KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
+                "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
+                "f8e4m3fn": 1, "f8e5m2": 1, "s4": 0.5, "u4": 0.5}
+_SHAPE = re.compile(r"\b(" + "|".join(_DTYPE_BYTES) + r")\[([0-9,]*)\]")
+_HEADER = re.compile(r"^(ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_CALLS = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|"
+                    r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
+_COLLECTIVE = re.compile(r"^(" + "|".join(KINDS) + r")(-start)?$")
+
+
+def _shapes(text: str) -> list[float]:
+    """Byte sizes of the array shapes in a type string (a tuple gives several)."""
+    sizes = []
+    for dtype, dims in _SHAPE.findall(text):
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        sizes.append(n * _DTYPE_BYTES[dtype])
+    return sizes
+
+
+def _group_size(attrs: str, num_devices: int) -> int:
+    """Replica-group size from any of the three printed forms."""
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs):
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        names = re.findall(r"'(\w+)'", m.group(2))
+        return math.prod(int(sizes[n]) for n in names) if names else 1
+    if m := re.search(r"replica_groups=\[(\d+),(\d+)\]<=", attrs):
+        return int(m.group(2))
+    if m := re.search(r"replica_groups=\{\{([^}]*)\}", attrs):
+        return len(m.group(1).split(","))
+    if "source_target_pairs" in attrs:
+        return 2
+    return num_devices  # empty groups: all devices
+
+
+def _parse(text: str):
+    """{computation: [(name, type, opcode, rest)]}, and the entry computation's name."""
+    comps: dict[str, list] = {}
+    entry, current = None, None
+    for line in text.splitlines():
+        if current is None:
+            m = _HEADER.match(line)
+            if m:
+                current = m.group(2)
+                comps[current] = []
+                if m.group(1):
+                    entry = current
+            continue
+        if line.startswith("}"):
+            current = None
+            continue
+        m = _INSTR.match(line)
+        if m:
+            comps[current].append(m.groups())
+    return comps, entry
+
+
+def _constants(instrs: list) -> dict[str, int]:
+    out = {}
+    for name, typ, op, rest in instrs:
+        if op == "constant" and (m := re.match(r"\s*(-?\d+)\)", rest)):
+            out[name] = int(m.group(1))
+    return out
+
+
+def _trip_count(cond: list, body: list) -> int:
+    """Iterations of a loop whose condition is `i < N` and whose body adds a constant step to i
+    (the forms XLA gives scans and windowed-einsum loops); 1 if not recognised."""
+    limit, index = None, None
+    constants = _constants(cond)
+    gtes = {name: re.search(r"index=(\d+)", rest) for name, typ, op, rest in cond
+            if op == "get-tuple-element"}
+    for name, typ, op, rest in cond:
+        # CPU wraps the compare in a loop fusion (`wrapped_compare`); TPU prints it plainly.
+        if (op == "compare" and "direction=LT" in rest) or (op == "fusion" and "compare" in rest):
+            operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+            for operand in operands:
+                if operand in constants:
+                    limit = constants[operand]
+                elif gtes.get(operand):
+                    index = gtes[operand].group(1)
+    if limit is None:
+        return 1
+    step = 1
+    root = body[-1] if body else None      # XLA prints the ROOT tuple last
+    if index is not None and root and root[2] == "tuple":
+        operands = re.findall(r"%([\w.\-]+)", root[3])
+        nxt = operands[int(index)] if int(index) < len(operands) else None
+        constants = _constants(body)
+        for name, typ, op, rest in body:
+            if name == nxt and op == "add":
+                found = [constants[o] for o in re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+                         if o in constants]
+                step = found[0] if found else 1
+    return max(-(-limit // max(step, 1)), 1)
+
+
+def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
+    """Every collective of the program: kind, group size, executions per step, bytes sent per
+    device per execution, and the jax op it came from."""
+    comps, entry = _parse(hlo_text)
+    edges = collections.defaultdict(list)  # caller -> [(callee, times per call)]
+    for comp, instrs in comps.items():
+        for name, typ, op, rest in instrs:
+            trips = 1
+            if op == "while":
+                cond = re.search(r"condition=%?([\w.\-]+)", rest)
+                body = re.search(r"body=%?([\w.\-]+)", rest)
+                known = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
+                if known:   # the CPU backend states it
+                    trips = int(known.group(1))
+                elif cond and body:
+                    trips = _trip_count(comps.get(cond.group(1), []), comps.get(body.group(1), []))
+            for key, targets in _CALLS.findall(rest):
+                for target in re.findall(r"%?([\w.\-]+)", targets):
+                    if target in comps:
+                        edges[comp].append((target, trips if key == "body" else 1))
+    # Executions per computation: the call graph is a DAG, so walk it in topological order.
+    indegree = collections.Counter(t for callees in edges.values() for t, _ in callees)
+    runs = collections.Counter({entry: 1})
+    ready = [c for c in comps if indegree[c] == 0]
+    while ready:
+        comp = ready.pop()
+        for target, times in edges.get(comp, ()):
+            runs[target] += runs[comp] * times
+            indegree[target] -= 1
+            if indegree[target] == 0:
+                ready.append(target)
+
+    ops = []
+    for comp, instrs in comps.items():
+        if not runs[comp]:
+            continue
+        for name, typ, op, rest in instrs:
+            m = _COLLECTIVE.match(op)
+            if not m:
+                continue
+            kind = m.group(1)
+            sizes = _shapes(typ)
+            if not sizes:
+                continue
+            g = _group_size(rest, num_devices)
+            # `full`: the whole buffer (gathered output, unreduced input, permuted operand).
+            if m.group(2):  # async start: a tuple of (operands, outputs[, scratch])
+                full = sizes[0] if kind == "collective-permute" else (
+                    max(sizes) if kind in ("all-gather", "reduce-scatter") else sum(sizes) / 2)
+            else:
+                full = sum(sizes) * (g if kind == "reduce-scatter" else 1)
+            if kind == "collective-permute":
+                sent = full
+            elif kind == "all-reduce":
+                sent = 2 * full * (g - 1) / g
+            else:
+                sent = full * (g - 1) / g
+            source = re.search(r'op_name="([^"]*)"', rest)
+            ops.append({"kind": kind, "group": g, "runs": runs[comp], "bytes": sent, "volume": full,
+                        "shape": typ.split("{")[0], "op_name": source.group(1) if source else ""})
+    return ops
+
+
+def collectives(hlo_text: str, num_devices: int) -> dict:
+    """{kind: {"count": executions per step, "bytes": bytes sent per device per step,
+    "volume": bytes of the full buffers per step}}."""
+    out = {k: {"count": 0, "bytes": 0.0, "volume": 0.0} for k in KINDS}
+    for op in collective_ops(hlo_text, num_devices):
+        out[op["kind"]]["count"] += op["runs"]
+        out[op["kind"]]["bytes"] += op["runs"] * op["bytes"]
+        out[op["kind"]]["volume"] += op["runs"] * op["volume"]
+    return out

@@ -1,0 +1,148 @@
+"""The planner: every valid plan for a config on a fleet, ranked by predicted step time.
+
+Valid means: the mesh uses every device; tensor parallelism stays inside one slice / node (its
+per-layer all-reduces would crawl over DCN); only data-like axes cross DCN (data, and fsdp when
+`allow_dcn_fsdp`); the batch, the sequence and every sharded parameter dimension divide; and the
+predicted per-device bytes fit the device's memory with `HEADROOM` to spare (the cost model's
+tolerance against the compiler is ±10%).
+
+Within one (mesh, preset, remat) more microbatches only add FSDP traffic and never speed a step
+up, so the planner keeps the fewest microbatches that fit; `enumerate_all` lists every
+combination (the brute force the tests compare against).
+
+Axes not yet implemented by the trainer (pipeline; expert and context have no model users yet)
+stay at 1; they enter here as more factors of the device count when they land.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from paxlike.errors import UserError
+from paxlike.planner import cost
+from paxlike.planner.fleets import Fleet, larger_fleets
+
+HEADROOM = 0.9   # plans must fit in this fraction of device memory
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def meshes(fleet: Fleet, allow_dcn_fsdp: bool = False):
+    """(sizes, dcn) for every split of the fleet over data, fsdp and tensor."""
+    per, granules = fleet.per_granule, fleet.granules
+    for tensor in _divisors(per):
+        for fsdp_ici in _divisors(per // tensor):
+            data_ici = per // (tensor * fsdp_ici)
+            for dcn_fsdp in (_divisors(granules) if allow_dcn_fsdp else [1]):
+                dcn_data = granules // dcn_fsdp
+                sizes = {"data": data_ici * dcn_data, "fsdp": fsdp_ici * dcn_fsdp,
+                         "tensor": tensor}
+                yield sizes, {"data": dcn_data, "fsdp": dcn_fsdp}
+
+
+def _presets(sizes) -> list[str]:
+    # Equivalent rule tables are listed once: with tensor=1 'fsdp_tp' is 'fsdp', and with
+    # fsdp=1 as well it is plain 'data'.
+    if sizes["tensor"] > 1:
+        return ["fsdp_tp"]
+    return ["data"] if sizes["fsdp"] == 1 else ["fsdp"]
+
+
+def _microbatch_options(cfg, sizes, preset) -> list[int]:
+    from paxlike import sharding
+    rules = sharding.get_rules(preset)
+    ways = math.prod(sizes.get(a, 1) for a in rules["batch"])
+    if cfg.batch_size % ways:
+        return []
+    return _divisors(cfg.batch_size // ways)
+
+
+def fits(c: cost.Cost) -> bool:
+    return c.bytes_per_device <= HEADROOM * c.hbm_bytes
+
+
+def _try(cfg, plan, fleet, backend):
+    try:
+        return cost.estimate(cfg, plan, fleet, backend)
+    except UserError:  # a dimension that this mesh does not divide: not a valid plan
+        return None
+
+
+def enumerate_all(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool = False,
+                  remats=cost.REMATS):
+    """Every valid plan with every microbatch count (brute force; for tests and --all)."""
+    for sizes, dcn in meshes(fleet, allow_dcn_fsdp):
+        for preset in _presets(sizes):
+            for mb in _microbatch_options(cfg, sizes, preset):
+                for remat in remats:
+                    c = _try(cfg, cost.Plan.make(sizes, dcn, preset, mb, remat), fleet, backend)
+                    if c is not None:
+                        yield c
+
+
+@dataclasses.dataclass
+class Result:
+    fleet: Fleet
+    plans: list[cost.Cost]           # feasible, best first
+    closest: cost.Cost | None        # least memory of all valid plans (for the infeasible message)
+    considered: int
+
+    def why(self, c: cost.Cost) -> str:
+        """The binding constraint of a plan, in words."""
+        use = c.bytes_per_device / c.hbm_bytes
+        parts = [f"{c.binding}-bound" if c.binding == "compute" else f"bound by {c.binding}"]
+        if c.plan.microbatches > 1 or c.plan.remat != "none":
+            parts.append(f"memory needs {c.plan.microbatches} microbatch"
+                         f"{'es' if c.plan.microbatches > 1 else ''}, remat={c.plan.remat}")
+        parts.append(f"{use:.0%} of HBM")
+        return "; ".join(parts)
+
+
+def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool = False) -> Result:
+    """All feasible plans, fastest first (ties: less memory first)."""
+    plans, closest, considered = [], None, 0
+    for sizes, dcn in meshes(fleet, allow_dcn_fsdp):
+        for preset in _presets(sizes):
+            for remat in cost.REMATS:
+                for mb in _microbatch_options(cfg, sizes, preset):
+                    c = _try(cfg, cost.Plan.make(sizes, dcn, preset, mb, remat), fleet, backend)
+                    if c is None:
+                        continue
+                    considered += 1
+                    if closest is None or c.bytes_per_device < closest.bytes_per_device:
+                        closest = c
+                    if fits(c):
+                        plans.append(c)
+                        break            # more microbatches would only be slower
+    plans.sort(key=lambda c: (round(c.step_time_s, 12), c.bytes_per_device))
+    return Result(fleet, plans, closest, considered)
+
+
+def smallest_fitting_fleet(cfg, fleet: Fleet, backend: str | None = None) -> Fleet | None:
+    """The smallest larger fleet of the same device kind with a feasible plan (None: none)."""
+    for bigger in larger_fleets(fleet):
+        if search(cfg, bigger, backend).plans:
+            return bigger
+    return None
+
+
+def infeasible_message(cfg, result: Result, backend: str | None = None) -> str:
+    fleet = result.fleet
+    gib = 1024 ** 3
+    text = f"no plan fits on {fleet.name} ({fleet.num_devices} x {fleet.device.name}, " \
+           f"{fleet.device.hbm_bytes / gib:.0f} GiB each)"
+    if result.closest is not None:
+        c = result.closest
+        text += (f": the smallest footprint is {c.bytes_per_device / gib:.1f} GiB per device "
+                 f"({c.plan.describe()}, {c.plan.preset}, {c.plan.microbatches} microbatches, "
+                 f"remat={c.plan.remat}) against {HEADROOM:.0%} of "
+                 f"{c.hbm_bytes / gib:.0f} GiB")
+    else:
+        text += ": no mesh divides the model and batch"
+    bigger = smallest_fitting_fleet(cfg, fleet, backend)
+    text += (f"; the smallest {fleet.device.name} fleet that fits is {bigger.name}" if bigger
+             else f"; no {fleet.device.name} fleet up to the largest considered fits")
+    return text
