@@ -1,4 +1,6 @@
-"""Peak compute of the devices a run uses, the denominator of MFU."""
+"""Peak compute of the devices a run uses, the denominator of MFU.
+
+Data-sheet figures live with the other device specs in `paxlike.planner.fleets`."""
 
 from __future__ import annotations
 
@@ -8,19 +10,7 @@ import time
 import jax
 import jax.numpy as jnp
 
-# Dense bf16 peak FLOP/s per chip, from the vendors' data sheets.
-PEAK_BF16_FLOPS = {
-    "TPU v4": 275e12,
-    "TPU v5 lite": 197e12,   # v5e
-    "TPU v5e": 197e12,
-    "TPU v5p": 459e12,
-    "TPU v5": 459e12,
-    "TPU v6 lite": 918e12,   # v6e (Trillium)
-    "TPU v6e": 918e12,
-    "NVIDIA H100": 989e12,
-    "NVIDIA H200": 989e12,
-    "NVIDIA A100": 312e12,
-}
+from paxlike.planner.fleets import device_for_kind  # the one table of device figures
 
 
 @functools.cache  # one measurement per process and dtype is enough
@@ -46,9 +36,8 @@ def peak_flops(devices, dtype, override_tflops_per_device: float = 0.0) -> float
     devices = list(devices)
     if override_tflops_per_device > 0:
         return override_tflops_per_device * 1e12 * len(devices)
-    kind = devices[0].device_kind
-    for name, flops in PEAK_BF16_FLOPS.items():
-        if kind.startswith(name):
-            return flops * len(devices)
+    spec = device_for_kind(devices[0].device_kind)
+    if spec is not None:
+        return spec.peak_flops * len(devices)
     processes = len({d.process_index for d in devices})
     return measure_gemm_flops(dtype) * processes
