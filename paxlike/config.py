@@ -36,6 +36,9 @@ def base_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = -1
     # The part of each axis that crosses slices / nodes (data-centre network).
     c.mesh.dcn = ml_collections.ConfigDict({axis: 1 for axis in MESH_AXES})
+    # True: ignore the sizes above and use the planner's top plan for the devices present (it
+    # also sets sharding, microbatches and model.remat); see docs/planner.md.
+    c.mesh.auto = False
     c.optimizer = ml_collections.ConfigDict({
         "learning_rate": 1e-3,
         "warmup_steps": 30,
