@@ -65,6 +65,22 @@ def evaluate(trainer: Trainer, params, dataset, token_bytes) -> dict:
             "bits_per_byte": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
 
 
+def _apply_top_plan(cfg, devices) -> None:
+    """mesh.auto: the planner's best plan for these devices replaces the config's mesh sizes,
+    sharding preset, microbatches and remat policy (logged, and saved in config.json)."""
+    from paxlike.planner import fleets, search
+    fleet = fleets.fleet_for_devices(jax.devices() if devices is None else devices)
+    result = search.search(cfg, fleet)
+    if not result.plans:
+        raise UserError(search.infeasible_message(cfg, result))
+    best = result.plans[0]
+    best.plan.apply(cfg)  # existing keys only, so a locked config accepts it
+    logging.info("mesh.auto: plan %s, preset %s, %d microbatches, remat=%s on %s: predicted "
+                 "%.2f GiB per device, step %.3g s (%s)", best.plan.describe(), best.plan.preset,
+                 best.plan.microbatches, best.plan.remat, fleet.name,
+                 best.bytes_per_device / 1024 ** 3, best.step_time_s, result.why(best))
+
+
 def run(cfg, workdir: str, devices=None, stop_at: int | None = None) -> list[float]:
     """Trains `cfg` in `workdir` (resuming if it holds checkpoints). Returns the logged losses.
 
@@ -73,6 +89,8 @@ def run(cfg, workdir: str, devices=None, stop_at: int | None = None) -> list[flo
     config_lib.validate(cfg)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a directory; choose another path")
+    if cfg.mesh.get("auto"):
+        _apply_top_plan(cfg, devices)
     sizes = {axis: cfg.mesh[axis] for axis in MESH_AXES}
     mesh = build_mesh(sizes, cfg.mesh.dcn.to_dict(), devices)
     trainer = Trainer(cfg, mesh)
