@@ -36,7 +36,7 @@ class ChunkOps(NamedTuple):
     fwd_state: callable   # (k, v, G, seg) -> U [N,B,H,K,V]
     fwd_out: callable     # (q, k, v, G, seg, S) -> O [N,B,H,C,V]
     bwd_prep: callable    # (q, k, v, G, seg, dO) -> (U, W)
-    bwd_grads: callable   # (q, k, v, G, seg, dO, S, dS_next) -> (dq, dk, dv)
+    bwd_grads: callable   # (q, k, v, G, seg, dO, S, dS_next) -> (dq, dk, dv, q⊙dq − k⊙dk)
     # optional cheaper ops valid only where fast_ok(G) (a traced bool) holds; chosen per call
     fast: "ChunkOps | None" = None
     fast_ok: callable = None
@@ -160,9 +160,9 @@ def _bwd_body(ops, q, k, v, g, G, h0, seg, do, dST):
     U, W = ops.bwd_prep(q, k, v, G, seg, do)
     S, _ = forward_states(h0, decay, U)                  # recomputed, one state per chunk
     dS_end, dh0, rowsum = backward_states(dST.astype(acc), decay, W, S, U)
-    dq, dk, dv = ops.bwd_grads(q, k, v, G, seg, do, S, dS_end)
-    # closed-form gate gradient, chunk-locally (no long cumsum -> no fp32 cancellation over T)
-    local = q.astype(acc) * dq - k.astype(acc) * dk
+    dq, dk, dv, local = ops.bwd_grads(q, k, v, G, seg, do, S, dS_end)
+    # closed-form gate gradient, chunk-locally (no long cumsum -> no fp32 cancellation over T);
+    # `local` = q⊙dq − k⊙dk as the ops compute it (without the exactly cancelling diagonal pair)
     dg = chunk_cumsum(local, reverse=True) + rowsum[..., None, :]
     dseg = None if seg is None else jnp.zeros_like(seg)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),

@@ -6,7 +6,7 @@ none); the short chunk-to-chunk state scan runs in XLA (see chunked.py):
 
   _state_kernel  U_n = (K ⊙ e^{γ−G})ᵀ V  [and, for the backward, W_n = s (Q ⊙ e^G)ᵀ dO]
   _out_kernel    O_n = s (Q ⊙ e^G) S_n + A_n V_n
-  _grads_kernel  dq, dk, dv of one chunk given S_n and dS_{n+1}
+  _grads_kernel  dq, dk, dv (and q⊙dq − k⊙dk for dg) of one chunk given S_n and dS_{n+1}
 
 Blocks are [n_sub, c, D] (sub-chunk c = 16): a sub-chunk is a leading-axis index of a ref, never a
 value slice (Triton cannot slice register tensors), and the last two block dims equal the array's
@@ -128,10 +128,12 @@ def _out_kernel(*refs, names, acc, n, c, scale):
 
 def _grads_kernel(*refs, names, acc, n, c, scale):
     ins = dict(zip(names, refs[:len(names)]))
-    dq_ref, dk_ref, dv_ref = refs[len(names):]
+    dq_ref, dk_ref, dv_ref, local_ref = refs[len(names):]
     ch = _Chunk(ins, acc, n, c)
     S, dSn = ins["S"][...].astype(acc), ins["dSn"][...].astype(acc)
-    dk, dv = [None] * n, [None] * n
+    eye = (jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
+           == jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
+    dk, dv, dq_off, diag = [None] * n, [None] * n, [None] * n, [None] * n
     for J in range(n):          # state terms of dk, dv (keys reaching the chunk-end state)
         ed = _where(ch.m_last(J), jnp.exp(ch.gamma - ch.ld("G", J)))
         dk[J] = _mm(ch.ld("v", J), dSn, tb=True) * ed
@@ -151,14 +153,19 @@ def _grads_kernel(*refs, names, acc, n, c, scale):
                 fq = jnp.exp(G_i - z)
                 dq = dq + _mm(da, k_j * fk) * fq
                 dk[J] = dk[J] + _mm(da, q_i * fq, ta=True) * fk
-            else:
+            else:   # the diagonal pair (t, t) is kept apart: see xla._with_diagonal
+                diag[I] = jnp.sum(jnp.where(eye, da, 0.0), axis=1, keepdims=True)     # [c, 1]
+                da = jnp.where(eye, 0.0, da)
                 d = jnp.exp(jnp.minimum(G_i[:, None, :] - G_i[None, :, :], 0.0))
                 dq = dq + jnp.sum(da[:, :, None] * k_j[None, :, :] * d, axis=1)
                 dk[J] = dk[J] + jnp.sum(da[:, :, None] * q_i[:, None, :] * d, axis=0)
-        dq_ref[I] = dq.astype(dq_ref.dtype)
+        dq_off[I] = dq
+        dq_ref[I] = (dq + diag[I] * ch.ld("k", I)).astype(dq_ref.dtype)
     for J in range(n):
-        dk_ref[J] = dk[J].astype(dk_ref.dtype)
+        q_j, k_j = ch.ld("q", J), ch.ld("k", J)
+        dk_ref[J] = (dk[J] + diag[J] * q_j).astype(dk_ref.dtype)
         dv_ref[J] = dv[J].astype(dv_ref.dtype)
+        local_ref[J] = (q_j * dq_off[J] - k_j * dk[J]).astype(local_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- pallas_call glue
@@ -246,10 +253,12 @@ def _make_ops(scale, c, acc, backend, interpret):
                "dSn": (dSn, "state")}
         ins.update(_seg_ins(seg, c))
         qs, vs = _sub(q, c).shape, _sub(v, c).shape
-        dq, dk, dv = _call(functools.partial(_grads_kernel, n=C // c, **common), ins,
-                           [(qs, acc, "chunk"), (qs, acc, "chunk"), (vs, acc, "chunk")],
-                           name="gla_grads", **kw)
-        return dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape)
+        dq, dk, dv, local = _call(
+            functools.partial(_grads_kernel, n=C // c, **common), ins,
+            [(qs, acc, "chunk"), (qs, acc, "chunk"), (vs, acc, "chunk"), (qs, acc, "chunk")],
+            name="gla_grads", **kw)
+        return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape),
+                local.reshape(q.shape))
 
     return ChunkOps(fwd_state, fwd_out, bwd_prep, bwd_grads)
 
