@@ -39,7 +39,7 @@ def model_config(**overrides):
 def test_paragru_lm_same_losses_on_8_devices_as_on_one(tmp_path):
     # Newton + associative scan (not the CPU default, lax.scan): the solver itself under SPMD, with
     # the batch over data x fsdp and the cell's channels over tensor.
-    newton = {"model.solver_impl": "parallel"}
+    newton = {"model.solver_impl": "parallel", "model.num_layers": 1}
     single = loop.run(small_config(**newton), str(tmp_path / "one"), devices=jax.devices()[:1])
     mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
     sharded = loop.run(small_config(**newton, **mesh), str(tmp_path / "eight"))
@@ -47,40 +47,50 @@ def test_paragru_lm_same_losses_on_8_devices_as_on_one(tmp_path):
     np.testing.assert_allclose(sharded, single, rtol=1e-5)
 
 
-def _inputs(lengths, total):
-    """One packed row: documents of `lengths`, then padding (segment 0) up to `total`."""
+def _row(lengths, total):
+    """(segment_ids, positions) of one row: documents of `lengths`, then padding (segment 0)."""
     seg = np.concatenate([np.full(n, i + 1) for i, n in enumerate(lengths)]
                          + [np.zeros(total - sum(lengths))]).astype(np.int32)
     pos = np.concatenate([np.arange(n) for n in lengths]
                          + [np.zeros(total - sum(lengths))]).astype(np.int32)
-    return seg[None], pos[None]
+    return seg, pos
 
 
 @pytest.mark.parametrize("cell,impl", [("gru", "parallel"), ("lstm", "sequential")])
 def test_packed_row_equals_separate_documents(cell, impl):
-    model = pararnn.build(model_config(cell=cell, solver_impl=impl), nnx.Rngs(3))
+    model = pararnn.build(model_config(cell=cell, solver_impl=impl, num_layers=1), nnx.Rngs(3))
     lengths, total = (5, 13, 9), 32
-    tokens = jax.random.randint(jax.random.key(0), (1, total), 0, 512)
-    seg, pos = _inputs(lengths, total)
-    packed = model(tokens, pos, seg)
-    start = 0
-    for n in lengths:
-        alone = model(tokens[:, start:start + n], jnp.arange(n)[None], jnp.ones((1, n), jnp.int32))
-        np.testing.assert_allclose(packed[:, start:start + n], alone, atol=2e-5, rtol=1e-5)
-        start += n
-    # Without the resets a later document would see the earlier ones: the check has teeth.
-    unpacked = model(tokens, jnp.arange(total)[None], jnp.ones((1, total), jnp.int32))
-    assert np.max(np.abs(unpacked[:, 5:18] - packed[:, 5:18])) > 1e-2
+    doc_tokens = np.asarray(jax.random.randint(jax.random.key(0), (sum(lengths),), 0, 512))
+    # Row 0: the three documents packed; row 1: the same tokens as one document (no resets);
+    # rows 2-4: each document alone at the start of its own row. One call, one compile.
+    tokens = np.zeros((2 + len(lengths), total), np.int32)
+    seg, pos = np.zeros_like(tokens), np.zeros_like(tokens)
+    tokens[0, :sum(lengths)] = tokens[1, :sum(lengths)] = doc_tokens
+    seg[0], pos[0] = _row(lengths, total)
+    seg[1], pos[1] = np.ones(total), np.arange(total)
+    starts = np.cumsum((0,) + lengths)
+    for i, n in enumerate(lengths):
+        tokens[2 + i, :n] = doc_tokens[starts[i]:starts[i] + n]
+        seg[2 + i], pos[2 + i] = _row((n,), total)
+    out = np.asarray(jax.jit(lambda *a: model(*a))(tokens, pos, seg))
+    for i, n in enumerate(lengths):
+        np.testing.assert_allclose(out[0, starts[i]:starts[i] + n], out[2 + i, :n],
+                                   atol=2e-5, rtol=1e-5, err_msg=f"document {i}")
+    # Without the resets a later document sees the earlier ones: the check has teeth.
+    assert np.max(np.abs(out[1, 5:18] - out[0, 5:18])) > 1e-2
 
 
-def test_segment_change_alone_resets_state():
-    # A document boundary marked only by the segment id (positions not restarting) still resets.
-    model = pararnn.build(model_config(solver_impl="sequential"), nnx.Rngs(0))
-    tokens = jax.random.randint(jax.random.key(1), (1, 16), 0, 512)
-    seg = jnp.array([[1] * 6 + [2] * 10])
-    out = model(tokens, jnp.arange(16)[None], seg)
-    alone = model(tokens[:, 6:], jnp.arange(10)[None], jnp.ones((1, 10), jnp.int32))
-    np.testing.assert_allclose(out[:, 6:], alone, atol=2e-5, rtol=1e-5)
+def test_either_boundary_mark_resets_state():
+    # A boundary marked only by the segment id (positions run on), or only by positions restarting
+    # at 0 (same segment id), cuts the state and the conv window all the same.
+    model = pararnn.build(model_config(solver_impl="sequential", num_layers=1), nnx.Rngs(0))
+    tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 16), 0, 512)).repeat(3, 0)
+    tokens[2, :10] = tokens[0, 6:]
+    seg = np.array([[1] * 6 + [2] * 10, [1] * 16, [1] * 10 + [0] * 6])
+    pos = np.array([list(range(16)), list(range(6)) + list(range(10)), list(range(10)) + [0] * 6])
+    out = np.asarray(jax.jit(lambda *a: model(*a))(tokens, pos, seg))
+    np.testing.assert_allclose(out[0, 6:], out[2, :10], atol=2e-5, rtol=1e-5)
+    np.testing.assert_allclose(out[1, 6:], out[2, :10], atol=2e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
@@ -107,17 +117,16 @@ def test_cell_initialisation(cell, expand, heads):
 @pytest.mark.parametrize("cell", ["gru", "lstm"])
 def test_newton_solve_equals_sequential_scan(cell):
     tokens = jax.random.randint(jax.random.key(2), (2, 48), 0, 512)
-    seg, pos = _inputs((20, 28), 48)
-    seg, pos = np.repeat(seg, 2, 0), np.repeat(pos, 2, 0)
+    seg, pos = (np.repeat(a[None], 2, 0) for a in _row((20, 28), 48))
 
     def loss_and_grads(impl):
-        model = pararnn.build(model_config(cell=cell, solver_impl=impl), nnx.Rngs(1))
+        model = pararnn.build(model_config(cell=cell, solver_impl=impl, num_layers=1), nnx.Rngs(1))
         graphdef, params = nnx.split(model)
 
         def loss(p):
             logits = nnx.merge(graphdef, p)(tokens, pos, seg)
             return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
-        (value, logits), grads = jax.value_and_grad(loss, has_aux=True)(params)
+        (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return logits, grads
 
     seq_logits, seq_grads = loss_and_grads("sequential")
