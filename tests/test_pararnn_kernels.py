@@ -251,6 +251,25 @@ def test_linear_cell_exact_after_one_iteration():
     np.testing.assert_allclose(hs, _seq_scan(cell2, s0, x), atol=2e-6)
 
 
+def test_dense_jacobian_newton_and_gradients():
+    """A cell with a full (small) recurrent matrix: dense Jacobians, Newton + associative scan."""
+    d = 6
+    w = jnp.asarray(RNG.normal(size=(d, d)) * 0.3, jnp.float32)
+    x = jnp.asarray(RNG.normal(size=(2, 64, d)), jnp.float32)
+    h0 = jnp.asarray(RNG.normal(size=(2, d)), jnp.float32)
+
+    def loss(w, x, h0, impl):
+        hs = pr.solve(lambda h, xx: jnp.tanh(w @ h + xx), h0, x, jacobian="dense", impl=impl)
+        return jnp.sum(jnp.sin(hs))
+    ref_fn = lambda w, x, h0: jnp.sum(jnp.sin(_seq_scan(lambda h, xx: jnp.tanh(w @ h + xx), h0, x)))  # noqa: E731,E501
+    grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
+    val, g = grad(w, x, h0, "parallel")
+    ref_val, ref_g = jax.jit(jax.value_and_grad(ref_fn, argnums=(0, 1, 2)))(w, x, h0)
+    assert abs(float(val - ref_val)) <= 1e-4
+    for a, b in zip(g, ref_g):
+        assert _rel(a, b) <= 1e-5
+
+
 # ----------------------------------------------------------------------------------------------
 # gradients (custom VJP through the adjoint) vs jax.grad through lax.scan
 # ----------------------------------------------------------------------------------------------

@@ -178,7 +178,7 @@ def _forward(cfg, consts, jconsts, h0, xs):
         return H, dict(residuals=res[None], iterations=jnp.int32(0), final_residual=res,
                        converged=jnp.bool_(True), fallback_used=jnp.bool_(False))
 
-    H_init = _cell_all(cfg, consts, jnp.zeros(xs_lead(xs) + h0.shape[1:], h0.dtype), xs)
+    H_init = _cell_all(cfg, consts, jnp.zeros(_xs_lead(xs) + h0.shape[1:], h0.dtype), xs)
     H, hist, k = _newton_loop(cfg, consts, jconsts, h0, xs, H_init, cfg.iterations, False,
                               cfg.impl)
     res = hist[-1]
@@ -206,7 +206,7 @@ def _forward(cfg, consts, jconsts, h0, xs):
                    fallback_used=fallback_used)
 
 
-def xs_lead(xs):
+def _xs_lead(xs):
     return jax.tree.leaves(xs)[0].shape[:2]
 
 
@@ -235,9 +235,9 @@ def _solve_bwd(cfg, saved, cts):
     g = cts[0]
     hprev = scan_lib.shift_in(h0, H, False)
     _, J = _f_and_jac(cfg, consts, jconsts, hprev, xs)
-    impl = "sequential" if cfg.impl == "sequential" else cfg.impl
+    # sequential impl: the adjoint is a lax.scan too; otherwise the same kernel, reversed
     lam = scan_lib.scan_raw(cfg.kind, scan_lib.adjoint_coefficients(cfg.kind, J, False),
-                            g.astype(H.dtype), jnp.zeros_like(h0), reverse=True, impl=impl)
+                            g.astype(H.dtype), jnp.zeros_like(h0), reverse=True, impl=cfg.impl)
     _, vjp = jax.vjp(lambda c, x, hp: _cell_all(cfg, c, hp, x), consts, xs, hprev)
     dconsts, dxs, dhprev = vjp(lam)
     return dconsts, [_zero_cotangent(c) for c in jconsts], dhprev[:, 0], dxs
