@@ -79,7 +79,12 @@ class Trainer:
                             shapes, self.state_shardings)
 
     def init_state(self) -> TrainState:
-        return jax.jit(self._init_impl, out_shardings=self.state_shardings)()
+        lowered = jax.jit(self._init_impl, out_shardings=self.state_shardings).lower()
+        # The init runs once. On CPU, LLVM's optimisation of the random-number code costs about a
+        # second per initializer at compile time and buys nothing, so it is skipped.
+        on_cpu = self.mesh.devices.flat[0].platform == "cpu"
+        options = {"xla_backend_optimization_level": 0} if on_cpu else {}
+        return lowered.compile(compiler_options=options)()
 
     def _init_impl(self) -> TrainState:
         key = jax.random.PRNGKey(self.cfg.seed)
