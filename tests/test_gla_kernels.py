@@ -33,6 +33,9 @@ PALLAS_CONFIGS = {
     "f32_seg_k100": (130, 100, 48, "float32", True),
     "bf16_k64": (65, 64, 128, "bfloat16", False),
 }
+# Compiled / lowered only (too slow to interpret here): the head size of the published benchmarks.
+LOWERING_ONLY = {"bf16_k128_v128": (256, 128, 128, "bfloat16", True)}
+LOWERED = {**PALLAS_CONFIGS, **LOWERING_ONLY}
 
 
 @pytest.fixture(autouse=True)
@@ -111,8 +114,9 @@ def test_xla_fp64_matches_reference(T, K, V):
 
 
 def test_xla_fp64_segments_match_reference():
+    """T = 300: five chunks, so the XLA path's cache blocking (4 chunks) and its zero padding run."""
     for norm in (STRONG, WEAK):
-        x, seg = make(130, 64, 48, "float64", norm, B=2, segments=True)
+        x, seg = make(300, 64, 48, "float64", norm, B=2, segments=True)
         assert_close(run("xla", x, seg), run("reference", x, seg), TOL["float64"])
 
 
@@ -271,13 +275,13 @@ def _train_fn(backend, segments):
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
 
 
-@pytest.mark.parametrize("name", sorted(PALLAS_CONFIGS))
+@pytest.mark.parametrize("name", sorted(LOWERED))
 def test_pallas_compiles_for_tpu(name):
     pytest.importorskip("libtpu")          # the `tpu` extra; with it installed this must pass
     from jax.experimental import topologies
     topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
                                         chips_per_host_bounds=(2, 2, 1), num_slices=1)
-    T, K, V, dtype, segments = PALLAS_CONFIGS[name]
+    T, K, V, dtype, segments = LOWERED[name]
     sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
     with jax.enable_x64(False):
         compiled = _train_fn("tpu", segments).lower(
@@ -286,10 +290,10 @@ def test_pallas_compiles_for_tpu(name):
     assert compiled.as_text().count("custom_call_target=\"tpu_custom_call\"") == 4
 
 
-@pytest.mark.parametrize("name", sorted(PALLAS_CONFIGS))
+@pytest.mark.parametrize("name", sorted(LOWERED))
 def test_pallas_lowers_for_cuda_triton(name):
     from jax._src.mesh import AbstractDevice   # target an H100 without one being present
-    T, K, V, dtype, segments = PALLAS_CONFIGS[name]
+    T, K, V, dtype, segments = LOWERED[name]
     mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
         device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
     with jax.enable_x64(False), jax.sharding.use_abstract_mesh(mesh):
