@@ -220,12 +220,12 @@ class MixerBlock(nnx.Module):
         self.cfg = cfg
         self.norm = layers.RMSNorm(d, eps=cfg.norm_eps, rngs=rngs)
         self.in_proj = layers.param(rngs, layers.scaled_normal(d), (d, 2, di), ("embed", None, "mlp"))
-        # Conv taps stored newest-first (tap 0 = current token); identity-ish start is not needed:
-        # fan-in K init like a depthwise conv.
+        # Taps newest-first (tap 0 = the current token), scaled-normal over the K-tap fan-in.
         self.conv_w = layers.param(rngs, layers.scaled_normal(cfg.conv_width), (cfg.conv_width, di),
                                    (None, "mlp"))
         self.conv_b = layers.param(rngs, nnx.initializers.zeros, (di,), ("mlp",))
         self.cell = ParaCell(cfg, rngs)
+        # Holds the gated norm's scale and eps; the per-head normalisation itself is in `mixer`.
         self.out_norm = layers.RMSNorm(di, eps=cfg.norm_eps, names=("mlp",), rngs=rngs)
         self.out_proj = layers.param(rngs, layers.scaled_normal(di, 1 / math.sqrt(2 * cfg.num_layers)),
                                      (di, d), ("mlp", "embed"))

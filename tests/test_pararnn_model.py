@@ -1,5 +1,5 @@
-"""ParaGRU / ParaLSTM language models: same numbers on every mesh, packed rows = separate
-documents, published initialisation, Newton solve = sequential scan."""
+"""ParaGRU / ParaLSTM language models: same numbers on every mesh, parameters sharded as the rules
+say, packed rows = separate documents, published initialisation, Newton solve = sequential scan."""
 
 import math
 
@@ -8,10 +8,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import PartitionSpec as P
 
 from experiments import pararnn as experiment
 from models import pararnn
 from paxlike import loop
+from paxlike.mesh import build_mesh
+from paxlike.trainer import Trainer
 
 
 def small_config(**overrides):
@@ -141,3 +144,22 @@ def test_invalid_configs_are_explained():
     problems = " ".join(pararnn.validate(bad))
     for key in ("model.cell", "num_heads", "model.solver_impl"):
         assert key in problems
+
+
+def test_parameter_shardings_follow_the_rules():
+    mesh = {"data": 2, "fsdp": 2, "tensor": 2}
+    trainer = Trainer(small_config(**{f"mesh.{k}": v for k, v in mesh.items()}), build_mesh(mesh))
+    specs = {"/".join(str(k.key) for k in path): s.spec for path, s in
+             jax.tree_util.tree_flatten_with_path(trainer.param_shardings)[0]}
+    expected = {  # cell channels over tensor; the model dimension over fsdp
+        "layers/in_proj": P(None, "fsdp", None, "tensor"),
+        "layers/cell/w_in": P(None, "tensor", None, None, None),
+        "layers/cell/a_z": P(None, "tensor"),
+        "layers/cell/b_c": P(None, "tensor"),
+        "layers/conv_w": P(None, None, "tensor"),
+        "layers/out_proj": P(None, "tensor", "fsdp"),
+        "layers/out_norm/scale": P(None, "tensor"),
+        "embed": P("tensor", "fsdp"),
+    }
+    for name, spec in expected.items():
+        assert specs[name] == spec, (name, specs[name])
