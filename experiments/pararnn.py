@@ -18,7 +18,7 @@ SIZES = {
                  batch_size=16, seq_len=128, steps=300),
     "small": dict(model=dict(d_model=512, num_layers=8, expand=2, num_heads=4, vocab_size=512),
                   batch_size=32, seq_len=512, steps=2000),
-    # 24 layers x (in 2*1024*2048 + B 3*2048^2/4 + out 2048*1024) ~ 8.4M/layer = 201M, plus a
+    # 24 layers x (in 2*1024*2048 + B 3*2048^2/4 + out 2048*1024) = 9.4M/layer (227M), a
     # SwiGLU MLP 3*1024*2048 = 6.3M/layer (151M) and the tied 32K x 1024 embedding: 0.41B.
     "400m": dict(model=dict(d_model=1024, num_layers=24, expand=2, num_heads=4, mlp_dim=2048,
                             vocab_size=32768, tie_embeddings=True, compute_dtype="bfloat16",
