@@ -102,8 +102,8 @@ def validate(cfg) -> list[str]:
 def clipped_normal(fan_in: int, clip: float = RECURRENT_CLIP):
     """Diagonal recurrent / peephole weights: truncated normal, std 1/sqrt(fan_in), |w| <= clip.
 
-    The clip keeps every |df/dh| well under 1 at initialisation, where Newton converges in the
-    published three iterations."""
+    The clip keeps the recurrence only weakly nonlinear in h at initialisation, where Newton
+    converges in the published three iterations."""
     def init(key, shape, dtype):
         w = jax.random.truncated_normal(key, -2.0, 2.0, shape, dtype) / math.sqrt(fan_in)
         return jnp.clip(w, -clip, clip)
