@@ -403,6 +403,13 @@ def test_bad_arguments_raise_value_errors():
         pr.linear_scan(jnp.zeros((2, 16, 8)), jnp.zeros((2, 16, 8)), impl="fast")
 
 
+def test_auto_is_sequential_on_cpu():
+    """The measured choice on CPU (docs/pararnn.md): the sequential scan wins at every shape."""
+    assert jax.default_backend() == "cpu"
+    for kind in ["diagonal", "block2", "dense"]:
+        assert pr.choose_impl("auto", kind=kind, batch=8, length=32768, width=1024) == "sequential"
+
+
 # ----------------------------------------------------------------------------------------------
 # real compilers: Mosaic (TPU topology from libtpu) and Triton (CUDA export)
 # ----------------------------------------------------------------------------------------------

@@ -54,14 +54,6 @@ def transpose(kind, a):
     return jnp.swapaxes(a, -1, -2)
 
 
-def _identity_like(kind, a):
-    if kind == "diagonal":
-        return jnp.ones_like(a)
-    n = a.shape[-2] if kind == "block2" else a.shape[-1]
-    eye = jnp.eye(n, dtype=a.dtype)
-    return jnp.broadcast_to(eye[:, :, None] if kind == "block2" else eye, a.shape)
-
-
 # ----------------------------------------------------------------------------------------------
 # Raw implementations on a single batch dim: a [B, L, ...], b [B, L, ...], h0 [B, ...].
 # ----------------------------------------------------------------------------------------------

@@ -264,7 +264,9 @@ def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations
       jacobian: structure of df/dh: "diagonal", "block2" (per-channel 2x2 blocks, state [2, d])
         or "dense" (small d; for checking). Taken from autodiff of ``cell`` unless
         ``jacobian_fn(h, x)`` gives it analytically ([d], [2, 2, d] or [n, n]). For "diagonal"
-        and "block2" the autodiff Jacobian is exact only if the cell really has that structure.
+        and "block2" the autodiff Jacobian is exact only if the cell really has that structure;
+        Newton then converges slowly (reported), but the backward adjoint uses the same J, so
+        the gradients of a mis-declared cell are wrong: declare "dense" when unsure.
       iterations: Newton iterations (fixed count), or the maximum count when ``tol`` is set.
       tol: stop early once max_l |h_l - f(h_{l-1}, x_l)| <= tol; also the convergence threshold
         (default ``default_tol(dtype)``: 1e-4 in fp32).
