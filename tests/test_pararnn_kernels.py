@@ -103,7 +103,8 @@ def test_linear_scan_all_impls_match_loop_and_associative(kind, reverse):
         np.testing.assert_allclose(out, ref, atol=2e-5, err_msg=impl)
         np.testing.assert_allclose(out, assoc, atol=2e-5, err_msg=impl)
     # both kernel bodies, interpreted, with small tiles so several blocks carry state
-    for variant, opts in [("tpu", dict(block_t=32, block_d=128)), ("gpu", dict(block_d=16))]:
+    for variant, opts in [("tpu", dict(block_t=32, block_d=128)), ("gpu", dict(block_d=16)),
+                          ("gpu", dict(block_d=16, chunk=16))]:  # chunked: 3-pass form
         with pallas_scan.target(variant, interpret=True):
             out = jax.jit(lambda *z: scan_lib.scan_raw(
                 kind, *(x.reshape((6,) + x.shape[2:]) for x in z), reverse=reverse,
@@ -441,7 +442,7 @@ def _scan_program(kind, reverse):
 
 
 def _scan_args(kind, sharding=None, dtype=jnp.float32):
-    b, length, d = 4, 777, 300
+    b, length, d = 4, 777, 300  # GPU: L > 512 takes the chunked 3-pass path
     sds = lambda *s: jax.ShapeDtypeStruct(s, dtype, sharding=sharding)  # noqa: E731
     if kind == "diagonal":
         return sds(b, length, d), sds(b, length, d), sds(b, d)
@@ -490,8 +491,8 @@ def test_cuda_triton_lowering_of_every_configuration():
         for kind in ["diagonal", "block2"]:
             for reverse in [False, True]:
                 for dtype in [jnp.float32, jnp.bfloat16]:
-                    assert "__gpu$xla.gpu.triton" in export(_scan_program(kind, reverse),
-                                                            *_scan_args(kind, None, dtype))
+                    text = export(_scan_program(kind, reverse), *_scan_args(kind, None, dtype))
+                    assert text.count("__gpu$xla.gpu.triton") == 3  # aggregate, chunks, re-walk
             for dtype in [jnp.float32, jnp.bfloat16]:
                 # warn=False: the convergence report is a host callback, which cannot be
                 # lowered for CUDA on a host without a GPU backend

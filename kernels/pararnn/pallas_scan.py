@@ -7,10 +7,11 @@ Two kernel bodies, one per target, because the two compilers want different shap
   Inside a (block_t, block_d) block the recurrence is solved by a Hillis-Steele scan along the
   sublane axis (log2(block_t) steps of ``pltpu.roll`` + compose), so every vector op works on full
   (8, 128) tiles instead of one row at a time.
-* ``gpu`` (Triton): grid (batch, channel tiles); each program walks the whole sequence for its
-  channels. Triton has no shift/roll of register tensors (only a forward cumsum), so the in-program
-  recurrence is sequential; ``unroll`` rows are loaded before they are consumed so that several
-  global loads are in flight per step.
+* ``gpu`` (Triton): grid (batch, channel tiles, time chunks). Triton has no shift/roll of register
+  tensors (only a forward cumsum), so inside a program the recurrence is walked row by row, with
+  ``unroll`` rows loaded before they are consumed so that several global loads are in flight.
+  Sequences longer than 512 are cut into 256-step chunks for parallelism: compose each chunk,
+  scan the chunk aggregates, re-walk each chunk from its carry-in state (``_gpu_call``).
 
 Both run on CPU with ``interpret=True`` (that is how the tests check their numerics) and both
 support ``reverse`` natively (the time traversal is mirrored, no flip copies of the inputs).
@@ -122,44 +123,92 @@ def _tpu_call(a, b, h0, *, kind, reverse, block_t, block_d, interpret):
 # ----------------------------------------------------------------------------------------------
 # GPU (Triton) body
 # ----------------------------------------------------------------------------------------------
-def _gpu_kernel(*refs, kind, reverse, length, unroll):
-    na, nb = _N_A[kind], _N_B[kind]
-    a_refs = refs[:na]
-    b_refs = refs[na:na + nb]
-    h0_refs = refs[na + nb:na + 2 * nb]
-    out_refs = refs[na + 2 * nb:]
-
-    def body(i, h):
+def _gpu_walk(kind, reverse, length, unroll, a_refs, b_refs, state, visit):
+    """Walk one chunk row by row in processing order: state = visit(t, a_t, b_t, state)."""
+    def body(i, state):
         base = length - (i + 1) * unroll if reverse else i * unroll
         steps = [base + (unroll - 1 - u if reverse else u) for u in range(unroll)]
-        # Issue every load of the unrolled group first: they do not depend on h.
+        # Issue every load of the unrolled group first: they do not depend on the state.
         loads = [(tuple(r[t, :].astype(jnp.float32) for r in a_refs),
                   tuple(r[t, :].astype(jnp.float32) for r in b_refs)) for t in steps]
         for t, (a, b) in zip(steps, loads):
-            h = _apply(kind, a, b, h)
-            for o, v in zip(out_refs, h):
-                o[t, :] = v.astype(o.dtype)
+            state = visit(t, a, b, state)
+        return state
+
+    return lax.fori_loop(0, length // unroll, body, state)
+
+
+def _gpu_kernel(*refs, kind, reverse, length, unroll):
+    """h over one chunk from its carry-in state (the whole sequence when unchunked)."""
+    na, nb = _N_A[kind], _N_B[kind]
+    a_refs, b_refs = refs[:na], refs[na:na + nb]
+    h0_refs, out_refs = refs[na + nb:na + 2 * nb], refs[na + 2 * nb:]
+
+    def visit(t, a, b, h):
+        h = _apply(kind, a, b, h)
+        for o, v in zip(out_refs, h):
+            o[t, :] = v.astype(o.dtype)
         return h
 
     h = tuple(r[0, :].astype(jnp.float32) for r in h0_refs)
-    lax.fori_loop(0, length // unroll, body, h)
+    _gpu_walk(kind, reverse, length, unroll, a_refs, b_refs, h, visit)
 
 
-def _gpu_call(a, b, h0, *, kind, reverse, block_d, unroll, interpret, num_warps=1, num_stages=2):
+def _gpu_aggregate_kernel(*refs, kind, reverse, length, unroll):
+    """The chunk's composed element (A_last ... A_first, b_agg): pass 1 of the chunked scan."""
+    na, nb = _N_A[kind], _N_B[kind]
+    a_refs, b_refs = refs[:na], refs[na:na + nb]
+    agg_a_refs, agg_b_refs = refs[na + nb:2 * na + nb], refs[2 * na + nb:]
+    zero = jnp.zeros(agg_b_refs[0].shape[1:], jnp.float32)
+    agg = (tuple(zero + i for i in _IDENT_A[kind]), tuple(zero for _ in range(nb)))
+    agg = _gpu_walk(kind, reverse, length, unroll, a_refs, b_refs, agg,
+                    lambda t, a, b, agg: _compose(kind, (a, b), agg))
+    for o, v in zip(agg_a_refs + agg_b_refs, agg[0] + agg[1]):
+        o[0, :] = v
+
+
+def _gpu_call(a, b, h0, *, kind, reverse, block_d, chunk, unroll, interpret, num_warps=1,
+              num_stages=2):
+    """Unchunked (chunk == L): one program per (batch, channel tile) walks the whole sequence.
+
+    Chunked: the sequence is cut into L/chunk chunks so that there are L/chunk times more
+    programs (a GPU needs thousands to hide load latency; B*d/32 alone is a few hundred):
+    pass 1 composes each chunk into one element, pass 2 scans those few elements (the unchunked
+    kernel on [B, L/chunk, d]), pass 3 re-walks every chunk from its carry-in state. It reads
+    A and b twice.
+    """
     from jax.experimental.pallas import triton as plgpu
 
     bsz, length, d = a[0].shape
-    seq_spec = pl.BlockSpec((None, length, block_d), lambda i, j: (i, 0, j))
-    h_spec = pl.BlockSpec((None, 1, block_d), lambda i, j: (i, 0, j))
+    n_chunks = length // chunk
+    grid = (bsz, d // block_d, n_chunks)
+    seq_spec = pl.BlockSpec((None, chunk, block_d), lambda i, j, c: (i, c, j))
+    row_spec = pl.BlockSpec((None, 1, block_d), lambda i, j, c: (i, c, j))
+    params = plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+    name = f"pararnn_scan_{kind}{'_rev' if reverse else ''}"
+    rows = jax.ShapeDtypeStruct((bsz, n_chunks, d), jnp.float32)
+    if n_chunks > 1:
+        aggs = pl.pallas_call(
+            functools.partial(_gpu_aggregate_kernel, kind=kind, reverse=reverse, length=chunk,
+                              unroll=unroll),
+            grid=grid, in_specs=[seq_spec] * (len(a) + len(b)),
+            out_specs=[row_spec] * (len(a) + len(b)), out_shape=[rows] * (len(a) + len(b)),
+            compiler_params=params, interpret=interpret, name=name + "_aggregate",
+        )(*a, *b)
+        ends = _gpu_call(aggs[:len(a)], aggs[len(a):], h0, kind=kind, reverse=reverse,
+                         block_d=block_d, chunk=n_chunks, unroll=1, interpret=interpret)
+        # carry-in of chunk c: the state after the chunk processed just before it (h0 first)
+        if reverse:
+            h0 = tuple(jnp.concatenate([e[:, 1:], h], axis=1) for e, h in zip(ends, h0))
+        else:
+            h0 = tuple(jnp.concatenate([h, e[:, :-1]], axis=1) for e, h in zip(ends, h0))
     return pl.pallas_call(
-        functools.partial(_gpu_kernel, kind=kind, reverse=reverse, length=length, unroll=unroll),
-        grid=(bsz, d // block_d),
-        in_specs=[seq_spec] * (len(a) + len(b)) + [h_spec] * len(h0),
+        functools.partial(_gpu_kernel, kind=kind, reverse=reverse, length=chunk, unroll=unroll),
+        grid=grid,
+        in_specs=[seq_spec] * (len(a) + len(b)) + [row_spec] * len(h0),
         out_specs=[seq_spec] * len(b),
         out_shape=[jax.ShapeDtypeStruct((bsz, length, d), b[0].dtype)] * len(b),
-        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
-        interpret=interpret,
-        name=f"pararnn_scan_{kind}{'_rev' if reverse else ''}",
+        compiler_params=params, interpret=interpret, name=name,
     )(*a, *b, *h0)
 
 
@@ -207,7 +256,7 @@ def _pad_to(x, axis, size, value):
 
 
 def scan_planes(a, b, h0, *, kind, reverse=False, variant=None, interpret=None,
-                block_t=None, block_d=None, unroll=8):
+                block_t=None, block_d=None, unroll=8, chunk=None):
     """Run the kernel on plane tuples: a (1 or 4 planes) and b (1 or 2) [B, L, d]; h0 planes [B, d].
 
     Returns the tuple of output planes [B, L, d]. L and d are padded to whole blocks: time padding
@@ -230,7 +279,11 @@ def scan_planes(a, b, h0, *, kind, reverse=False, variant=None, interpret=None,
             block_d = d
         elif block_d is None:  # Triton tiles are powers of two; 32 lanes = one warp per program
             block_d = 32 if d >= 32 else max(1, 1 << (d - 1).bit_length())
-        t_mult, d_mult = unroll, block_d
+        if chunk is None:  # interpreted: unchunked (fewest steps); hardware: 256-step chunks
+            chunk = None if interpret or length <= 512 else 256
+        if chunk is not None and (chunk % unroll or chunk & (chunk - 1)):
+            raise ValueError(f"chunk={chunk} must be a power of two and a multiple of unroll")
+        t_mult, d_mult = chunk or unroll, block_d
     else:
         raise ValueError(f"unknown Pallas variant {variant!r} (expected 'tpu' or 'gpu')")
     lp, dp = -(-length // t_mult) * t_mult, -(-d // d_mult) * d_mult
@@ -241,6 +294,6 @@ def scan_planes(a, b, h0, *, kind, reverse=False, variant=None, interpret=None,
         out = _tpu_call(a, b, h0, kind=kind, reverse=reverse, block_t=block_t, block_d=block_d,
                         interpret=interpret)
     else:
-        out = _gpu_call(a, b, h0, kind=kind, reverse=reverse, block_d=block_d, unroll=unroll,
-                        interpret=interpret)
+        out = _gpu_call(a, b, h0, kind=kind, reverse=reverse, block_d=block_d,
+                        chunk=chunk or lp, unroll=unroll, interpret=interpret)
     return tuple(o[:, :length, :d] for o in out)
