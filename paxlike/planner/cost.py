@@ -2,20 +2,22 @@
 
 A *plan* is what the trainer needs to run a config on a fleet: mesh sizes per axis (with the part
 of each axis that crosses DCN), a sharding preset, microbatches and a remat policy. The model is
-analytic and fast (~1 ms per plan once the parameter shapes are known), and it is checked against
-the compiler: tests/test_planner.py and tests/test_aot.py compare its bytes with XLA's memory
-analysis and its collective bytes with the optimized HLO (`paxlike.planner.hlo`).
+analytic and fast once the model's shapes are known, and it is checked against the compiler:
+tests/test_planner.py and tests/test_aot.py compare its bytes with XLA's memory analysis and its
+collective volume with the optimized HLO (`paxlike.planner.hlo`). docs/planner.md has the figures.
 
 Parameters, gradients and optimizer state are exact: they come from the model's own parameter
 shapes and logical axis names, sharded by the same rules code the trainer uses
-(`paxlike.sharding.logical_to_spec`). Activations and the transient working set come from the
-model family's `ActivationModel` (the Llama-style Transformer is the one family so far; a new
-family adds its own class here, keyed by `model.module`).
+(`paxlike.sharding.logical_to_spec`). Saved activations are traced (`saved_residuals` under the
+config's remat policy). The working set XLA keeps beyond them is a calibrated multiple of a few
+per-device units that the model family describes (`TransformerActivations`, keyed by
+`model.module`; paxlike imports no model: the config names the module).
 
-Communication is counted as bytes *sent per device per step*, the same figure
-`paxlike.planner.hlo` reads from compiled programs, per mesh axis and link (ICI / DCN). Pipeline,
-expert and context axes plug in as further `_axis_traffic` terms when those parallelisms land;
-today the planner keeps them at 1.
+Communication is counted per step, per mesh axis and link (ICI / DCN), as the full buffer each
+collective gathers / reduces / permutes (the figure `paxlike.planner.hlo` reads from compiled
+programs, comparable across backends), and converted to bytes on the wire for timing. Pipeline,
+expert and context axes plug in as further `send(...)` terms in `estimate` when those
+parallelisms land; today the planner keeps them at 1.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Any
 
 from paxlike import sharding
 from paxlike.errors import UserError
@@ -31,6 +32,30 @@ from paxlike.mesh import MESH_AXES
 from paxlike.planner.fleets import Fleet
 
 REMATS = ("none", "save_dots", "full")
+# Fixed cost of one collective (launch and synchronisation), order of magnitude for TPU ICI and
+# data-centre networks: it is what makes 64 microbatches or per-layer tensor all-reduces slower
+# than their bytes alone suggest.
+LATENCY_S = {"ici": 20e-6, "dcn": 200e-6}
+
+# Multiples of the saved activations and of the working-set units (TransformerActivations.units
+# plus "gathered": one layer's and the output head's weights gathered whole) that XLA keeps live,
+# fitted per backend / TPU generation to compiled memory analyses (docs/planner.md lists the
+# configurations and residuals). The TPU compiler makes memory-dependent choices (v5e runs FSDP
+# gathers as windowed-einsum permute rings, v5p as whole-buffer all-reduces), hence per
+# generation. TPU generations and GPUs without a fit of their own use the v5p figures.
+CALIBRATION = {
+    "cpu": {"saved": 0.804, "scores": 4.821, "logits": 0.791, "stream": 26.98, "gathered": 0.0},
+    "v5e": {"saved": 1.647, "scores": 0.985, "logits": 0.0, "stream": 0.0, "gathered": 0.0},
+    "v5p": {"saved": 1.0, "scores": 0.0, "logits": 3.46, "stream": 0.0, "gathered": 0.157},
+}
+
+
+def calibration(backend: str, device_name: str) -> dict[str, float]:
+    if backend == "cpu":
+        return CALIBRATION["cpu"]
+    return CALIBRATION.get(device_name, CALIBRATION["v5p"])
+
+
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 
 
@@ -143,22 +168,85 @@ class Cost:
     binding: str                       # what sets the step time
     fits: bool
     hbm_bytes: float
+    units: dict[str, float] = dataclasses.field(default_factory=dict)  # memory-model inputs
 
     @property
     def bytes_per_device(self) -> float:
         return self.memory["total"]
 
 
+# ------------------------------------------------------------------- saved activations, traced
+_PROBE_BATCH = 3   # traced batch size: a prime no model dimension is likely to equal
+
+
+@functools.lru_cache(maxsize=64)
+def _residuals(model_key: str, remat: str, seq_len: int) -> tuple[tuple[tuple[int, ...], int], ...]:
+    """(shape, itemsize) of every array autodiff saves for the backward pass of the training
+    loss, for a global batch of `_PROBE_BATCH` sequences. Traced abstractly (no FLOPs, no memory):
+    this is the model's own remat policy, not a formula that could drift from it."""
+    import json
+
+    import jax
+    import jax.numpy as jnp
+    import ml_collections
+    import optax
+    from flax import nnx
+    from jax._src.ad_checkpoint import saved_residuals
+
+    from paxlike.config import model_module
+    model_cfg = ml_collections.ConfigDict(json.loads(model_key))
+    model_cfg.remat = remat
+    module = model_module(ml_collections.ConfigDict({"model": model_cfg}))
+    graphdef, params = nnx.split(nnx.eval_shape(lambda: module.build(model_cfg, nnx.Rngs(0))))
+
+    def loss(p, tokens):
+        positions = jnp.broadcast_to(jnp.arange(seq_len), tokens.shape)
+        logits = nnx.merge(graphdef, p)(tokens, positions, jnp.ones_like(tokens))
+        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).sum()
+
+    tokens = jax.ShapeDtypeStruct((_PROBE_BATCH, seq_len), jnp.int32)
+    out = []
+    for aval, source in saved_residuals(loss, params, tokens):
+        if "from the argument" in source:   # parameters and inputs: counted elsewhere
+            continue
+        out.append((tuple(aval.shape), aval.dtype.itemsize))
+    return tuple(out)
+
+
+def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1) -> float:
+    """Per-device bytes of saved activations for `b` local sequences of `t` tokens, with heads /
+    MLP / vocabulary dimensions split `tp` ways (for arrays that carry the batch dimension).
+    Arrays without a batch dimension are weights cast to the compute dtype: sharded like the
+    weights, `weight_ways` ways."""
+    import json
+    m = cfg.model
+    split = {m.num_heads, m.num_kv_heads, m.mlp_dim, m.vocab_size} if tp > 1 else set()
+    total = 0.0
+    for shape, itemsize in _residuals(json.dumps(m.to_dict(), sort_keys=True), remat, t):
+        size = math.prod(shape) * itemsize
+        if _PROBE_BATCH not in shape:      # a weight in the compute dtype
+            total += size / weight_ways
+            continue
+        size = size / _PROBE_BATCH * b
+        rest = list(shape)
+        rest.remove(_PROBE_BATCH)
+        if t in rest:
+            rest.remove(t)
+        if split & set(rest):
+            size /= tp
+        total += size
+    return total
+
+
 # ------------------------------------------------------------------------ the Transformer family
 class TransformerActivations:
-    """Activation bytes of the Llama-style Transformer (models/transformer.py) per device.
+    """What the planner knows of the Llama-style Transformer (models/transformer.py) beyond its
+    parameters and traced residuals: the sizes of its transient working set, and remat's FLOPs.
 
-    Saved for the backward pass, per layer and token (the scan keeps one copy per layer):
-      full:      the layer input only (everything else is recomputed)
-      save_dots: the input plus every matmul output (q, k, v, attention projection, gate, up, down)
-      none:      additionally the norms, rotary outputs, attention probabilities and MLP activations
-    The transient working set is the largest of: one layer's attention scores being recomputed and
-    differentiated, the logits with their softmax and gradient, and one layer's gathered weights.
+    The working set that XLA keeps live beyond the saved activations is a backend-specific
+    multiple of a few per-device "units": one layer's f32 attention scores, the f32 logits of a
+    microbatch, and the f32 residual stream. `CALIBRATION` holds the multiples per backend, fitted
+    to the compiler's memory analysis (benchmarks/planner.py prints the fit and its residuals).
     """
 
     def __init__(self, cfg):
@@ -168,26 +256,10 @@ class TransformerActivations:
         self.mlp, self.vocab, self.layers = m.mlp_dim, m.vocab_size, m.num_layers
         self.dt = _DTYPE_BYTES[m.compute_dtype]
 
-    def per_layer_saved(self, remat: str, b: int, t: int, tp: int) -> float:
-        """Bytes saved per layer for b local sequences of t tokens, heads/mlp split tp ways."""
-        tokens, dt = b * t, self.dt
-        x = self.d * dt
-        if remat == "full":
-            return tokens * x
-        dots = (self.h * self.hd + 2 * self.kv * self.hd + 2 * self.mlp) / tp * dt + 2 * x
-        if remat == "save_dots":
-            return tokens * (x + dots)
-        # none: also the two f32 norm inputs, rotated q/k, silu(gate)*up, softmax probabilities
-        extra = 2 * self.d * 4 + (self.h + self.kv) * self.hd / tp * dt + self.mlp / tp * dt
-        probs = b * self.h / tp * t * t * dt
-        return tokens * (x + dots + extra) + probs
-
-    def transient(self, remat: str, b: int, t: int, tp: int, vocab_ways: int,
-                  layer_weight_bytes: float) -> dict[str, float]:
-        """Candidates for the working set beyond saved activations (the largest one counts)."""
-        scores = b * (self.h / tp) * t * t * 4           # f32 scores of one layer
-        logits = b * t * self.vocab / vocab_ways * 4     # f32 logits of the microbatch
-        return {"attention": 3 * scores, "logits": 3 * logits, "weights": 2 * layer_weight_bytes}
+    def units(self, b: int, t: int, tp: int, vocab_ways: int) -> dict[str, float]:
+        return {"scores": b * (self.h / tp) * t * t * 4,
+                "logits": b * t * self.vocab / vocab_ways * 4,
+                "stream": b * t * self.d * 4}
 
     lookup_params = ("embed",)   # tables read by token (jnp.take), not multiplied
 
@@ -261,6 +333,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                             "temporaries"), 0.0)
     comm: dict[str, float] = {}
     kinds = dict.fromkeys(("all-gather", "reduce-scatter", "all-reduce", "all-to-all"), 0.0)
+    launches = {"ici": 0.0, "dcn": 0.0}   # collectives per step, for their fixed latency
 
     def send(kind: str, axes: list[str], full_bytes: float, times: float = 1.0):
         """Records a collective over `axes` on a buffer of `full_bytes`, run `times` per step."""
@@ -275,6 +348,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         # Split by link: the DCN part of the group carries the share that crosses granules.
         ici = math.prod(sizes[a] // dcn[a] for a in axes)
         share_dcn = 0.0 if ici == g else (g - ici) / g / ((g - 1) / g)
+        launches["dcn" if share_dcn else "ici"] += times
         for a in axes:
             key_ici, key_dcn = f"{a}/ici", f"{a}/dcn"
             part = sizes[a] / sum(sizes[x] for x in axes) if len(axes) > 1 else 1.0
@@ -282,7 +356,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             if share_dcn:
                 comm[key_dcn] = comm.get(key_dcn, 0.0) + sent * share_dcn * part
 
-    layer_weights = 0.0   # one layer's gathered matmul weights (compute dtype)
+    layer_weights = 0.0   # one layer's and the head's gathered weights (compute dtype)
     for p in param_infos(cfg):
         ways = _ways(p.names, p.shape, rules, sizes)
         shard_axes = {a for w in ways for a in w}
@@ -298,6 +372,10 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         gathered = use_bytes * math.prod(sizes[a] for a in fsdp_axes)
         if scanned and matrix:
             layer_weights += gathered / depth
+        elif matrix and p.path not in acts.lookup_params:
+            layer_weights += gathered   # the output head, gathered whole once per microbatch
+        elif matrix and p.path not in acts.lookup_params:
+            layer_weights += gathered   # the output head, gathered whole once per microbatch
         if p.path in acts.lookup_params and fsdp_axes:
             # The table is gathered row-wise by token: XLA moves activations, not weights.
             tokens = b * t
@@ -310,16 +388,21 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         send("all-reduce", replicated, use_bytes, mb)
 
     if tp > 1:
-        per_layer = {"none": 4, "save_dots": 4, "full": 6}[plan.remat]
+        # Row-parallel outputs (attention projection, MLP down) are summed over `tensor` in the
+        # forward pass; in the backward pass XLA sums the input gradient of each column-parallel
+        # matmul separately (q, k, v, gate, up: 5); full remat repeats the forward's 2.
+        per_layer = {"none": 7, "save_dots": 7, "full": 9}[plan.remat]
         tokens = b * t
         send("all-reduce", ["tensor"], tokens * acts.d * dt, mb * acts.layers * per_layer)
         send("all-reduce", ["tensor"], tokens * acts.d * 4, mb * 2)   # embedding lookup, head dx
 
     memory["batch"] = 5 * 4 * cfg.batch_size * cfg.seq_len / (batch_ways * ctx)
-    saved = acts.layers * acts.per_layer_saved(plan.remat, b, t, tp)
-    memory["activations"] = saved
-    transient = acts.transient(plan.remat, b, t, tp, vocab_ways, layer_weights)
-    memory["temporaries"] = max(transient.values()) + (memory["grads"] if mb > 1 else 0.0)
+    fit = calibration(backend, fleet.device.name)
+    weight_ways = math.prod(sizes[a] for a in set(rules["embed"]) | set(rules["vocab"]))
+    memory["activations"] = fit["saved"] * saved_bytes(cfg, plan.remat, b, t, tp, weight_ways)
+    units = dict(acts.units(b, t, tp, vocab_ways), gathered=layer_weights)
+    memory["temporaries"] = (sum(fit[k] * v for k, v in units.items())
+                             + (memory["grads"] if mb > 1 else 0.0))  # microbatch's own grads
     memory["total"] = sum(memory.values())
 
     # Time: compute at the device's peak; communication per link at its bandwidth; overlapped.
@@ -334,14 +417,17 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         axis, link = key.split("/")
         seconds = value / _bandwidth(fleet, axis, link, sizes, dcn)
         comm_s[link] += seconds
+    for link, count in launches.items():   # small collectives pay latency, not bandwidth
+        comm_s[link] += count * LATENCY_S[link]
     for link, seconds in comm_s.items():
         if seconds > slowest[1]:
             busiest = max((k for k in comm if k.endswith(link)), key=lambda k: comm[k])
             slowest = (f"{link.upper()} ({busiest.split('/')[0]} traffic)", seconds)
     step = slowest[1]
     fits = memory["total"] <= fleet.device.hbm_bytes
+    units["saved"] = memory["activations"] / fit["saved"] if fit["saved"] else 0.0
     return Cost(plan, memory, comm, {k: v for k, v in kinds.items() if v}, compute_s, comm_s,
-                step, model_flops / (step * peak), slowest[0], fits, fleet.device.hbm_bytes)
+                step, model_flops / (step * peak), slowest[0], fits, fleet.device.hbm_bytes, units)
 
 
 def _bandwidth(fleet: Fleet, axis: str, link: str, sizes, dcn) -> float:

@@ -177,9 +177,18 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
             else:
                 sent = full * (g - 1) / g
             source = re.search(r'op_name="([^"]*)"', rest)
+            channel = re.search(r"channel_id=(\d+)", rest)
             ops.append({"kind": kind, "group": g, "runs": runs[comp], "bytes": sent, "volume": full,
-                        "shape": typ.split("{")[0], "op_name": source.group(1) if source else ""})
-    return ops
+                        "shape": typ.split("{")[0], "op_name": source.group(1) if source else "",
+                        "channel": int(channel.group(1)) if channel else None})
+    # TPU splits one collective into several "async collective fusion" pieces that share its
+    # channel id: they are one transfer, counted once.
+    merged: dict = {}
+    for op in ops:
+        key = (op["kind"], op["channel"]) if op["channel"] is not None else id(op)
+        if key not in merged or op["runs"] > merged[key]["runs"]:
+            merged[key] = op
+    return list(merged.values())
 
 
 def collectives(hlo_text: str, num_devices: int) -> dict:

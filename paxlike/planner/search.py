@@ -102,7 +102,7 @@ class Result:
 
 
 def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool = False) -> Result:
-    """All feasible plans, fastest first (ties: less memory first)."""
+    """All feasible plans, fastest first (ties: less communication time, then less memory)."""
     plans, closest, considered = [], None, 0
     for sizes, dcn in meshes(fleet, allow_dcn_fsdp):
         for preset in _presets(sizes):
@@ -117,7 +117,9 @@ def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool =
                     if fits(c):
                         plans.append(c)
                         break            # more microbatches would only be slower
-    plans.sort(key=lambda c: (round(c.step_time_s, 12), c.bytes_per_device))
+    # Ties (compute-bound plans) go to the one with the most communication slack, then memory.
+    plans.sort(key=lambda c: (round(c.step_time_s, 12), round(sum(c.comm_s.values()), 9),
+                              c.bytes_per_device))
     return Result(fleet, plans, closest, considered)
 
 

@@ -1,0 +1,108 @@
+"""Planner report: top plans for transformer 1b and 7b on v5e-16, v5p-128 and 2xv5p-256, the
+predicted vs compiled (TPU compiler, on this CPU machine) memory of each top plan, and the wall
+time of planning and of the AOT compile. Writes benchmarks/planner.md.
+
+    python benchmarks/planner.py [--sizes=1b,7b] [--fleets=v5e-16,v5p-128,2xv5p-256] [--top=3]
+                                 [--no_compile] [--out=benchmarks/planner.md]
+
+Needs libtpu (the `tpu` extra) for the compiles. Each compile of a full-size train step takes
+minutes of CPU: expect tens of minutes for all six.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import sys
+import time
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+
+from experiments import transformer  # noqa: E402
+from paxlike import aot  # noqa: E402
+from paxlike.planner import fleets, search  # noqa: E402
+
+GIB = 1024 ** 3
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--sizes", default="1b,7b")
+    parser.add_argument("--fleets", default="v5e-16,v5p-128,2xv5p-256")
+    parser.add_argument("--top", type=int, default=3)
+    parser.add_argument("--no_compile", action="store_true")
+    parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "planner.md"))
+    args = parser.parse_args()
+
+    lines = ["# Planner report", "",
+             f"Written by `python benchmarks/planner.py` on {platform.node()} "
+             f"({os.cpu_count()} CPU cores, shared), jax {jax.__version__}, "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
+             "Memory is per chip. *Compiled* is the TPU compiler's memory analysis (arguments + "
+             "outputs + temporaries - aliased) of the full train step for the plan, compiled on "
+             "this CPU machine for the real topology. Step time and MFU are predictions "
+             "(compute at peak, communication overlapped: an upper bound on MFU).", ""]
+    summary = ["| size | fleet | planning s | top plan | predicted GiB | compiled GiB | "
+               "ratio | compile s |", "|---|---|---|---|---|---|---|---|"]
+    details = []
+    for size in args.sizes.split(","):
+        cfg = transformer.get_config(size)
+        for name in args.fleets.split(","):
+            fleet = fleets.parse_fleet(name)
+            start = time.perf_counter()
+            result = search.search(cfg, fleet)
+            planning = time.perf_counter() - start
+            details += [f"## {size} on {name} ({fleet.num_devices} x {fleet.device.name}, "
+                        f"{fleet.granules} slice(s))", "",
+                        f"{len(result.plans)} feasible of {result.considered} plans considered, "
+                        f"planned in {planning:.2f} s.", ""]
+            print(f"{size} {name}: planned in {planning:.2f} s, {len(result.plans)} feasible",
+                  flush=True)
+            if not result.plans:
+                message = search.infeasible_message(cfg, result)
+                details += [f"Infeasible: {message}.", ""]
+                summary.append(f"| {size} | {name} | {planning:.2f} | infeasible | - | - | - | - |")
+                continue
+            details += ["| # | mesh | preset | microbatches | remat | GiB/chip | ICI GB | DCN GB | "
+                        "step s | MFU | why |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+            for i, c in enumerate(result.plans[:args.top], 1):
+                ici = sum(v for k, v in c.comm.items() if k.endswith("/ici")) / 1e9
+                dcn = sum(v for k, v in c.comm.items() if k.endswith("/dcn")) / 1e9
+                details.append(f"| {i} | {c.plan.describe()} | {c.plan.preset} | "
+                               f"{c.plan.microbatches} | {c.plan.remat} | "
+                               f"{c.bytes_per_device / GIB:.2f} | {ici:.1f} | {dcn:.1f} | "
+                               f"{c.step_time_s:.3f} | {c.mfu:.1%} | {result.why(c)} |")
+            details.append("")
+            top = result.plans[0]
+            compiled, ratio, seconds = "-", "-", "-"
+            if not args.no_compile and fleet.aot_topology:
+                devices = aot.topology_devices(fleet.aot_topology, fleet.granules)
+                report = aot.compile_plan(cfg, devices, top.plan)
+                compiled = f"{report['bytes_per_device'] / GIB:.2f}"
+                ratio = f"{top.bytes_per_device / report['bytes_per_device']:.2f}"
+                seconds = f"{report['compile_s']:.0f}"
+                volume = sum(v["volume"] for v in report["collectives"].values())
+                details += [f"Top plan compiled for {fleet.aot_topology} x{fleet.granules} in "
+                            f"{seconds} s: {compiled} GiB per chip compiled vs "
+                            f"{top.bytes_per_device / GIB:.2f} predicted; collective volume "
+                            f"{volume / 1e9:.2f} GB compiled vs "
+                            f"{sum(top.comm_by_kind.values()) / 1e9:.2f} GB predicted.", ""]
+                print(f"  compiled in {seconds} s: {compiled} GiB vs "
+                      f"{top.bytes_per_device / GIB:.2f} predicted", flush=True)
+            summary.append(f"| {size} | {name} | {planning:.2f} | {top.plan.describe()}, "
+                           f"{top.plan.preset}, mb={top.plan.microbatches}, {top.plan.remat} | "
+                           f"{top.bytes_per_device / GIB:.2f} | {compiled} | {ratio} | {seconds} |")
+            with open(args.out, "w") as f:   # keep what is done if a later compile is cut short
+                f.write("\n".join(lines + summary + [""] + details) + "\n")
+    with open(args.out, "w") as f:
+        f.write("\n".join(lines + summary + [""] + details) + "\n")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Command line: compile the full train step for a real TPU topology on this CPU machine.
+
+    python -m paxlike.aot --config=experiments/transformer.py:1b --topology=v5p:4x4x4 \
+        [--num_slices=2] [--plan=top|config] [--json]
+
+With libtpu installed (the `tpu` extra) the TPU compiler runs without a TPU: the device mesh is
+built from the topology's real devices in physical order (`paxlike.mesh.build_mesh`), the train
+step is lowered with abstract, sharded arguments and compiled. Reported: per-chip memory from the
+compiled memory analysis, collective counts and bytes from the optimized HLO, and the cost model's
+prediction beside them. `--plan=top` (default) compiles the planner's best plan for the fleet the
+topology forms; `--plan=config` compiles the config's own mesh / sharding / microbatches / remat.
+Exit status 1 when the program does not fit the chip's memory (numbers printed), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles may share a machine
+os.environ.setdefault("JAX_PLATFORMS", "cpu")               # the topology needs no TPU attached
+
+from absl import app, flags  # noqa: E402
+
+from paxlike import cli  # noqa: E402
+from paxlike.errors import UserError  # noqa: E402
+
+_TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4, v5p:4x4x4, "
+                                "v6e:16x16, v4:4x4x4.")
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN.")
+_PLAN = flags.DEFINE_enum("plan", "top", ["top", "config"], "Compile the planner's top plan, or "
+                          "the mesh / sharding / microbatches / remat in the config.")
+_JSON = flags.DEFINE_bool("json", False, "Print JSON instead of text.")
+_CONFIG = None
+
+
+def topology_devices(name: str, num_slices: int = 1):
+    """The devices of a TPU topology, from libtpu (no TPU needed)."""
+    if num_slices < 1:
+        raise UserError(f"--num_slices={num_slices} must be >= 1")
+    try:
+        from jax.experimental import topologies
+    except ImportError as e:  # pragma: no cover - jax always has it
+        raise UserError(f"jax has no topologies module: {e}") from e
+    try:
+        import libtpu  # noqa: F401
+    except ImportError as e:
+        raise UserError("AOT compiles need libtpu: pip install 'paxlike[tpu]'") from e
+    try:
+        topo = topologies.get_topology_desc(platform="tpu", topology_name=name,
+                                            num_slices=num_slices)
+    except Exception as e:  # noqa: BLE001 - libtpu reports bad names in many ways
+        raise UserError(f"--topology={name!r} is not a TPU topology libtpu knows "
+                        f"({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                        f"examples: v5e:4x4, v5p:4x4x4, v6e:8x8") from e
+    return list(topo.devices)
+
+
+def _memory(compiled) -> dict:
+    m = compiled.memory_analysis()
+    keys = ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
+            "alias_size_in_bytes", "generated_code_size_in_bytes")
+    return {k.removesuffix("_size_in_bytes"): int(getattr(m, k)) for k in keys}
+
+
+def compile_plan(cfg, devices, plan=None) -> dict:
+    """Compiles the train step for `plan` (None: the config as it is) on `devices`.
+
+    Returns the report: memory analysis, collectives, prediction, compile time."""
+    import copy
+
+    from paxlike.mesh import MESH_AXES, build_mesh
+    from paxlike.planner import cost, fleets, hlo
+    from paxlike.trainer import Trainer
+
+    cfg = copy.deepcopy(cfg)
+    if plan is not None:
+        plan.apply(cfg)
+    else:
+        plan = cost.Plan.make({a: cfg.mesh[a] for a in MESH_AXES}, cfg.mesh.dcn.to_dict(),
+                              cfg.sharding, cfg.microbatches, cfg.model.remat)
+    mesh = build_mesh(plan.sizes, plan.dcn_sizes, devices)
+    resolved = cost.Plan.make(dict(mesh.shape), plan.dcn_sizes, plan.preset, plan.microbatches,
+                              plan.remat)
+    fleet = fleets.fleet_for_devices(devices)
+    backend = devices[0].platform
+    predicted = cost.estimate(cfg, resolved, fleet, backend if backend != "gpu" else "gpu")
+    start = time.perf_counter()
+    compiled = Trainer(cfg, mesh).compile()
+    seconds = time.perf_counter() - start
+    memory = _memory(compiled)
+    per_device = (memory["argument"] + memory["output"] + memory["temp"] - memory["alias"])
+    found = hlo.collectives(compiled.as_text(), len(devices))
+    return {
+        "fleet": fleet.name,
+        "plan": {"mesh": dict(resolved.mesh), "dcn": dict(resolved.dcn), "preset": plan.preset,
+                 "microbatches": plan.microbatches, "remat": plan.remat},
+        "bytes_per_device": int(per_device),
+        "hbm_bytes": int(fleet.device.hbm_bytes),
+        "fits": per_device <= fleet.device.hbm_bytes,
+        "memory_analysis": memory,
+        "collectives": {k: {"count": v["count"], "bytes": int(v["bytes"]),
+                            "volume": int(v["volume"])} for k, v in found.items() if v["count"]},
+        "predicted": {"bytes_per_device": int(predicted.bytes_per_device),
+                      "memory": {k: int(v) for k, v in predicted.memory.items()},
+                      "collective_volume": {k: int(v) for k, v in predicted.comm_by_kind.items()},
+                      "comm_bytes": {k: int(v) for k, v in predicted.comm.items()},
+                      "step_time_s": predicted.step_time_s, "mfu": predicted.mfu},
+        "compile_s": seconds,
+    }
+
+
+def report_json(report: dict) -> dict:
+    """The documented JSON form: topology, bytes_per_device, memory_analysis, collectives,
+    predicted (which names the plan it predicts for)."""
+    memory = dict(report["memory_analysis"], hbm=report["hbm_bytes"])
+    predicted = dict(report["predicted"], plan=report["plan"], fleet=report["fleet"])
+    return {"topology": report["topology"], "bytes_per_device": report["bytes_per_device"],
+            "memory_analysis": memory, "collectives": report["collectives"],
+            "predicted": predicted}
+
+
+def _text(report: dict) -> str:
+    gib = 1024 ** 3
+    m = report["memory_analysis"]
+    p = report["predicted"]
+    lines = [f"{report['topology']} ({report['fleet']}): compiled in {report['compile_s']:.1f} s",
+             f"plan: {report['plan']}",
+             f"memory per chip: {report['bytes_per_device'] / gib:.3f} GiB compiled "
+             f"(arguments {m['argument'] / gib:.3f} + outputs {m['output'] / gib:.3f} + temporaries "
+             f"{m['temp'] / gib:.3f} - aliased {m['alias'] / gib:.3f}), "
+             f"{p['bytes_per_device'] / gib:.3f} GiB predicted; HBM {report['hbm_bytes'] / gib:.0f} GiB",
+             "collectives (count per step, bytes sent per chip, full-buffer volume):"]
+    for kind, v in report["collectives"].items():
+        lines.append(f"  {kind:20s} {v['count']:6d}  {v['bytes'] / 1e6:10.1f} MB  "
+                     f"{v['volume'] / 1e6:10.1f} MB")
+    total = sum(v["volume"] for v in report["collectives"].values())
+    lines.append(f"  volume: {total / 1e6:.1f} MB compiled, "
+                 f"{sum(p['collective_volume'].values()) / 1e6:.1f} MB predicted")
+    lines.append(f"predicted step {p['step_time_s']:.3f} s, MFU {p['mfu']:.1%} (upper bound)")
+    return "\n".join(lines)
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+    try:
+        from paxlike import config as config_lib
+        from paxlike.planner import fleets, search
+        if not _TOPOLOGY.value:
+            raise UserError("--topology is required, e.g. --topology=v5p:4x4x4")
+        cfg = _CONFIG.value
+        config_lib.validate(cfg)
+        devices = topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
+        plan = None
+        if _PLAN.value == "top":
+            fleet = fleets.fleet_for_devices(devices)
+            result = search.search(cfg, fleet, backend="tpu")
+            if not result.plans:
+                print(f"paxlike: {search.infeasible_message(cfg, result, 'tpu')}", file=sys.stderr)
+                sys.exit(1)
+            plan = result.plans[0].plan
+        report = compile_plan(cfg, devices, plan)
+        report = {"topology": _TOPOLOGY.value + (f" x{_NUM_SLICES.value} slices"
+                                                 if _NUM_SLICES.value > 1 else ""), **report}
+        print(json.dumps(report_json(report), indent=1) if _JSON.value else _text(report))
+        if not report["fits"]:
+            gib = 1024 ** 3
+            print(f"paxlike: the train step needs {report['bytes_per_device'] / gib:.2f} GiB per "
+                  f"chip but a chip has {report['hbm_bytes'] / gib:.0f} GiB", file=sys.stderr)
+            sys.exit(1)
+    except UserError as e:
+        cli.fail(str(e))
+
+
+def _parse_flags(argv):
+    global _CONFIG
+    parsed, _CONFIG = cli.parse_flags_with_config(argv)
+    return parsed
+
+
+def run_cli():
+    app.run(main, flags_parser=_parse_flags)
+
+
+if __name__ == "__main__":
+    run_cli()
