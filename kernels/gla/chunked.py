@@ -55,18 +55,25 @@ def _choose(ops, G, run, *args):
 # Chunk-major [N, B, H, C, D]: the chunk scan runs over axis 0 without transposes, and every einsum
 # has its batch dims (n, b, h) leading, which XLA:CPU's batched dot wants.
 
-def to_chunks(x: jax.Array, chunk: int) -> jax.Array:
-    """[B, T, H, D] -> [N, B, H, C, D], zero-padding T up to a multiple of C."""
+def to_chunks(x: jax.Array, chunk: int, token_major: bool = False) -> jax.Array:
+    """[B, T, H, D] -> [N, B, H, C, D] (or [N, B, C, H, D] if token_major), zero-padding T."""
     B, T, H, D = x.shape
     n = -(-T // chunk)
     x = jnp.pad(x, ((0, 0), (0, n * chunk - T), (0, 0), (0, 0)))
-    return x.reshape(B, n, chunk, H, D).transpose(1, 0, 3, 2, 4)
+    return x.reshape(B, n, chunk, H, D).transpose((1, 0, 2, 3, 4) if token_major else (1, 0, 3, 2, 4))
 
 
-def from_chunks(x: jax.Array, T: int) -> jax.Array:
-    """[N, B, H, C, D] -> [B, T, H, D] (drops padding)."""
-    N, B, H, C, D = x.shape
-    return x.transpose(1, 0, 3, 2, 4).reshape(B, N * C, H, D)[:, :T]
+def from_chunks(x: jax.Array, T: int, token_major: bool = False) -> jax.Array:
+    """Inverse of to_chunks (drops padding)."""
+    x = x.transpose(1, 0, 2, 3, 4) if token_major else x.transpose(1, 0, 3, 2, 4)
+    B, N, C, H, D = x.shape
+    return x.reshape(B, N * C, H, D)[:, :T]
+
+
+def _head_major(x):
+    """[.., C, H, D] <-> [.., H, C, D]. Blocked ops keep whole-sequence arrays token-major (for
+    B = 1 a free reshape of [B, T, H, D]) and transpose one cache-sized block at a time."""
+    return jnp.swapaxes(x, -3, -2)
 
 
 def segment_offsets(segment_ids: jax.Array, chunk: int) -> jax.Array:
@@ -144,16 +151,18 @@ def _fwd_body(ops, q, k, v, G, h0, seg):
 
 def _core_fwd(ops, q, k, v, g, h0, seg):
     n_blocks, M = _blocking(ops, q.shape[0])
-    if n_blocks == 1:
-        G = chunk_cumsum(g.astype(h0.dtype))             # chunk-local cumulative log decay
-        o, final = _choose(ops, G, _fwd_body, q, k, v, G, h0, seg)
-        return (o, final), (q, k, v, g, h0, seg)
+    hm = _head_major if ops.block is not None else (lambda x: x)
 
     def block(S, xs):
         qb, kb, vb, gb, sb = xs
-        G = chunk_cumsum(gb.astype(h0.dtype))
+        qb, kb, vb, gb = (hm(x) for x in (qb, kb, vb, gb))
+        G = chunk_cumsum(gb.astype(h0.dtype))             # chunk-local cumulative log decay
         o, S = _choose(ops, G, _fwd_body, qb, kb, vb, G, S, sb)
-        return S, o
+        return S, hm(o)
+
+    if n_blocks == 1:
+        final, o = block(h0, (q, k, v, g, seg))
+        return (o, final), (q, k, v, g, h0, seg)
     final, o = jax.lax.scan(block, h0, _to_blocks((q, k, v, g, seg), M))
     return (_from_blocks(o, q.shape[0]), final), (q, k, v, g, h0, seg)
 
@@ -163,27 +172,32 @@ def _core_bwd(ops, res, cts):
     do, dST = cts
     N = q.shape[0]
     n_blocks, M = _blocking(ops, N)
-    if n_blocks == 1:
-        G = chunk_cumsum(g.astype(h0.dtype))
-        return _choose(ops, G, _bwd_body, q, k, v, g, G, h0, seg, do, dST)
-
-    def states(S, xs):          # block-start states only: U and the chunk scan, no outputs
-        kb, vb, gb, sb = xs
-        G = chunk_cumsum(gb.astype(h0.dtype))
-        U = _choose(ops, G, lambda o, *a: o.fwd_state(*a), kb, vb, G, sb)
-        return forward_states(S, chunk_decay(G, sb), U)[1], S
+    hm = _head_major if ops.block is not None else (lambda x: x)
+    zseg = None if seg is None else jnp.zeros_like(seg)
 
     def block(dS, xs):
         qb, kb, vb, gb, sb, dob, S0 = xs
+        qb, kb, vb, gb, dob = (hm(x) for x in (qb, kb, vb, gb, dob))
         G = chunk_cumsum(gb.astype(h0.dtype))
         dq, dk, dv, dg, dS, _ = _choose(ops, G, _bwd_body, qb, kb, vb, gb, G, S0, sb, dob, dS)
-        return dS, (dq, dk, dv, dg)
+        return dS, tuple(hm(x) for x in (dq, dk, dv, dg))
+
+    if n_blocks == 1:
+        dh0, grads = block(dST, (q, k, v, g, seg, do, h0))
+        return grads + (dh0, zseg)
+
+    def states(S, xs):          # block-start states only: U and the chunk scan, no outputs
+        kb, vb, gb, sb = xs
+        kb, vb, gb = (hm(x) for x in (kb, vb, gb))
+        G = chunk_cumsum(gb.astype(h0.dtype))
+        U = _choose(ops, G, lambda o, *a: o.fwd_state(*a), kb, vb, G, sb)
+        return forward_states(S, chunk_decay(G, sb), U)[1], S
 
     blocks = _to_blocks((q, k, v, g, seg, do), M)
     _, S0 = jax.lax.scan(states, h0, (blocks[1], blocks[2], blocks[3], blocks[4]))
     dh0, grads = jax.lax.scan(block, dST.astype(h0.dtype), blocks + (S0,), reverse=True)
     dq, dk, dv, dg = (_from_blocks(x, N) for x in grads)
-    return dq, dk, dv, dg, dh0, None if seg is None else jnp.zeros_like(seg)
+    return dq, dk, dv, dg, dh0, zseg
 
 
 def _blocking(ops, N):
@@ -240,6 +254,7 @@ def chunked_gla(ops: ChunkOps, q, k, v, g, *, scale, initial_state, segment_ids,
     h0 = (jnp.zeros((B, H, K, V), acc) if initial_state is None
           else initial_state.astype(acc))
     seg = None if segment_ids is None else segment_offsets(segment_ids, chunk_size)
-    q, k, v, g = (to_chunks(x, chunk_size) for x in (q, k, v, g))
+    tm = ops.block is not None
+    q, k, v, g = (to_chunks(x, chunk_size, tm) for x in (q, k, v, g))
     o, final = _chunked_core_jit(ops, q, k, v, g, h0, seg)
-    return from_chunks(o, T).astype(q.dtype), final
+    return from_chunks(o, T, tm).astype(q.dtype), final
