@@ -13,6 +13,9 @@ rowsum(S_{n+1} ⊙ dS_{n+1})", which needs no extra kernel.
 
 Only step 1/3-style chunk-local work lives in `ops`, so the XLA (vectorised einsums) and Pallas
 (one grid point per chunk) paths share this file: layout, padding, segments, scans and custom_vjp.
+With `ops.block` set (the XLA path), the sequence is walked in blocks of that many chunks by an
+outer scan carrying the state (and, backward, dS), so temporaries stay cache-sized on CPU; the
+backward first reruns a state-only scan to get each block's starting state.
 
 Segments: `seg` is [N, B, 1, C] float, the number of document starts since the end of the previous
 chunk (0 = same document as the chunk-start state). Row r sees key j iff seg[r] == seg[j]; row r
@@ -32,12 +35,13 @@ from .reference import acc_dtype, resets_from_segments
 
 
 class ChunkOps(NamedTuple):
-    """Chunk-local primitives; arrays are chunk-major [N, B, H, C, *], seg [N, B, 1, C] or None."""
+    """Chunk-local primitives; arrays are [N, B, H, C, *] (N: chunks of this call or block),
+    seg [N, B, 1, C] or None."""
     fwd_state: callable   # (k, v, G, seg) -> U [N,B,H,K,V]
     fwd_out: callable     # (q, k, v, G, seg, S) -> O [N,B,H,C,V]
     bwd_prep: callable    # (q, k, v, G, seg, dO) -> (U, W)
     bwd_grads: callable   # (q, k, v, G, seg, dO, S, dS_next) -> (dq, dk, dv, q⊙dq − k⊙dk)
-    # optional cheaper ops valid only where fast_ok(G) (a traced bool) holds; chosen per call
+    # optional cheaper ops valid only where fast_ok(G) (a traced bool) holds; chosen per block
     fast: "ChunkOps | None" = None
     fast_ok: callable = None
     block: int | None = None    # chunks processed at once (None: all); see _blocking
