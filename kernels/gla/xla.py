@@ -1,13 +1,18 @@
-"""Chunk-local GLA primitives in plain XLA, vectorised over [B, H, N] (the CPU fast path).
+"""Chunk-local GLA primitives in plain XLA, vectorised over [N, B, H] (the CPU fast path).
 
-Every chunk is handled at once with batched einsums, so XLA sees a few large fused ops instead of
-a loop. Intra-chunk scores use the secondary (sub-chunk) stabilisation of KERNELS.md §1:
+All chunks of a block (see chunked._blocking) are handled at once with batched einsums, so XLA
+sees a few large fused ops instead of a per-chunk loop. Two variants:
+
+Stable ops (any gate): intra-chunk scores use the secondary (sub-chunk) stabilisation of
+KERNELS.md §1:
 
 * off-diagonal sub-blocks I > J: A_IJ = (Q_I ⊙ e^{G_I − ζ_I}) (K_J ⊙ e^{ζ_I − G_J})ᵀ with ζ_I the
   cumulative decay at the first row of sub-chunk I; both exponents are ≤ 0, so nothing overflows
   however strong the gates are, and it is a plain matmul;
 * diagonal sub-blocks: elementwise in log space, Σ_k q_rk k_jk e^{G_rk − G_jk} (exponent clamped
   at 0 so the masked upper triangle cannot produce inf).
+
+Fast ops (bounded gates, picked per block by a lax.cond): one whole-chunk factorisation, below.
 
 Inputs arrive in their own dtype and are upcast to the accumulation dtype (fp32, or fp64 for fp64
 inputs): on CPU bf16 matmuls are slower than fp32 ones, and fp32 keeps the bf16 error budget for
@@ -169,7 +174,7 @@ def _with_diagonal(q, k, dq_off, dk_off, dA_diag):
 # stable path uses, so accuracy is unchanged; the gain is on CPU, where the elementwise diagonal
 # blocks cost more than all matmuls: two exps per element in total and Q ⊙ e^G, K ⊙ e^{−G} shared
 # by every product. Weak gates (τ = 16: |G| over a chunk is ~3-10) always qualify; the driver
-# falls back to the stable ops above whenever any chunk spans more than _FAST_RANGE.
+# falls back to the stable ops above for a block in which any chunk spans more than _FAST_RANGE.
 _FAST_RANGE = 60.0          # e^60 ≈ 1e26: products with |q|, |k|, K stay far from fp32 overflow
 
 
