@@ -426,8 +426,9 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     step = slowest[1]
     fits = memory["total"] <= fleet.device.hbm_bytes
     units["saved"] = memory["activations"] / fit["saved"] if fit["saved"] else 0.0
+    mfu = min(model_flops / (step * peak), 1.0)   # 1 + rounding when compute-bound without remat
     return Cost(plan, memory, comm, {k: v for k, v in kinds.items() if v}, compute_s, comm_s,
-                step, model_flops / (step * peak), slowest[0], fits, fleet.device.hbm_bytes, units)
+                step, mfu, slowest[0], fits, fleet.device.hbm_bytes, units)
 
 
 def _bandwidth(fleet: Fleet, axis: str, link: str, sizes, dcn) -> float:
