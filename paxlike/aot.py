@@ -129,9 +129,10 @@ def _text(report: dict) -> str:
     lines = [f"{report['topology']} ({report['fleet']}): compiled in {report['compile_s']:.1f} s",
              f"plan: {report['plan']}",
              f"memory per chip: {report['bytes_per_device'] / gib:.3f} GiB compiled "
-             f"(arguments {m['argument'] / gib:.3f} + outputs {m['output'] / gib:.3f} + temporaries "
-             f"{m['temp'] / gib:.3f} - aliased {m['alias'] / gib:.3f}), "
-             f"{p['bytes_per_device'] / gib:.3f} GiB predicted; HBM {report['hbm_bytes'] / gib:.0f} GiB",
+             f"(arguments {m['argument'] / gib:.3f} + outputs {m['output'] / gib:.3f} + "
+             f"temporaries {m['temp'] / gib:.3f} - aliased {m['alias'] / gib:.3f}), "
+             f"{p['bytes_per_device'] / gib:.3f} GiB predicted; "
+             f"HBM {report['hbm_bytes'] / gib:.0f} GiB",
              "collectives (count per step, bytes sent per chip, full-buffer volume):"]
     for kind, v in report["collectives"].items():
         lines.append(f"  {kind:20s} {v['count']:6d}  {v['bytes'] / 1e6:10.1f} MB  "

@@ -88,8 +88,9 @@ def main(argv):
                   f"TFLOP/s bf16 each), {fleet.granules} slice/node(s); {len(result.plans)} "
                   f"feasible of {result.considered} plans considered in {elapsed:.2f} s")
             print(table(result, _TOP.value))
-            print("step time = max(compute at peak, ICI time, DCN time): communication is "
-                  "assumed to overlap compute fully, so MFU is an upper bound.")
+            print("step time = max(compute at peak, ICI time, DCN time), link time = bytes / "
+                  "bandwidth + latency per collective; communication is assumed to overlap "
+                  "compute fully, so MFU is an upper bound.")
     except UserError as e:
         cli.fail(str(e))
 

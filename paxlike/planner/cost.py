@@ -266,7 +266,8 @@ class TransformerActivations:
     @staticmethod
     def flops_per_step(cfg) -> float:
         from paxlike.config import model_module
-        return model_module(cfg).flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+        tokens = cfg.batch_size * cfg.seq_len
+        return model_module(cfg).flops_per_token(cfg.model, cfg.seq_len) * tokens
 
     def flops_per_token_extra(self, remat: str, seq_len: int) -> float:
         """Recomputation FLOPs per token added by remat (beyond the 6N model FLOPs)."""
@@ -408,7 +409,8 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     # Time: compute at the device's peak; communication per link at its bandwidth; overlapped.
     n = math.prod(sizes.values())
     model_flops = acts.flops_per_step(cfg)
-    flops = model_flops + acts.flops_per_token_extra(plan.remat, cfg.seq_len) * cfg.batch_size * cfg.seq_len
+    tokens = cfg.batch_size * cfg.seq_len
+    flops = model_flops + acts.flops_per_token_extra(plan.remat, cfg.seq_len) * tokens
     peak = fleet.device.peak_flops * n
     compute_s = flops / peak
     comm_s = {"ici": 0.0, "dcn": 0.0}

@@ -180,7 +180,7 @@ def cpu_device(num_devices: int) -> DeviceSpec:
 
 
 def device_for_kind(device_kind: str) -> DeviceSpec | None:
-    """The spec of a jax device kind ('TPU v5 lite', 'NVIDIA H100 80GB HBM3'…), None if unknown."""
+    """The spec of a jax device kind ('TPU v5 lite', 'NVIDIA H100 80GB HBM3'), None if unknown."""
     best = None
     for spec in DEVICES.values():
         for kind in spec.kinds:
