@@ -65,6 +65,15 @@ def _memory(compiled) -> dict:
     return {k.removesuffix("_size_in_bytes"): int(getattr(m, k)) for k in keys}
 
 
+def _bytes_in(message: str) -> int:
+    """The 'required' figure of an XLA out-of-memory message, e.g. '... temporaries (2.06T)'."""
+    import re
+    m = re.search(r"required[^(]*\(([\d.]+)([KMGT]?)\)", message)
+    if not m:
+        return 0
+    return int(float(m.group(1)) * 1024 ** " KMGT".index(m.group(2) or " "))
+
+
 def compile_plan(cfg, devices, plan=None) -> dict:
     """Compiles the train step for `plan` (None: the config as it is) on `devices`.
 
@@ -88,18 +97,28 @@ def compile_plan(cfg, devices, plan=None) -> dict:
     backend = devices[0].platform
     predicted = cost.estimate(cfg, resolved, fleet, backend if backend != "gpu" else "gpu")
     start = time.perf_counter()
-    compiled = Trainer(cfg, mesh).compile()
+    try:
+        compiled = Trainer(cfg, mesh).compile()
+    except Exception as e:  # noqa: BLE001 - only the compiler's out-of-memory verdict is ours
+        if "RESOURCE_EXHAUSTED" not in str(e):
+            raise
+        compiled, oom = None, str(e).splitlines()[0]
     seconds = time.perf_counter() - start
-    memory = _memory(compiled)
-    per_device = (memory["argument"] + memory["output"] + memory["temp"] - memory["alias"])
-    found = hlo.collectives(compiled.as_text(), len(devices))
+    if compiled is None:
+        # The TPU compiler refuses programs that exceed HBM; its message has the figure.
+        memory = {"error": oom, "temp": _bytes_in(oom)}
+        per_device, found = memory["temp"], {}
+    else:
+        memory = _memory(compiled)
+        per_device = (memory["argument"] + memory["output"] + memory["temp"] - memory["alias"])
+        found = hlo.collectives(compiled.as_text(), len(devices))
     return {
         "fleet": fleet.name,
         "plan": {"mesh": dict(resolved.mesh), "dcn": dict(resolved.dcn), "preset": plan.preset,
                  "microbatches": plan.microbatches, "remat": plan.remat},
         "bytes_per_device": int(per_device),
         "hbm_bytes": int(fleet.device.hbm_bytes),
-        "fits": per_device <= fleet.device.hbm_bytes,
+        "fits": compiled is not None and per_device <= fleet.device.hbm_bytes,
         "memory_analysis": memory,
         "collectives": {k: {"count": v["count"], "bytes": int(v["bytes"]),
                             "volume": int(v["volume"])} for k, v in found.items() if v["count"]},
@@ -126,6 +145,10 @@ def _text(report: dict) -> str:
     gib = 1024 ** 3
     m = report["memory_analysis"]
     p = report["predicted"]
+    if "error" in m:
+        return (f"{report['topology']} ({report['fleet']}): the TPU compiler refused the train "
+                f"step after {report['compile_s']:.1f} s: {m['error']}\n"
+                f"plan: {report['plan']}; predicted {p['bytes_per_device'] / gib:.3f} GiB per chip")
     lines = [f"{report['topology']} ({report['fleet']}): compiled in {report['compile_s']:.1f} s",
              f"plan: {report['plan']}",
              f"memory per chip: {report['bytes_per_device'] / gib:.3f} GiB compiled "
