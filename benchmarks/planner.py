@@ -85,6 +85,8 @@ def main():
                 report = aot.compile_plan(cfg, devices, top.plan)
                 compiled = f"{report['bytes_per_device'] / GIB:.2f}"
                 ratio = f"{top.bytes_per_device / report['bytes_per_device']:.2f}"
+                if not report["fits"]:
+                    compiled += f" (exceeds {report['hbm_bytes'] / GIB:.0f} GiB HBM)"
                 seconds = f"{report['compile_s']:.0f}"
                 volume = sum(v["volume"] for v in report["collectives"].values())
                 details += [f"Top plan compiled for {fleet.aot_topology} x{fleet.granules} in "
