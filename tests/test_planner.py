@@ -81,7 +81,7 @@ CPU_CASES = {
     "heldout_fsdp2_tensor4_heads8": ({"model.num_heads": 8, "model.num_kv_heads": 4,
                                       "batch_size": 8}, {"fsdp": 2, "tensor": 4}),
 }
-# Measured: +17% and +31% (the model's CPU temporaries do not yet generalise to these shapes; see
+# Measured: +19% and +26% (the model's CPU temporaries do not yet generalise to these shapes; see
 # docs/planner.md). Strict: the day the model predicts them, this marker must go.
 _HELD_OUT_MEMORY_GAP = pytest.mark.xfail(strict=True, reason="known gap of the CPU memory model "
                                          "on configurations outside its calibration set")

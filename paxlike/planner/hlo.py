@@ -1,17 +1,21 @@
 """What a compiled program really does: collectives and their bytes, read from the optimized HLO.
 
-The TPU compiler rewrites collectives freely: an FSDP all-gather feeding a matmul becomes a loop of
-collective-permutes ("windowed einsum"), small ones are fused or combined, the CPU backend emits
-all-reduce where TPU emits reduce-scatter. Counting ops is therefore backend-specific, but the bytes
-each device *sends* are comparable across all of them, so that is the figure we report and the
-cost model predicts:
+The compilers rewrite collectives freely: TPU runs an FSDP all-gather feeding a matmul as a loop
+of collective-permutes ("windowed einsum") or as an all-reduce of a zero-padded buffer, splits
+one collective into several "async collective fusion" pieces (one channel id: counted once), and
+the CPU backend emits all-reduce where TPU emits reduce-scatter. Op counts are therefore
+backend-specific. Two figures are reported per kind:
 
-  all-gather         output × (g-1)/g          reduce-scatter   input × (g-1)/g
-  all-reduce         2 × size × (g-1)/g        all-to-all       size × (g-1)/g
-  collective-permute size (each device sends its operand once)
+  volume  the full buffer each collective gathers / reduces / permutes (gathered output,
+          unreduced input, permuted operand): the same for every rewrite above (a windowed
+          ring permutes g+1 chunks of 1/g), so this is what the cost model's prediction is
+          checked against;
+  bytes   what each device sends on a ring: all-gather and reduce-scatter volume × (g-1)/g,
+          all-reduce 2 × volume × (g-1)/g, all-to-all volume × (g-1)/g, permute its operand;
 
-where g is the replica-group size. Ops inside loops are multiplied by the loop's trip count (read
-from its condition, `i < N`), and ops inside fusions/calls by how often those run.
+where g is the replica-group size. Ops inside loops are multiplied by the loop's trip count (the
+CPU backend states it; on TPU it is read from the condition `i < N` and the counter's step), and
+ops inside fusions / calls by how often those run.
 """
 
 from __future__ import annotations
