@@ -15,7 +15,8 @@ Only step 1/3-style chunk-local work lives in `ops`, so the XLA (vectorised eins
 (one grid point per chunk) paths share this file: layout, padding, segments, scans and custom_vjp.
 With `ops.block` set (the XLA path), the sequence is walked in blocks of that many chunks by an
 outer scan carrying the state (and, backward, dS), so temporaries stay cache-sized on CPU; the
-backward first reruns a state-only scan to get each block's starting state.
+forward keeps each block's starting state (one [B, H, K, V] state per block) as a residual, so the
+backward needs no extra state pass and recomputes only the chunk states inside each block.
 
 Segments: `seg` is [N, B, 1, C] float, the number of document starts since the end of the previous
 chunk (0 = same document as the chunk-start state). Row r sees key j iff seg[r] == seg[j]; row r
