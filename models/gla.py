@@ -180,34 +180,21 @@ class Block(nnx.Module):
         return constrain(x, SEQ), state
 
 
-class GLALanguageModel(nnx.Module):
+class GLALanguageModel(layers.TokenIO, nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         problems = validate(cfg)
         if problems:
             raise ValueError("; ".join(problems))
         self.cfg = cfg
         self.compute_dtype = COMPUTE_DTYPES[cfg.compute_dtype]
-        self.embed = layers.param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
-                                  ("vocab", "embed"))
+        self.init_token_io(cfg, rngs)
         self.layers = layers.stack_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
-        self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        if not cfg.tie_embeddings:
-            self.unembed = layers.param(rngs, layers.scaled_normal(cfg.d_model),
-                                        (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
     def _embed(self, tokens):
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(self.compute_dtype)
-        return constrain(x, SEQ)
+        return self.embed_tokens(tokens, self.compute_dtype)
 
     def _logits(self, x):
-        x = self.final_norm(x)
-        dt = self.compute_dtype
-        if self.cfg.tie_embeddings:
-            # Embeddings have std 1; scale so tied logits start at O(1) like the untied head.
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt)) / math.sqrt(self.cfg.d_model)
-        else:
-            logits = x @ self.unembed[...].astype(dt)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return self.output_logits(x)
 
     def __call__(self, tokens, positions, segment_ids, *, dropout_key=None):
         """tokens, positions, segment_ids: [B, T] int. Returns float32 logits [B, T, vocab].

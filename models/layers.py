@@ -71,6 +71,38 @@ class SwiGLU(nnx.Module):
         return constrain(out, ("batch", "length", "act_embed"))
 
 
+class TokenIO:
+    """Token embedding, final RMSNorm and output head (tied or not) shared by the decoder LMs.
+
+    A mixin rather than a sub-module so that the parameters keep their top-level names
+    (`embed`, `final_norm`, `unembed`) in every model's state and checkpoints.
+    """
+
+    def init_token_io(self, cfg, rngs: nnx.Rngs) -> None:
+        self.embed = param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
+                           ("vocab", "embed"))
+        self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
+        self.tie_embeddings = cfg.tie_embeddings
+        if not cfg.tie_embeddings:
+            self.unembed = param(rngs, scaled_normal(cfg.d_model), (cfg.d_model, cfg.vocab_size),
+                                 ("embed", "vocab"))
+
+    def embed_tokens(self, tokens: jax.Array, dtype) -> jax.Array:
+        x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
+        return constrain(x, ("batch", "length", "act_embed"))
+
+    def output_logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and head; float32 logits [B, T, vocab]."""
+        x = self.final_norm(x)
+        dt = x.dtype
+        if self.tie_embeddings:
+            # Embeddings have std 1; scale so tied logits start at O(1) like the untied head.
+            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt)) / math.sqrt(x.shape[-1])
+        else:
+            logits = x @ self.unembed[...].astype(dt)
+        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
     if rate == 0.0 or key is None:
         return x

@@ -260,37 +260,25 @@ class MixerBlock(nnx.Module):
         return constrain(x, ("batch", "length", "act_embed"))
 
 
-class ParaRNNLM(nnx.Module):
+class ParaRNNLM(layers.TokenIO, nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         problems = validate(cfg)
         if problems:
             raise ValueError("; ".join(problems))
         self.cfg = cfg
         self.compute_dtype = COMPUTE_DTYPES[cfg.compute_dtype]
-        self.embed = layers.param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
-                                  ("vocab", "embed"))
+        self.init_token_io(cfg, rngs)
         self.layers = layers.stack_layers(lambda r: MixerBlock(cfg, r), cfg.num_layers, rngs)
-        self.final_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        if not cfg.tie_embeddings:
-            self.unembed = layers.param(rngs, layers.scaled_normal(cfg.d_model),
-                                        (cfg.d_model, cfg.vocab_size), ("embed", "vocab"))
 
     def __call__(self, tokens, positions, segment_ids, *, dropout_key=None):
         """tokens, positions, segment_ids: [B, T] int. Returns float32 logits [B, T, vocab]."""
-        dt = self.compute_dtype
-        x = jnp.take(self.embed[...], tokens, axis=0).astype(dt)
-        x = constrain(x, ("batch", "length", "act_embed"))
+        x = self.embed_tokens(tokens, self.compute_dtype)
         doc = document_index(positions, segment_ids)
         keep = jnp.concatenate([jnp.zeros_like(doc[:, :1]), (doc[:, 1:] == doc[:, :-1])], axis=1)
         keep = constrain(keep.astype(jnp.float32), ("batch", "length"))
         x = layers.scan_layers(self.layers, x, lambda blk, h, k: blk(h, doc, keep, k),
                                remat=self.cfg.remat, key=dropout_key)
-        x = self.final_norm(x)
-        if self.cfg.tie_embeddings:
-            logits = jnp.einsum("btd,vd->btv", x, self.embed[...].astype(dt)) / math.sqrt(self.cfg.d_model)
-        else:
-            logits = x @ self.unembed[...].astype(dt)
-        return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+        return self.output_logits(x)
 
 
 def build(cfg, rngs: nnx.Rngs) -> ParaRNNLM:
