@@ -11,9 +11,12 @@ accelerators and ahead-of-time compiles.
 """
 
 from models import gla
-from paxlike.config import base_config
+from paxlike.config import sized_config
 
 TOKENS_PER_STEP = 256 * 2048  # the paper's 0.5M-token batches
+# The paper's recipe: lr 3e-4 cosine to 3e-5, wd 0.01, clip 1.0, 0.5B warmup tokens.
+PAPER_OPTIMIZER = dict(learning_rate=3e-4, min_lr_ratio=0.1, weight_decay=0.01, clip_norm=1.0,
+                       warmup_steps=500_000_000 // TOKENS_PER_STEP)
 
 # Model shape, then trainer settings that go with it.
 SIZES = {
@@ -24,28 +27,13 @@ SIZES = {
     "340m": dict(model=dict(d_model=1024, num_layers=24, num_heads=4, mlp_dim=2816,
                             vocab_size=32768, compute_dtype="bfloat16"),
                  batch_size=256, seq_len=2048, steps=15_000_000_000 // TOKENS_PER_STEP,
-                 tokenizer="bpe"),
+                 tokenizer="bpe", optimizer=PAPER_OPTIMIZER),
     "1.3b": dict(model=dict(d_model=2048, num_layers=24, num_heads=4, mlp_dim=5632,
                             vocab_size=32768, compute_dtype="bfloat16", remat="save_dots"),
                  batch_size=256, seq_len=2048, steps=100_000_000_000 // TOKENS_PER_STEP,
-                 tokenizer="bpe"),
+                 tokenizer="bpe", optimizer=PAPER_OPTIMIZER),
 }
 
 
 def get_config(size: str = "tiny"):
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r} for experiments/gla.py; "
-                         f"choose one of {', '.join(SIZES)}")
-    spec = SIZES[size]
-    cfg = base_config()
-    cfg.model = gla.default_config()
-    cfg.model.update(spec["model"])
-    cfg.batch_size, cfg.seq_len, cfg.steps = spec["batch_size"], spec["seq_len"], spec["steps"]
-    if spec.get("tokenizer") == "bpe":
-        cfg.data.tokenizer = "bpe"
-        cfg.data.bpe_vocab_size = cfg.model.vocab_size
-        # The paper's recipe: lr 3e-4 cosine to 3e-5, wd 0.01, clip 1.0, 0.5B warmup tokens.
-        cfg.optimizer.update(learning_rate=3e-4, min_lr_ratio=0.1, weight_decay=0.01,
-                             clip_norm=1.0, warmup_steps=500_000_000 // TOKENS_PER_STEP)
-        cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 50, 1000, 1000
-    return cfg
+    return sized_config("experiments/gla.py", SIZES, size, gla.default_config())

@@ -9,7 +9,7 @@ accelerators (bfloat16 compute, BPE vocabulary, Newton with the Pallas scan) and
 """
 
 from models import pararnn
-from paxlike.config import base_config
+from paxlike.config import sized_config
 
 # Model shape, then trainer settings that go with it. Mixer-only blocks (mlp_dim=0) with a 2x
 # wide cell, as in Mamba-style stacks; 4 heads in the block-diagonal input projection (paper).
@@ -28,18 +28,4 @@ SIZES = {
 
 
 def get_config(size: str = "tiny"):
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r} for experiments/pararnn.py; "
-                         f"choose one of {', '.join(SIZES)}")
-    spec = SIZES[size]
-    cfg = base_config()
-    cfg.model = pararnn.default_config()
-    cfg.model.update(spec["model"])
-    cfg.batch_size, cfg.seq_len, cfg.steps = spec["batch_size"], spec["seq_len"], spec["steps"]
-    if spec.get("tokenizer") == "bpe":
-        cfg.data.tokenizer = "bpe"
-        cfg.data.bpe_vocab_size = cfg.model.vocab_size
-        cfg.optimizer.learning_rate = 3e-4
-        cfg.optimizer.warmup_steps = 2000
-        cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 50, 1000, 1000
-    return cfg
+    return sized_config("experiments/pararnn.py", SIZES, size, pararnn.default_config())

@@ -9,7 +9,7 @@ ahead-of-time compiles.
 """
 
 from models import transformer
-from paxlike.config import base_config
+from paxlike.config import sized_config
 
 # Model shape, then trainer settings that go with it.
 SIZES = {
@@ -35,18 +35,4 @@ SIZES = {
 
 
 def get_config(size: str = "tiny"):
-    if size not in SIZES:
-        raise ValueError(f"unknown size {size!r} for experiments/transformer.py; "
-                         f"choose one of {', '.join(SIZES)}")
-    spec = SIZES[size]
-    cfg = base_config()
-    cfg.model = transformer.default_config()
-    cfg.model.update(spec["model"])
-    cfg.batch_size, cfg.seq_len, cfg.steps = spec["batch_size"], spec["seq_len"], spec["steps"]
-    if spec.get("tokenizer") == "bpe":
-        cfg.data.tokenizer = "bpe"
-        cfg.data.bpe_vocab_size = cfg.model.vocab_size
-        cfg.optimizer.learning_rate = 3e-4
-        cfg.optimizer.warmup_steps = 2000
-        cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 50, 1000, 1000
-    return cfg
+    return sized_config("experiments/transformer.py", SIZES, size, transformer.default_config())

@@ -62,6 +62,30 @@ def base_config() -> ml_collections.ConfigDict:
     return c
 
 
+def sized_config(family: str, sizes: dict, size: str, model_defaults) -> ml_collections.ConfigDict:
+    """One size of an experiment family: `base_config()` plus `sizes[size]`.
+
+    A size gives `model` (overrides of `model_defaults`), `batch_size`, `seq_len` and `steps`, and
+    optionally `tokenizer="bpe"` (accelerator sizes: a BPE vocabulary as large as the model's,
+    learning rate 3e-4 with 2000 warmup steps unless `optimizer` overrides them, logging every 50
+    steps) and `optimizer` (overrides of the optimizer section).
+    """
+    if size not in sizes:
+        raise ValueError(f"unknown size {size!r} for {family}; choose one of {', '.join(sizes)}")
+    spec = sizes[size]
+    cfg = base_config()
+    cfg.model = model_defaults
+    cfg.model.update(spec["model"])
+    cfg.batch_size, cfg.seq_len, cfg.steps = spec["batch_size"], spec["seq_len"], spec["steps"]
+    if spec.get("tokenizer") == "bpe":
+        cfg.data.tokenizer = "bpe"
+        cfg.data.bpe_vocab_size = cfg.model.vocab_size
+        cfg.optimizer.update(learning_rate=3e-4, warmup_steps=2000)
+        cfg.log_every, cfg.eval_every, cfg.checkpoint_every = 50, 1000, 1000
+    cfg.optimizer.update(spec.get("optimizer", {}))
+    return cfg
+
+
 def model_module(cfg):
     """The models/ module that builds this config's model (named by `model.module`)."""
     name = cfg.model.get("module")
