@@ -29,11 +29,14 @@ def snapshot(directory) -> dict[str, str]:
     return result
 
 
-def small_test_config(**overrides):
-    cfg = transformer.get_config("tiny")
-    cfg.model.update(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64,
-                     vocab_size=512)
-    cfg.update(batch_size=16, seq_len=32, steps=5, log_every=1, eval_every=0,
+def shrunk_config(experiment, model: dict, *, steps: int = 5, **overrides):
+    """An experiment's `tiny` config shrunk so a train step takes milliseconds.
+
+    `model` replaces model sizes; `overrides` are dotted keys ("mesh.fsdp", "model.remat", ...).
+    """
+    cfg = experiment.get_config("tiny")
+    cfg.model.update(model)
+    cfg.update(batch_size=16, seq_len=32, steps=steps, log_every=1, eval_every=0,
                checkpoint_every=0, async_checkpoints=False)
     cfg.optimizer.warmup_steps = 2
     cfg.data.eval_batches = 1
@@ -44,6 +47,12 @@ def small_test_config(**overrides):
             node = node[p]
         node[leaf] = value
     return cfg
+
+
+def small_test_config(**overrides):
+    """The Transformer used by most trainer tests."""
+    return shrunk_config(transformer, dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2,
+                                           mlp_dim=64, vocab_size=512), **overrides)
 
 
 def cli_overrides(**overrides) -> list[str]:

@@ -9,6 +9,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from configs import shrunk_config
 from experiments import gla as gla_experiment
 from models import gla
 from paxlike import loop
@@ -20,20 +21,7 @@ SMALL_MODEL = dict(d_model=32, num_layers=2, num_heads=4, mlp_dim=64, vocab_size
 
 
 def _config(**overrides):
-    """The tiny experiment shrunk so a train step takes milliseconds (as tests/configs.py does)."""
-    cfg = gla_experiment.get_config("tiny")
-    cfg.model.update(SMALL_MODEL)
-    cfg.update(batch_size=16, seq_len=32, steps=4, log_every=1, eval_every=0,
-               checkpoint_every=0, async_checkpoints=False)
-    cfg.optimizer.warmup_steps = 2
-    cfg.data.eval_batches = 1
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return shrunk_config(gla_experiment, SMALL_MODEL, steps=4, **overrides)
 
 
 def _model(**overrides):

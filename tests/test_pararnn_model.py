@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 from jax.sharding import PartitionSpec as P
 
+from configs import shrunk_config
 from experiments import pararnn as experiment
 from models import pararnn
 from paxlike import loop
@@ -18,19 +19,8 @@ from paxlike.trainer import Trainer
 
 
 def small_config(**overrides):
-    cfg = experiment.get_config("tiny")
-    cfg.model.update(d_model=32, num_layers=2, expand=2, num_heads=4, vocab_size=512)
-    cfg.update(batch_size=16, seq_len=32, steps=4, log_every=1, eval_every=0,
-               checkpoint_every=0, async_checkpoints=False)
-    cfg.optimizer.warmup_steps = 2
-    cfg.data.eval_batches = 1
-    for key, value in overrides.items():
-        node = cfg
-        *parents, leaf = key.split(".")
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return shrunk_config(experiment, dict(d_model=32, num_layers=2, expand=2, num_heads=4,
+                                          vocab_size=512), steps=4, **overrides)
 
 
 def model_config(**overrides):
