@@ -33,7 +33,7 @@ from kernels import gla as gla_kernels
 from models import layers
 from paxlike.sharding import constrain
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = layers.COMPUTE_DTYPES
 GLA_IMPLS = ("auto", "xla", "pallas", "reference")
 
 # Activation layouts: heads are sharded over `tensor` exactly like the weights that produce them.
@@ -93,13 +93,7 @@ def validate(cfg) -> list[str]:
     elif cfg.gla_impl in ("pallas", "auto") and cfg.chunk_size & (cfg.chunk_size - 1):
         problems.append(f"model.chunk_size={cfg.chunk_size} must be a power of two for the Pallas "
                         f"kernel (model.gla_impl={cfg.gla_impl!r})")
-    if cfg.compute_dtype not in COMPUTE_DTYPES:
-        problems.append(f"model.compute_dtype={cfg.compute_dtype!r}; choose one of {list(COMPUTE_DTYPES)}")
-    if cfg.remat not in layers.REMAT_POLICIES:
-        problems.append(f"model.remat={cfg.remat!r}; choose one of {list(layers.REMAT_POLICIES)}")
-    if not 0.0 <= cfg.dropout_rate < 1.0:
-        problems.append(f"model.dropout_rate={cfg.dropout_rate} must be in [0, 1)")
-    return problems
+    return problems + layers.validate_common(cfg)
 
 
 class GatedLinearAttention(nnx.Module):

@@ -12,12 +12,25 @@ from flax import nnx
 
 from paxlike.sharding import constrain
 
+COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
     # Keep matmul outputs, recompute the cheap elementwise work in the backward pass.
     "save_dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
+
+
+def validate_common(cfg) -> list[str]:
+    """Problems with the model keys every family shares: compute_dtype, remat, dropout_rate."""
+    problems = []
+    for key, choices in (("compute_dtype", COMPUTE_DTYPES), ("remat", REMAT_POLICIES)):
+        if cfg[key] not in choices:
+            problems.append(f"model.{key}={cfg[key]!r}; choose one of {list(choices)}")
+    if not 0.0 <= cfg.dropout_rate < 1.0:
+        problems.append(f"model.dropout_rate={cfg.dropout_rate} must be in [0, 1)")
+    return problems
 
 
 def param(rngs: nnx.Rngs, init: Callable, shape: Sequence[int], names: Sequence[str | None]

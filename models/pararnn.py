@@ -33,7 +33,7 @@ from kernels.pararnn import cells
 from models import layers
 from paxlike.sharding import constrain
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = layers.COMPUTE_DTYPES
 CELLS = ("gru", "lstm")
 SOLVER_IMPLS = ("auto", "sequential", "parallel", "pallas")
 FALLBACKS = ("none", "sequential", "damped")
@@ -86,16 +86,13 @@ def validate(cfg) -> list[str]:
     if d_inner(cfg) % cfg.num_heads:
         problems.append(f"model.expand * model.d_model = {d_inner(cfg)} is not divisible by "
                         f"model.num_heads={cfg.num_heads}")
-    for key, choices in (("cell", CELLS), ("compute_dtype", tuple(COMPUTE_DTYPES)),
-                         ("remat", tuple(layers.REMAT_POLICIES)), ("solver_impl", SOLVER_IMPLS),
+    for key, choices in (("cell", CELLS), ("solver_impl", SOLVER_IMPLS),
                          ("solver_fallback", FALLBACKS)):
         if cfg[key] not in choices:
             problems.append(f"model.{key}={cfg[key]!r}; choose one of {list(choices)}")
     if cfg.mlp_dim < 0 or cfg.newton_tol < 0:
         problems.append("model.mlp_dim and model.newton_tol must be >= 0 (0 disables them)")
-    if not 0.0 <= cfg.dropout_rate < 1.0:
-        problems.append(f"model.dropout_rate={cfg.dropout_rate} must be in [0, 1)")
-    return problems
+    return problems + layers.validate_common(cfg)
 
 
 # --------------------------------------------------------------------------------- initialisers

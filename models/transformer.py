@@ -20,7 +20,7 @@ from flax import nnx
 from models import layers
 from paxlike.sharding import constrain
 
-COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+COMPUTE_DTYPES = layers.COMPUTE_DTYPES
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -62,13 +62,7 @@ def validate(cfg) -> list[str]:
                         f"{cfg.num_kv_heads} (grouped-query attention shares each KV head)")
     if head_dim(cfg) % 2:
         problems.append(f"head dimension {head_dim(cfg)} must be even for rotary embeddings")
-    if cfg.compute_dtype not in COMPUTE_DTYPES:
-        problems.append(f"model.compute_dtype={cfg.compute_dtype!r}; choose one of {list(COMPUTE_DTYPES)}")
-    if cfg.remat not in layers.REMAT_POLICIES:
-        problems.append(f"model.remat={cfg.remat!r}; choose one of {list(layers.REMAT_POLICIES)}")
-    if not 0.0 <= cfg.dropout_rate < 1.0:
-        problems.append(f"model.dropout_rate={cfg.dropout_rate} must be in [0, 1)")
-    return problems
+    return problems + layers.validate_common(cfg)
 
 
 class Attention(nnx.Module):
