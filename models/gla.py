@@ -174,15 +174,9 @@ class Block(nnx.Module):
         return constrain(x, SEQ), state
 
 
-class GLALanguageModel(layers.TokenIO, nnx.Module):
+class GLALanguageModel(layers.DecoderLM, nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
-        problems = validate(cfg)
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.cfg = cfg
-        self.compute_dtype = COMPUTE_DTYPES[cfg.compute_dtype]
-        self.init_token_io(cfg, rngs)
-        self.layers = layers.stack_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+        self.init_decoder(cfg, rngs, validate(cfg), lambda r: Block(cfg, r))
 
     def _embed(self, tokens):
         return self.embed_tokens(tokens, self.compute_dtype)

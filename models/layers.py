@@ -84,14 +84,21 @@ class SwiGLU(nnx.Module):
         return constrain(out, ("batch", "length", "act_embed"))
 
 
-class TokenIO:
-    """Token embedding, final RMSNorm and output head (tied or not) shared by the decoder LMs.
+class DecoderLM:
+    """The frame shared by the decoder LMs: config check, token embedding, stacked blocks, final
+    RMSNorm and output head (tied or not).
 
     A mixin rather than a sub-module so that the parameters keep their top-level names
-    (`embed`, `final_norm`, `unembed`) in every model's state and checkpoints.
+    (`embed`, `layers`, `final_norm`, `unembed`) in every model's state and checkpoints.
     """
 
-    def init_token_io(self, cfg, rngs: nnx.Rngs) -> None:
+    def init_decoder(self, cfg, rngs: nnx.Rngs, problems: list[str],
+                     make_block: Callable[[nnx.Rngs], nnx.Module]) -> None:
+        """`problems`: the model family's validate(cfg); any of them is a ValueError."""
+        if problems:
+            raise ValueError("; ".join(problems))
+        self.cfg = cfg
+        self.compute_dtype = COMPUTE_DTYPES[cfg.compute_dtype]
         self.embed = param(rngs, nnx.initializers.normal(1.0), (cfg.vocab_size, cfg.d_model),
                            ("vocab", "embed"))
         self.final_norm = RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
@@ -99,6 +106,7 @@ class TokenIO:
         if not cfg.tie_embeddings:
             self.unembed = param(rngs, scaled_normal(cfg.d_model), (cfg.d_model, cfg.vocab_size),
                                  ("embed", "vocab"))
+        self.layers = stack_layers(make_block, cfg.num_layers, rngs)
 
     def embed_tokens(self, tokens: jax.Array, dtype) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)

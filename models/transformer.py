@@ -114,15 +114,9 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal & same)[:, None]
 
 
-class Transformer(layers.TokenIO, nnx.Module):
+class Transformer(layers.DecoderLM, nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
-        problems = validate(cfg)
-        if problems:
-            raise ValueError("; ".join(problems))
-        self.cfg = cfg
-        self.compute_dtype = COMPUTE_DTYPES[cfg.compute_dtype]
-        self.init_token_io(cfg, rngs)
-        self.layers = layers.stack_layers(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+        self.init_decoder(cfg, rngs, validate(cfg), lambda r: Block(cfg, r))
 
     def __call__(self, tokens, positions, segment_ids, *, dropout_key=None):
         """tokens, positions, segment_ids: [B, T] int. Returns float32 logits [B, T, vocab]."""
