@@ -31,7 +31,7 @@ from flax import nnx
 
 from kernels import gla as gla_kernels
 from models import layers
-from paxlike.sharding import constrain
+from paxlike.sharding import constrain, per_shard
 
 COMPUTE_DTYPES = layers.COMPUTE_DTYPES
 GLA_IMPLS = ("auto", "xla", "pallas", "reference")
@@ -39,6 +39,8 @@ GLA_IMPLS = ("auto", "xla", "pallas", "reference")
 # Activation layouts: heads are sharded over `tensor` exactly like the weights that produce them.
 SEQ = ("batch", "length", "act_embed")
 HEADS = ("batch", "length", "heads", "head_dim")
+KERNEL_IO = ("batch", None, "heads", None)         # q, k, v, g, o inside the kernel's shard_map
+KERNEL_STATE = ("batch", "heads", None, None)
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -144,9 +146,16 @@ class GatedLinearAttention(nnx.Module):
         Without a state (training) no final state is computed and None is returned.
         """
         q, k, v, r, g = self._project(x)
-        o, final = gla_kernels.chunk_gla(q, k, v, g, initial_state=state, segment_ids=segment_ids,
+
+        def kernel(q, k, v, g, state, segment_ids):
+            return gla_kernels.chunk_gla(q, k, v, g, initial_state=state, segment_ids=segment_ids,
                                          output_final_state=state is not None,
                                          chunk_size=self.chunk_size, impl=self.impl)
+        # Pallas kernels are opaque to the SPMD partitioner: run the kernel per shard, split over
+        # batch and heads only (the recurrence couples the whole length, so it arrives whole).
+        o, final = per_shard(kernel, (q, k, v, g, state, segment_ids),
+                             (KERNEL_IO,) * 4 + (KERNEL_STATE, ("batch", None)),
+                             (KERNEL_IO, KERNEL_STATE))
         return self._output(constrain(o, HEADS), r), final
 
     def step(self, x, state):

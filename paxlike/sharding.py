@@ -15,7 +15,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import flax
 import jax
@@ -140,3 +140,26 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def batch_spec(rules: Rules, mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:
     """Sharding of a [batch, length] input array."""
     return logical_to_spec(("batch", "length"), shape, rules, mesh, "input batch")
+
+
+def per_shard(fn: Callable, args: Sequence, names: Sequence[Sequence[str | None]],
+              out_names: Sequence[Sequence[str | None]]):
+    """fn(*args) run once per device on its local blocks (`jax.shard_map`), with the arrays laid
+    out as their logical names map under the active rules.
+
+    For kernels the SPMD partitioner cannot split (Pallas Mosaic and Triton calls are opaque to
+    it: "Mosaic kernels cannot be automatically partitioned"). The names must only shard
+    dimensions the kernel treats independently (batch, heads); a dimension the kernel couples, like
+    a recurrence's length, must be named None so it arrives whole. Outside `use_rules` (a model run
+    on its own) this is fn(*args).
+    """
+    active = _ACTIVE.get()
+    if active is None:
+        return fn(*args)
+    mesh, rules = active
+    specs = lambda ns, xs: tuple(None if x is None else
+                                 logical_to_spec(n, x.shape, rules, mesh, "activation")
+                                 for n, x in zip(ns, xs))
+    outs = jax.eval_shape(fn, *args)
+    return jax.shard_map(fn, mesh=mesh, in_specs=specs(names, args),
+                         out_specs=specs(out_names, outs), check_vma=False)(*args)

@@ -10,6 +10,7 @@ only ones used (the same list is compiled for TPU and lowered for CUDA at the en
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import numpy as np
@@ -312,3 +313,51 @@ def test_pallas_triton_padding_interpreted():
                       segment_ids=seg, chunk_size=64, sub=16, backend="triton", interpret=True)
     ref = run("reference", x, seg, grads=False, precise=True)
     assert rel_rms(o, ref["o"]) <= TOL["float32"] and rel_rms(s, ref["S_T"]) <= TOL["float32"]
+
+
+def _impl_train_fn(impl):
+    def loss(q, k, v, g, h0, seg):
+        o, s = chunk_gla(q, k, v, g, initial_state=h0, segment_ids=seg, output_final_state=True,
+                         impl=impl)
+        return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
+
+
+def test_auto_follows_the_platform_it_is_lowered_for():
+    """impl="auto" is chosen when the program is lowered (lax.platform_dependent), not from the
+    host's backend: the same function is the XLA path on CPU, Mosaic kernels when compiled for a
+    TPU topology and Triton kernels when exported for CUDA, all from this CPU host."""
+    T, K, V, dtype, segments = PALLAS_CONFIGS["f32_seg_k100"]
+    x, seg = make(T, K, V, "float32", 1.0, segments=True)
+    args = [x[n] for n in ("q", "k", "v", "g", "h0")] + [seg]
+    auto = _impl_train_fn("auto")
+    with jax.enable_x64(False):
+        assert "custom_call" not in auto.lower(*args).compile().as_text()
+        (loss, grads), (want, want_grads) = auto(*args), _impl_train_fn("xla")(*args)
+    assert loss == want and all(bool(jnp.all(a == b)) for a, b in zip(grads, want_grads))
+    if importlib.util.find_spec("libtpu") is not None:   # the `tpu` extra
+        from jax.experimental import topologies
+        topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
+                                            chips_per_host_bounds=(2, 2, 1), num_slices=1)
+        sharding = jax.sharding.SingleDeviceSharding(topo.devices[0])
+        with jax.enable_x64(False):
+            text = auto.lower(*_abstract_args(T, K, V, dtype, segments, sharding)).compile().as_text()
+        assert text.count("custom_call_target=\"tpu_custom_call\"") == 4
+    from jax._src.mesh import AbstractDevice
+    mesh = jax.sharding.AbstractMesh((1,), ("x",), abstract_device=AbstractDevice(
+        device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
+    with jax.enable_x64(False), jax.sharding.use_abstract_mesh(mesh):
+        exported = jax.export.export(
+            auto, platforms=["cuda"],
+            disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
+        )(*_abstract_args(T, K, V, dtype, segments))
+    assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 4
+
+
+def test_concrete_gate_closed_over_under_jit():
+    """The g > 0 check must not trace: a concrete g closed over by a jitted function is fine."""
+    x, _ = make(40, 16, 8, "float32", 16.0)
+    f = jax.jit(lambda q: chunk_gla(q, x["k"], x["v"], x["g"], impl="xla")[0])
+    # constant-folded k, v, g: the same algorithm, fp32 round-off apart
+    np.testing.assert_allclose(f(x["q"]), chunk_gla(x["q"], x["k"], x["v"], x["g"], impl="xla")[0],
+                               rtol=1e-6, atol=1e-6)

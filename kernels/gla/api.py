@@ -1,8 +1,11 @@
 """Public GLA entry points: argument checks and dispatch to reference / xla / pallas."""
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from . import reference
 from .chunked import chunked_gla
@@ -39,19 +42,12 @@ def _check(q, k, v, g, initial_state, segment_ids, scale):
             raise ValueError(f"segment_ids must be integer, got {segment_ids.dtype}")
     if scale is not None and not isinstance(scale, (int, float)):
         raise ValueError(f"scale must be a Python number or None, got {type(scale).__name__}")
-    if not isinstance(g, jax.core.Tracer) and bool(jnp.any(g > 0)):
+    # numpy, not jnp: inside a jit trace a jnp op on a closed-over concrete g is itself traced
+    if not isinstance(g, jax.core.Tracer) and bool(np.any(np.asarray(g) > 0)):
         # The chunked paths clamp exponents at 0 (their stability relies on g <= 0), so a positive
         # log decay would be silently wrong there. Only checkable on concrete arrays.
         raise ValueError("g is a log decay and must be <= 0 everywhere (found g > 0)")
     return B, T, H, K, V
-
-
-def _resolve_impl(impl: str) -> str:
-    if impl not in IMPLS:
-        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
-    if impl == "auto":
-        return "pallas" if jax.default_backend() in ("tpu", "gpu", "cuda", "rocm") else "xla"
-    return impl
 
 
 def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=False,
@@ -66,29 +62,41 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     None unless output_final_state).
 
     impl: "reference" (sequential recurrence), "xla" (chunked, pure JAX, the CPU fast path),
-    "pallas" (Pallas kernels; interpret mode on CPU), "auto" (pallas on TPU/GPU, xla on CPU).
+    "pallas" (Pallas kernels; interpret mode on CPU), "auto" (pallas when the program is lowered
+    for TPU/GPU, xla when lowered for CPU; xla everywhere for a non-power-of-two chunk_size).
     chunk_size must be a multiple of 16 (a power of two for pallas). Accumulation is fp32 for
     bf16/fp32 inputs (fp64 for fp64 inputs).
     """
     B, T, H, K, V = _check(q, k, v, g, initial_state, segment_ids, scale)
-    impl = _resolve_impl(impl)
+    if impl not in IMPLS:
+        raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
     if not isinstance(chunk_size, int) or chunk_size < SUB_CHUNK or chunk_size % SUB_CHUNK:
         raise ValueError(f"chunk_size must be a positive multiple of {SUB_CHUNK}, got {chunk_size!r}")
     scale = float(K ** -0.5 if scale is None else scale)
-    if impl == "reference":
-        o, final = reference.recurrent_gla(q, k, v, g, scale=scale, initial_state=initial_state,
-                                           segment_ids=segment_ids)
-    elif impl == "xla":
-        ops = xla_ops(scale, SUB_CHUNK, acc_dtype(q.dtype))
-        o, final = chunked_gla(ops, q, k, v, g, scale=scale, initial_state=initial_state,
-                               segment_ids=segment_ids, chunk_size=chunk_size)
+    run = functools.partial(_run, q, k, v, g, scale=scale, initial_state=initial_state,
+                            segment_ids=segment_ids, chunk_size=chunk_size)
+    if impl == "auto" and chunk_size & (chunk_size - 1) == 0:
+        # Chosen by the platform the program is lowered for, not the host's default backend, so an
+        # AOT compile for a TPU topology from a CPU host gets the Mosaic kernels.
+        o, final = jax.lax.platform_dependent(cpu=lambda: run("xla"), default=lambda: run("pallas"))
     else:
-        if chunk_size & (chunk_size - 1):
-            raise ValueError(f"impl='pallas' needs a power-of-two chunk_size, got {chunk_size}")
-        from .pallas import pallas_gla   # keeps Pallas out of the import path of xla users
-        o, final = pallas_gla(q, k, v, g, scale=scale, initial_state=initial_state,
-                              segment_ids=segment_ids, chunk_size=chunk_size, sub=SUB_CHUNK)
+        o, final = run("xla" if impl == "auto" else impl)
     return o, (final if output_final_state else None)
+
+
+def _run(q, k, v, g, impl, *, scale, initial_state, segment_ids, chunk_size):
+    if impl == "reference":
+        return reference.recurrent_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                                       segment_ids=segment_ids)
+    if impl == "xla":
+        ops = xla_ops(scale, SUB_CHUNK, acc_dtype(q.dtype))
+        return chunked_gla(ops, q, k, v, g, scale=scale, initial_state=initial_state,
+                           segment_ids=segment_ids, chunk_size=chunk_size)
+    if chunk_size & (chunk_size - 1):
+        raise ValueError(f"impl='pallas' needs a power-of-two chunk_size, got {chunk_size}")
+    from .pallas import pallas_gla   # keeps Pallas out of the import path of xla users
+    return pallas_gla(q, k, v, g, scale=scale, initial_state=initial_state,
+                      segment_ids=segment_ids, chunk_size=chunk_size, sub=SUB_CHUNK)
 
 
 def recurrent_gla(q, k, v, g, *, scale=None, initial_state=None, segment_ids=None):

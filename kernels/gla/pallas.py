@@ -268,14 +268,10 @@ def pallas_ops(scale: float, sub: int, acc, backend: str, interpret: bool) -> Ch
     return _make_ops(scale, sub, jnp.dtype(acc), backend, interpret)
 
 
-def default_backend() -> tuple[str, bool]:
-    """(kernel flavour, interpret) for the current default JAX backend."""
-    platform = jax.default_backend()
-    if platform == "tpu":
-        return "tpu", False
-    if platform in ("gpu", "cuda", "rocm"):
-        return "triton", False
-    return "tpu", True          # CPU: interpret the kernels (TPU flavour: no padding needed)
+# Kernel flavour per lowering platform: Mosaic on TPU, Triton on GPUs, and on any other platform
+# (CPU) the TPU flavour in interpret mode (no padding needed).
+_FLAVOURS = {"tpu": ("tpu", False), "cuda": ("triton", False), "rocm": ("triton", False)}
+_OTHER_PLATFORMS = ("tpu", True)
 
 
 def _pow2(n: int) -> int:
@@ -284,13 +280,29 @@ def _pow2(n: int) -> int:
 
 def pallas_gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, sub,
                backend=None, interpret=None):
-    """chunked_gla with Pallas chunk kernels; backend 'tpu' | 'triton' (None: from the platform)."""
-    if backend is None:
-        backend, auto_interp = default_backend()
-        interpret = auto_interp if interpret is None else interpret
+    """chunked_gla with Pallas chunk kernels; backend 'tpu' | 'triton'.
+
+    backend=None picks the flavour from the platform the program is *lowered for*
+    (`lax.platform_dependent`), not from the host's default backend: an AOT compile for a TPU
+    topology from a CPU host gets the Mosaic kernels, an export for CUDA the Triton ones, a CPU run
+    the interpreter. All flavours are traced; lowering keeps only the platform's own.
+    """
+    args = (q, k, v, g, initial_state, segment_ids)
+    kw = dict(scale=scale, chunk_size=chunk_size, sub=sub)
+    if backend is not None:
+        return _pallas_gla(*args, backend=backend, interpret=bool(interpret), **kw)
+
+    def flavour(name, interpreted):
+        interpreted = interpreted if interpret is None else bool(interpret)
+        return lambda: _pallas_gla(*args, backend=name, interpret=interpreted, **kw)
+    return jax.lax.platform_dependent(default=flavour(*_OTHER_PLATFORMS),
+                                      **{p: flavour(*f) for p, f in _FLAVOURS.items()})
+
+
+def _pallas_gla(q, k, v, g, initial_state, segment_ids, *, scale, chunk_size, sub, backend,
+                interpret):
     if backend not in BACKENDS:
         raise ValueError(f"unknown Pallas backend {backend!r}; expected one of {BACKENDS}")
-    interpret = bool(interpret)
     K, V = q.shape[-1], v.shape[-1]
     Kp, Vp = (_pow2(K), _pow2(V)) if backend == "triton" else (K, V)
     if (Kp, Vp) != (K, V):
