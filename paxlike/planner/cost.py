@@ -9,9 +9,11 @@ collective volume with the optimized HLO (`paxlike.planner.hlo`). docs/planner.m
 Parameters, gradients and optimizer state are exact: they come from the model's own parameter
 shapes and logical axis names, sharded by the same rules code the trainer uses
 (`paxlike.sharding.logical_to_spec`). Saved activations are traced (`saved_residuals` under the
-config's remat policy). The working set XLA keeps beyond them is a calibrated multiple of a few
-per-device units that the model family describes (`TransformerActivations`, keyed by
-`model.module`; paxlike imports no model: the config names the module).
+config's remat policy). The working set XLA keeps beyond them is described by the model family
+(`paxlike.planner.workingset.TransformerActivations`, keyed by `model.module`; paxlike imports no
+model: the config names the module): on CPU counted in arrays of the model's own sizes, read from
+the compiler's buffer assignment at the peak; on TPU a fitted multiple of the same units
+(`CALIBRATION`).
 
 Communication is counted per step, per mesh axis and link (ICI / DCN), as the full buffer each
 collective gathers / reduces / permutes (the figure `paxlike.planner.hlo` reads from compiled
@@ -30,6 +32,7 @@ from paxlike import sharding
 from paxlike.errors import UserError
 from paxlike.mesh import MESH_AXES
 from paxlike.planner.fleets import Fleet
+from paxlike.planner.workingset import TransformerActivations
 
 REMATS = ("none", "save_dots", "full")
 # Fixed cost of one collective (launch and synchronisation), order of magnitude for TPU ICI and
@@ -37,22 +40,23 @@ REMATS = ("none", "save_dots", "full")
 # than their bytes alone suggest.
 LATENCY_S = {"ici": 20e-6, "dcn": 200e-6}
 
-# Multiples of the saved activations and of the working-set units (TransformerActivations.units
-# plus "gathered": one layer's and the output head's weights gathered whole) that XLA keeps live,
-# fitted per backend / TPU generation to compiled memory analyses (docs/planner.md lists the
-# configurations and residuals). The TPU compiler makes memory-dependent choices (v5e runs FSDP
-# gathers as windowed-einsum permute rings, v5p as whole-buffer all-reduces), hence per
-# generation. TPU generations and GPUs without a fit of their own use the v5p figures.
+# TPU (and, unverified, GPU) memory beyond parameters, optimizer state and gradients: multiples
+# of the saved activations and of the working-set units (TransformerActivations.units plus
+# "gathered": one layer's and the output head's weights gathered whole), fitted per TPU
+# generation to compiled memory analyses (docs/planner.md lists the configurations and
+# residuals). The TPU compiler makes memory-dependent choices (v5e runs FSDP gathers as
+# windowed-einsum permute rings, v5p as whole-buffer all-reduces), hence per generation; and its
+# memory analysis counts more temporary memory than its dumped buffer assignment shows (310 vs
+# 282 MB on the v5e CI case, 12.9 vs 9.0 GB on 7b / v5e-16), so the CPU backend's derivation from
+# the buffer assignment (workingset.py) cannot be repeated for TPU from a dump. Generations and
+# GPUs without a fit of their own use the v5p figures. The CPU backend needs no fit.
 CALIBRATION = {
-    "cpu": {"saved": 0.777, "scores": 5.656, "logits": 1.094, "stream": 23.27, "gathered": 0.0},
     "v5e": {"saved": 1.647, "scores": 0.985, "logits": 0.0, "stream": 0.0, "gathered": 0.0},
     "v5p": {"saved": 1.0, "scores": 0.0, "logits": 3.46, "stream": 0.0, "gathered": 0.157},
 }
 
 
-def calibration(backend: str, device_name: str) -> dict[str, float]:
-    if backend == "cpu":
-        return CALIBRATION["cpu"]
+def calibration(device_name: str) -> dict[str, float]:
     return CALIBRATION.get(device_name, CALIBRATION["v5p"])
 
 
@@ -213,14 +217,15 @@ def _residuals(model_key: str, remat: str, seq_len: int) -> tuple[tuple[tuple[in
     return tuple(out)
 
 
-def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1) -> float:
+def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
+                vocab_ways: int = 1) -> float:
     """Per-device bytes of saved activations for `b` local sequences of `t` tokens, with heads /
-    MLP / vocabulary dimensions split `tp` ways (for arrays that carry the batch dimension).
-    Arrays without a batch dimension are weights cast to the compute dtype: sharded like the
-    weights, `weight_ways` ways."""
+    MLP dimensions split `tp` ways and the output head's vocabulary dimension `vocab_ways` (for
+    arrays that carry the batch dimension). Arrays without a batch dimension are weights cast to
+    the compute dtype: sharded like the weights, `weight_ways` ways."""
     import json
     m = cfg.model
-    split = {m.num_heads, m.num_kv_heads, m.mlp_dim, m.vocab_size} if tp > 1 else set()
+    split = {m.num_heads, m.num_kv_heads, m.mlp_dim} if tp > 1 else set()
     total = 0.0
     for shape, itemsize in _residuals(json.dumps(m.to_dict(), sort_keys=True), remat, t):
         size = math.prod(shape) * itemsize
@@ -229,60 +234,21 @@ def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1) 
             continue
         size = size / _PROBE_BATCH * b
         rest = list(shape)
-        if rest.index(_PROBE_BATCH) == 1:   # stacked by the layer scan: [layers, batch, ...]
+        stacked = rest.index(_PROBE_BATCH) == 1   # by the layer scan: [layers, batch, ...]
+        if stacked:
             rest.pop(0)
         rest.remove(_PROBE_BATCH)
         if t in rest:
             rest.remove(t)
-        if split & set(rest):
+        if m.vocab_size in rest and not stacked:   # the output head's logits and their kin
+            size /= vocab_ways
+        elif split & set(rest):
             size /= tp
         total += size
     return total
 
 
-# ------------------------------------------------------------------------ the Transformer family
-class TransformerActivations:
-    """What the planner knows of the Llama-style Transformer (models/transformer.py) beyond its
-    parameters and traced residuals: the sizes of its transient working set, and remat's FLOPs.
-
-    The working set that XLA keeps live beyond the saved activations is a backend-specific
-    multiple of a few per-device "units": one layer's f32 attention scores, the f32 logits of a
-    microbatch, and the f32 residual stream. `CALIBRATION` holds the multiples per backend, fitted
-    to the compiler's memory analysis (benchmarks/planner.py prints the fit and its residuals).
-    """
-
-    def __init__(self, cfg):
-        m = cfg.model
-        self.d, self.h, self.kv = m.d_model, m.num_heads, m.num_kv_heads
-        self.hd = m.head_dim or m.d_model // m.num_heads
-        self.mlp, self.vocab, self.layers = m.mlp_dim, m.vocab_size, m.num_layers
-        self.dt = _DTYPE_BYTES[m.compute_dtype]
-
-    def units(self, b: int, t: int, tp: int, vocab_ways: int) -> dict[str, float]:
-        return {"scores": b * (self.h / tp) * t * t * 4,
-                "logits": b * t * self.vocab / vocab_ways * 4,
-                "stream": b * t * self.d * 4}
-
-    lookup_params = ("embed",)   # tables read by token (jnp.take), not multiplied
-
-    @staticmethod
-    def flops_per_step(cfg) -> float:
-        from paxlike.config import model_module
-        tokens = cfg.batch_size * cfg.seq_len
-        return model_module(cfg).flops_per_token(cfg.model, cfg.seq_len) * tokens
-
-    def flops_per_token_extra(self, remat: str, seq_len: int) -> float:
-        """Recomputation FLOPs per token added by remat (beyond the 6N model FLOPs)."""
-        d, hd, L = self.d, self.hd, self.layers
-        matmul = L * (d * hd * (2 * self.h + 2 * self.kv) + 3 * d * self.mlp)
-        attn = L * 4 * self.h * hd * seq_len
-        if remat == "full":
-            return 2 * matmul + attn
-        if remat == "save_dots":
-            return attn
-        return 0.0
-
-
+# --------------------------------------------------------------------------- model families
 ACTIVATION_MODELS = {"models.transformer": TransformerActivations}
 
 
@@ -377,8 +343,6 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             layer_weights += gathered / depth
         elif matrix and p.path not in acts.lookup_params:
             layer_weights += gathered   # the output head, gathered whole once per microbatch
-        elif matrix and p.path not in acts.lookup_params:
-            layer_weights += gathered   # the output head, gathered whole once per microbatch
         if p.path in acts.lookup_params and fsdp_axes:
             # The table is gathered row-wise by token: XLA moves activations, not weights.
             tokens = b * t
@@ -400,12 +364,22 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         send("all-reduce", ["tensor"], tokens * acts.d * 4, mb * 2)   # embedding lookup, head dx
 
     memory["batch"] = 5 * 4 * cfg.batch_size * cfg.seq_len / (batch_ways * ctx)
-    fit = calibration(backend, fleet.device.name)
     weight_ways = math.prod(sizes[a] for a in set(rules["embed"]) | set(rules["vocab"]))
-    memory["activations"] = fit["saved"] * saved_bytes(cfg, plan.remat, b, t, tp, weight_ways)
-    units = dict(acts.units(b, t, tp, vocab_ways), gathered=layer_weights)
-    memory["temporaries"] = (sum(fit[k] * v for k, v in units.items())
-                             + (memory["grads"] if mb > 1 else 0.0))  # microbatch's own grads
+    saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways)
+    units = dict(acts.units(b, t, tp, vocab_ways), gathered=layer_weights, saved=saved)
+    microbatch_grads = memory["grads"] if mb > 1 else 0.0   # the accumulator's partner
+    if backend == "cpu":
+        # Derived from the model's shapes: the larger of the two candidate peaks (workingset.py).
+        phases = acts.working_set(plan.remat, b, t, tp, vocab_ways)
+        units.update(phases)
+        memory["activations"] = saved
+        memory["temporaries"] = max(phases.values()) + microbatch_grads
+    else:
+        fit = calibration(fleet.device.name)
+        memory["activations"] = fit["saved"] * saved
+        memory["temporaries"] = (sum(fit[k] * units[k] for k in ("scores", "logits", "stream",
+                                                                 "gathered"))
+                                 + microbatch_grads)
     memory["total"] = sum(memory.values())
 
     # Time: compute at the device's peak; communication per link at its bandwidth; overlapped.
@@ -429,7 +403,6 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             slowest = (f"{link.upper()} ({busiest.split('/')[0]} traffic)", seconds)
     step = slowest[1]
     fits = memory["total"] <= fleet.device.hbm_bytes
-    units["saved"] = memory["activations"] / fit["saved"] if fit["saved"] else 0.0
     mfu = min(model_flops / (step * peak), 1.0)   # 1 + rounding when compute-bound without remat
     return Cost(plan, memory, comm, {k: v for k, v in kinds.items() if v}, compute_s, comm_s,
                 step, mfu, slowest[0], fits, fleet.device.hbm_bytes, units)
