@@ -31,7 +31,7 @@ from flax import nnx
 from kernels import pararnn
 from kernels.pararnn import cells
 from models import layers
-from paxlike.sharding import constrain
+from paxlike.sharding import constrain, per_shard
 
 COMPUTE_DTYPES = layers.COMPUTE_DTYPES
 CELLS = ("gru", "lstm")
@@ -151,9 +151,8 @@ class ParaCell(nnx.Module):
     def recurrent_params(self):
         return {name: getattr(self, name)[...] for name in RECURRENT[self.kind]}
 
-    def step_functions(self):
+    def step_functions(self, params):
         """(cell(h, (x, keep)), analytic Jacobian, jacobian kind) for kernels.pararnn.solve."""
-        params = self.recurrent_params()
         if self.kind == "gru":
             f, jac, kind = cells.paragru_cell, cells.paragru_jacobian, "diagonal"
         else:
@@ -173,18 +172,25 @@ class ParaCell(nnx.Module):
     def __call__(self, u, keep):
         cfg = self.cfg
         x = self.gate_inputs(u)
-        cell, jacobian, kind = self.step_functions()
-        b, t, _, di = x.shape
-        h0 = jnp.zeros((b, di) if kind == "diagonal" else (b, 2, di), jnp.float32)
-        # The solve runs in float32 whatever the compute dtype: Newton's residual and the scan's
-        # long products of Jacobians lose too much in bfloat16.
-        hs = pararnn.solve(
-            cell, h0, (x, keep.astype(jnp.float32)), jacobian=kind, jacobian_fn=jacobian,
-            iterations=cfg.newton_iterations, tol=cfg.newton_tol or None, impl=cfg.solver_impl,
-            fallback=None if cfg.solver_fallback == "none" else cfg.solver_fallback,
-            warn=cfg.warn_unconverged)
-        if kind == "block2":
-            hs = hs[:, :, 1]  # state is [c; h]: the block reads h
+
+        def solve(x, keep, params):
+            cell, jacobian, kind = self.step_functions(params)
+            b, t, _, di = x.shape
+            h0 = jnp.zeros((b, di) if kind == "diagonal" else (b, 2, di), jnp.float32)
+            # The solve runs in float32 whatever the compute dtype: Newton's residual and the
+            # scan's long products of Jacobians lose too much in bfloat16.
+            hs = pararnn.solve(
+                cell, h0, (x, keep), jacobian=kind, jacobian_fn=jacobian,
+                iterations=cfg.newton_iterations, tol=cfg.newton_tol or None,
+                impl=cfg.solver_impl, warn=cfg.warn_unconverged,
+                fallback=None if cfg.solver_fallback == "none" else cfg.solver_fallback)
+            return hs[:, :, 1] if kind == "block2" else hs  # block2 state is [c; h]: read h
+        # Pallas kernels are opaque to the SPMD partitioner: solve per shard, split over batch
+        # and channels (independent: the recurrence is per channel), the length whole. With
+        # newton_tol each shard stops on its own residual.
+        hs = per_shard(solve, (x, keep.astype(jnp.float32), self.recurrent_params()),
+                       (("batch", None, None, "mlp"), ("batch", None), ("mlp",)),
+                       (("batch", None, "mlp"),))
         return constrain(hs, ("batch", "length", "mlp"))
 
 

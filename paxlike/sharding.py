@@ -157,9 +157,12 @@ def per_shard(fn: Callable, args: Sequence, names: Sequence[Sequence[str | None]
     if active is None:
         return fn(*args)
     mesh, rules = active
-    specs = lambda ns, xs: tuple(None if x is None else
-                                 logical_to_spec(n, x.shape, rules, mesh, "activation")
-                                 for n, x in zip(ns, xs))
+    # one name tuple per argument, applied to every array in it (an argument may be a pytree)
+    specs = lambda ns, xs: tuple(
+        jax.tree.map(lambda a, n=n: logical_to_spec(n, a.shape, rules, mesh, "activation"), x)
+        for n, x in zip(ns, xs))
     outs = jax.eval_shape(fn, *args)
+    single = not isinstance(outs, (tuple, list))     # fn returns one array
+    out_specs = specs(out_names, (outs,) if single else outs)
     return jax.shard_map(fn, mesh=mesh, in_specs=specs(names, args),
-                         out_specs=specs(out_names, outs), check_vma=False)(*args)
+                         out_specs=out_specs[0] if single else out_specs, check_vma=False)(*args)

@@ -153,3 +153,19 @@ def test_parameter_shardings_follow_the_rules():
     }
     for name, spec in expected.items():
         assert specs[name] == spec, (name, specs[name])
+
+
+@pytest.mark.parametrize("cell", ["gru", "lstm"])
+def test_train_step_compiles_for_tpu_with_the_mosaic_kernels(cell):
+    """The sharded train step compiled by the TPU compiler for v5e:2x2 from this CPU host: with
+    solver_impl="auto" the Pallas scan kernel is picked for the platform the step is lowered for,
+    and it runs per shard (the partitioner cannot split Mosaic calls). Forward and backward scans
+    appear as Mosaic kernels: the forward scan in the Newton loop and the reverse adjoint scan, each
+    once in the layer scan's body."""
+    pytest.importorskip("libtpu")          # the `tpu` extra; with it installed this must pass
+    from paxlike import aot
+    mesh = {"fsdp": 2, "tensor": 2}
+    cfg = small_config(**{f"mesh.{k}": v for k, v in mesh.items()}, **{"model.cell": cell})
+    assert cfg.model.solver_impl == "auto"
+    compiled = Trainer(cfg, build_mesh(mesh, devices=aot.topology_devices("v5e:2x2"))).compile()
+    assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 2

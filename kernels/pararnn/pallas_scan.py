@@ -220,8 +220,8 @@ _FORCED = []  # stack of (variant, interpret) set by ``target``
 
 @contextlib.contextmanager
 def target(variant, interpret=False):
-    """Force the kernel body, e.g. to compile for a TPU topology or export for CUDA from a CPU host
-    (the default follows ``jax.default_backend()``, which is the host's)."""
+    """Force the kernel body (and interpret mode) whatever the platform; by default the body
+    follows the platform the program is lowered for."""
     if variant not in ("tpu", "gpu"):
         raise ValueError(f"unknown Pallas variant {variant!r} (expected 'tpu' or 'gpu')")
     _FORCED.append((variant, bool(interpret)))
@@ -231,19 +231,12 @@ def target(variant, interpret=False):
         _FORCED.pop()
 
 
-def default_variant():
-    """(variant, interpret) for the default backend.
-
-    CPU interprets the GPU body: in interpret mode its per-row loop over wide channel tiles
-    compiles and runs faster than the TPU body's block-wise Hillis-Steele scan (measured:
-    block2, L=8192, d=256: 0.9 s compile + 0.5 s run vs 2.4 s + 2.6 s).
-    """
-    if _FORCED:
-        return _FORCED[-1]
-    backend = jax.default_backend()
-    if backend in ("gpu", "cuda", "rocm"):
-        return "gpu", False
-    return ("tpu", False) if backend == "tpu" else ("gpu", True)
+# Kernel body per lowering platform. Elsewhere (CPU) the GPU body is interpreted: in interpret
+# mode its per-row loop over wide channel tiles compiles and runs faster than the TPU body's
+# block-wise Hillis-Steele scan (measured: block2, L=8192, d=256: 0.9 s compile + 0.5 s run vs
+# 2.4 s + 2.6 s).
+_VARIANTS = {"tpu": ("tpu", False), "cuda": ("gpu", False), "rocm": ("gpu", False)}
+_OTHER_PLATFORMS = ("gpu", True)
 
 
 def _pad_to(x, axis, size, value):
@@ -263,8 +256,17 @@ def scan_planes(a, b, h0, *, kind, reverse=False, variant=None, interpret=None,
     is identity elements (A = I, b = 0) appended at the end, which leave every real output alone in
     both directions (reverse starts from the padded end, where identities just carry h0 through).
     """
+    if variant is None and not _FORCED:
+        # chosen for the platform the program is lowered for, not the host's default backend
+        def body(v, interpreted):
+            return lambda: scan_planes(a, b, h0, kind=kind, reverse=reverse, variant=v,
+                                       interpret=interpreted if interpret is None else interpret,
+                                       block_t=block_t, block_d=block_d, unroll=unroll,
+                                       chunk=chunk)
+        return jax.lax.platform_dependent(default=body(*_OTHER_PLATFORMS),
+                                          **{p: body(*v) for p, v in _VARIANTS.items()})
     if variant is None:
-        variant, forced_interpret = default_variant()
+        variant, forced_interpret = _FORCED[-1]
         interpret = forced_interpret if interpret is None else interpret
     interpret = bool(interpret)
     bsz, length, d = b[0].shape

@@ -187,14 +187,28 @@ def linear_scan(a, b, h0=None, *, reverse=False, impl="auto"):
         raise ValueError(f"linear_scan: h0 has shape {tuple(h0.shape)}, expected "
                          f"{tuple(batch + state)} for b{tuple(b.shape)}")
     length = b.shape[len(batch)]
-    impl = choose_impl(impl, kind=kind, batch=math.prod(batch), length=length, width=b.shape[-1])
     flat = lambda x: x.reshape((-1,) + x.shape[len(batch):])  # noqa: E731  (one batch dim)
-    out = _scan_vjp(kind, bool(reverse), impl, flat(a), flat(b), flat(h0))
+    run = lambda impl: _scan_vjp(kind, bool(reverse), impl, flat(a), flat(b), flat(h0))
+    out = by_platform(impl, kind, run, batch=math.prod(batch), length=length, width=b.shape[-1])
     return out.reshape(b.shape)
 
 
-def choose_impl(impl, *, kind, batch, length, width):
-    """Resolve impl="auto".
+def by_platform(impl, kind, run, **shape):
+    """run(impl) with impl="auto" resolved for the platform the program is *lowered for*
+    (`lax.platform_dependent`), not the host's default backend: an AOT compile for a TPU topology
+    from a CPU host gets the Pallas kernel, a CPU run the sequential scan. Every candidate is
+    traced; lowering keeps only the platform's own."""
+    if impl != "auto":
+        return run(choose_impl(impl, kind=kind, **shape))
+    cpu = choose_impl(impl, kind=kind, platform="cpu", **shape)
+    accelerator = choose_impl(impl, kind=kind, platform="tpu", **shape)
+    if cpu == accelerator:
+        return run(cpu)
+    return jax.lax.platform_dependent(cpu=lambda: run(cpu), default=lambda: run(accelerator))
+
+
+def choose_impl(impl, *, kind, batch, length, width, platform=None):
+    """Resolve impl="auto" for `platform` (default: the host's default backend).
 
     Measured (docs/pararnn.md, benchmarks/pararnn.py) on the 2-core CPU: the sequential lax.scan
     is fastest at every benchmarked shape, so CPU picks "sequential". No GPU or TPU was available
@@ -206,7 +220,6 @@ def choose_impl(impl, *, kind, batch, length, width):
         if impl not in IMPLS:
             raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS + ('auto',)}")
         return impl
-    backend = jax.default_backend()
-    if backend == "cpu":
+    if (platform or jax.default_backend()) == "cpu":
         return "sequential"
     return "parallel" if kind == "dense" else "pallas"

@@ -271,7 +271,9 @@ def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations
       tol: stop early once max_l |h_l - f(h_{l-1}, x_l)| <= tol; also the convergence threshold
         (default ``default_tol(dtype)``: 1e-4 in fp32).
       impl: "sequential" (lax.scan of the cell, exact), "parallel" (Newton + associative scan),
-        "pallas" (Newton + Pallas scan kernel) or "auto" (see ``scan.choose_impl``).
+        "pallas" (Newton + Pallas scan kernel) or "auto" (``scan.choose_impl`` for the platform
+        the program is lowered for, ``scan.by_platform``; with ``return_info`` for the host's
+        default backend, because the info of the two choices differs in shape).
       return_info: also return a dict: residuals [iterations] (max-abs residual after each
         iteration), iterations (run), final_residual, converged, fallback_used.
       fallback: None, "sequential" (rerun with lax.scan when not converged) or "damped"
@@ -307,8 +309,9 @@ def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations
     if len(lengths) != 1:
         raise ValueError(f"xs leaves disagree on the sequence length: {sorted(lengths)}")
     (length,) = lengths
-    impl = scan_lib.choose_impl(impl, kind=jacobian, batch=math.prod(batch), length=length,
-                                width=state[-1])
+    shape = dict(batch=math.prod(batch), length=length, width=state[-1])
+    if return_info:  # the info of a sequential and a Newton solve differ in shape: one impl
+        impl = scan_lib.choose_impl(impl, kind=jacobian, **shape)
     if impl == "pallas" and jacobian == "dense":
         raise ValueError("impl='pallas' supports jacobian 'diagonal' and 'block2', not 'dense'")
 
@@ -333,13 +336,16 @@ def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations
     conv_jac, jconsts = None, []
     if jacobian_fn is not None:
         conv_jac, jconsts = jax.closure_convert(jacobian_fn, zeros_h, zeros_x)
-    cfg = _Config(
-        cell=conv_cell, jac=conv_jac, kind=jacobian, iterations=iterations,
-        tol=None if tol is None else float(tol),
-        threshold=float(tol) if tol is not None else default_tol(h0.dtype), impl=impl,
-        fallback=fallback,
-        fallback_iterations=fallback_iterations or max(4 * iterations, 16), warn=warn,
-        with_residual=return_info)
-    H, info = _solve_core(cfg, list(consts), list(jconsts), h0f, xsf)
-    H = H.reshape(batch + (length,) + state)
-    return (H, info) if return_info else H
+
+    def run(impl):
+        cfg = _Config(
+            cell=conv_cell, jac=conv_jac, kind=jacobian, iterations=iterations,
+            tol=None if tol is None else float(tol),
+            threshold=float(tol) if tol is not None else default_tol(h0.dtype), impl=impl,
+            fallback=fallback,
+            fallback_iterations=fallback_iterations or max(4 * iterations, 16), warn=warn,
+            with_residual=return_info)
+        H, info = _solve_core(cfg, list(consts), list(jconsts), h0f, xsf)
+        H = H.reshape(batch + (length,) + state)
+        return (H, info) if return_info else H
+    return scan_lib.by_platform(impl, jacobian, run, **shape)
