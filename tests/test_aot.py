@@ -1,6 +1,7 @@
 """TPU pod deployability from CPU: the train step of a 1b-class config compiled by the real TPU
 compiler (libtpu, the `tpu` extra) for v5e:4x4, v5p:4x4x4 and two v5p:2x2x2 slices, with the
-cost model's prediction checked against the compiled memory analysis and HLO collectives.
+cost model's prediction checked against the compiled memory analysis and HLO collectives; the
+v5p:4x4x4 topology twice, with fsdp alone and with fsdp x tensor.
 
 The 1b-class config keeps the 1b model's width (d_model 2048, 32 heads, 8 KV heads, MLP 8192,
 vocabulary 32768) with 2 layers and a small batch: layers are a `lax.scan`, so the compiled
@@ -25,11 +26,14 @@ from paxlike.planner import cost  # noqa: E402
 
 TOLERANCE = 0.10
 
-# topology: (slices, mesh, dcn, global batch) with sequence length 512
+# name: (topology, slices, mesh, dcn, global batch, fleet) with sequence length 512. The fourth
+# mixes fsdp and tensor parallelism, whose TPU collectives (4 tensor all-reduces per layer, the
+# embedding gradient gathered whole) differ from the CPU backend's.
 CASES = {
-    "v5e:4x4": (1, {"fsdp": 16}, {}, 16),
-    "v5p:4x4x4": (1, {"fsdp": 64}, {}, 64),
-    "v5p:2x2x2": (2, {"data": 2, "fsdp": 8}, {"data": 2}, 32),
+    "v5e:4x4": ("v5e:4x4", 1, {"fsdp": 16}, {}, 16, "v5e-16"),
+    "v5p:4x4x4": ("v5p:4x4x4", 1, {"fsdp": 64}, {}, 64, "v5p-128"),
+    "v5p:2x2x2x2": ("v5p:2x2x2", 2, {"data": 2, "fsdp": 8}, {"data": 2}, 32, "2xv5p-16"),
+    "v5p:4x4x4_tensor4": ("v5p:4x4x4", 1, {"fsdp": 16, "tensor": 4}, {}, 64, "v5p-128"),
 }
 
 
@@ -43,10 +47,10 @@ def one_b_class(batch_size: int):
 @pytest.fixture(scope="module")
 def reports():
     out = {}
-    for topology, (slices, mesh, dcn, batch) in CASES.items():
+    for name, (topology, slices, mesh, dcn, batch, _) in CASES.items():
         cfg = one_b_class(batch)
         plan = cost.Plan.make(mesh, dcn, "fsdp_tp", 1, cfg.model.remat)
-        out[topology] = aot.compile_plan(cfg, aot.topology_devices(topology, slices), plan)
+        out[name] = aot.compile_plan(cfg, aot.topology_devices(topology, slices), plan)
     return out
 
 
@@ -55,8 +59,7 @@ def test_train_step_compiles_for_tpu_topology(reports, topology):
     report = reports[topology]
     assert report["fits"] and 0 < report["bytes_per_device"] < report["hbm_bytes"]
     assert report["collectives"], "an FSDP train step must communicate"
-    assert report["fleet"] == {"v5e:4x4": "v5e-16", "v5p:4x4x4": "v5p-128",
-                               "v5p:2x2x2": "2xv5p-16"}[topology]
+    assert report["fleet"] == CASES[topology][-1]
 
 
 @pytest.mark.parametrize("topology", sorted(CASES))

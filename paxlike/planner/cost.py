@@ -61,6 +61,12 @@ def calibration(device_name: str) -> dict[str, float]:
 
 
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+# The TPU compiler all-gathers the f32 cotangent of a microbatch's embeddings whole (to scatter
+# the vocabulary-sharded table's gradient) when that buffer is small: it did at 268 MB (1b-class
+# fsdp 16 x tensor 4 and fsdp 32 x tensor 2, 7b fsdp 4 x tensor 4), and did not at 2.1 and
+# 4.3 GB (7b fsdp 32 x tensor 2, fsdp 64 x tensor 2: table-sized or all-to-all traffic instead).
+# The limit lies somewhere between; 1 GiB is a guess inside that interval.
+EMBED_GATHER_LIMIT = 2 ** 30
 
 
 @dataclasses.dataclass(frozen=True)
@@ -347,7 +353,15 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             # The table is gathered row-wise by token: XLA moves activations, not weights.
             tokens = b * t
             send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * dt, mb)
-            send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * 4, mb)
+            ways = math.prod(sizes[a] for a in fsdp_axes)
+            whole = tokens * ways * acts.d * 4
+            if backend != "cpu" and vocab_ways > 1 and whole <= EMBED_GATHER_LIMIT:
+                # TPU, vocabulary over `tensor`: the table's gradient is scattered from the f32
+                # cotangent of every token of the microbatch, all-gathered whole over the
+                # batch shards (f32[B, T, d] all-gathers on v5e and v5p).
+                send("all-gather", fsdp_axes, whole, mb)
+            else:
+                send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * 4, mb)
         elif fsdp_axes:
             send("all-gather", fsdp_axes, gathered, mb * (2 if scanned else 1))
             send("reduce-scatter", fsdp_axes, gathered, mb)
@@ -356,9 +370,11 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
 
     if tp > 1:
         # Row-parallel outputs (attention projection, MLP down) are summed over `tensor` in the
-        # forward pass; in the backward pass XLA sums the input gradient of each column-parallel
-        # matmul separately (q, k, v, gate, up: 5); full remat repeats the forward's 2.
-        per_layer = {"none": 7, "save_dots": 7, "full": 9}[plan.remat]
+        # forward pass (2). In the backward pass XLA:CPU sums the input gradient of each
+        # column-parallel matmul separately (q, k, v, gate, up: 5) where the TPU compiler sums
+        # q/k/v once and gate/up once (2; read from v5e and v5p HLO). Full remat repeats the
+        # forward's 2.
+        per_layer = (7 if backend == "cpu" else 4) + (2 if plan.remat == "full" else 0)
         tokens = b * t
         send("all-reduce", ["tensor"], tokens * acts.d * dt, mb * acts.layers * per_layer)
         send("all-reduce", ["tensor"], tokens * acts.d * 4, mb * 2)   # embedding lookup, head dx
@@ -377,9 +393,13 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     else:
         fit = calibration(fleet.device.name)
         memory["activations"] = fit["saved"] * saved
+        # With microbatches the TPU compiler hoists the cast of every weight to the compute dtype
+        # out of the microbatch loop: a compute-dtype copy of all local parameters lives through
+        # the step (7b / v5e-16 buffer assignment: 0.69 GiB of bf16 layer weights).
+        hoisted = memory["params"] * dt / 4 if mb > 1 and dt < 4 else 0.0
         memory["temporaries"] = (sum(fit[k] * units[k] for k in ("scores", "logits", "stream",
                                                                  "gathered"))
-                                 + microbatch_grads)
+                                 + microbatch_grads + hoisted)
     memory["total"] = sum(memory.values())
 
     # Time: compute at the device's peak; communication per link at its bandwidth; overlapped.
