@@ -45,10 +45,13 @@ def main():
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}.", "",
              "Memory is per chip. *Compiled* is the TPU compiler's memory analysis (arguments + "
              "outputs + temporaries - aliased) of the full train step for the plan, compiled on "
-             "this CPU machine for the real topology. Step time and MFU are predictions "
+             "this CPU machine for the real topology; ratios are predicted / compiled (collective "
+             "volume: the full buffers moved, read from the optimized HLO). Step time and MFU "
+             "are predictions "
              "(compute at peak, communication overlapped: an upper bound on MFU).", ""]
     summary = ["| size | fleet | planning s | top plan | predicted GiB | compiled GiB | "
-               "ratio | compile s |", "|---|---|---|---|---|---|---|---|"]
+               "ratio | collective volume ratio | compile s |",
+               "|---|---|---|---|---|---|---|---|---|"]
     details = []
     for size in args.sizes.split(","):
         cfg = transformer.get_config(size)
@@ -66,7 +69,8 @@ def main():
             if not result.plans:
                 message = search.infeasible_message(cfg, result)
                 details += [f"Infeasible: {message}.", ""]
-                summary.append(f"| {size} | {name} | {planning:.2f} | infeasible | - | - | - | - |")
+                summary.append(f"| {size} | {name} | {planning:.2f} | infeasible | - | - | - | - "
+                               f"| - |")
                 continue
             details += ["| # | mesh | preset | microbatches | remat | GiB/chip | ICI GB | DCN GB | "
                         "step s | MFU | why |", "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -79,7 +83,7 @@ def main():
                                f"{c.step_time_s:.3f} | {c.mfu:.1%} | {result.why(c)} |")
             details.append("")
             top = result.plans[0]
-            compiled, ratio, seconds = "-", "-", "-"
+            compiled, ratio, volume_ratio, seconds = "-", "-", "-", "-"
             if not args.no_compile and fleet.aot_topology:
                 devices = aot.topology_devices(fleet.aot_topology, fleet.granules)
                 report = aot.compile_plan(cfg, devices, top.plan)
@@ -89,6 +93,7 @@ def main():
                     compiled += f" (exceeds {report['hbm_bytes'] / GIB:.0f} GiB HBM)"
                 seconds = f"{report['compile_s']:.0f}"
                 volume = sum(v["volume"] for v in report["collectives"].values())
+                volume_ratio = f"{sum(top.comm_by_kind.values()) / volume:.2f}"
                 details += [f"Top plan compiled for {fleet.aot_topology} x{fleet.granules} in "
                             f"{seconds} s: {compiled} GiB per chip compiled vs "
                             f"{top.bytes_per_device / GIB:.2f} predicted; collective volume "
@@ -98,7 +103,8 @@ def main():
                       f"{top.bytes_per_device / GIB:.2f} predicted", flush=True)
             summary.append(f"| {size} | {name} | {planning:.2f} | {top.plan.describe()}, "
                            f"{top.plan.preset}, mb={top.plan.microbatches}, {top.plan.remat} | "
-                           f"{top.bytes_per_device / GIB:.2f} | {compiled} | {ratio} | {seconds} |")
+                           f"{top.bytes_per_device / GIB:.2f} | {compiled} | {ratio} | "
+                           f"{volume_ratio} | {seconds} |")
             with open(args.out, "w") as f:   # keep what is done if a later compile is cut short
                 f.write("\n".join(lines + summary + [""] + details) + "\n")
     with open(args.out, "w") as f:
