@@ -28,8 +28,9 @@ The other candidate peak is the loss: every saved activation, the f32 logits, th
 cotangent (3 logits-sized arrays), the head's weight gathered in the compute dtype with its
 float32 gradient, and the embedding gradient. The larger of the two is the working set. These are
 counts of arrays, not fitted multiples; the counts are XLA:CPU's (its fusion decides which
-intermediates are materialised). TPU generations keep their fitted multiples (`cost.CALIBRATION`)
-until their buffer assignments are read the same way.
+intermediates are materialised). TPU generations keep fitted multiples of `units`
+(`cost.CALIBRATION`): the TPU compiler's memory analysis reports more temporary memory than its
+dumped buffer assignment holds, so its peak cannot be read off a dump the same way.
 """
 
 from __future__ import annotations
@@ -69,8 +70,9 @@ class TransformerActivations:
                     ) -> dict[str, float]:
         """Bytes live beyond the saved activations at the two candidate peaks (XLA:CPU counts).
 
-        All saved activations count at both, the output head's included: XLA:CPU frees the
-        head's residuals only after the layers' backward pass (they are not worth separating)."""
+        All saved activations count at both, the output head's included: whether its
+        logits-sized residuals are still live at the layer peak could not be told apart in the
+        dumps (vocabulary = MLP width there), and counting them matched the compiles better."""
         u = self.units(b, t, tp, vocab_ways)
         layer = (MLP_ARRAYS[remat] * u["mlp"] + u["scores"] + STREAM_ARRAYS * u["stream"]
                  + (2 * self.dt + 4) * u["mlp_weight"] + u["embed_grad"])
