@@ -372,9 +372,13 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         # Row-parallel outputs (attention projection, MLP down) are summed over `tensor` in the
         # forward pass (2). In the backward pass XLA:CPU sums the input gradient of each
         # column-parallel matmul separately (q, k, v, gate, up: 5) where the TPU compiler sums
-        # q/k/v once and gate/up once (2; read from v5e and v5p HLO). Full remat repeats the
-        # forward's 2.
-        per_layer = (7 if backend == "cpu" else 4) + (2 if plan.remat == "full" else 0)
+        # q/k/v once and gate/up once (2; read from v5e and v5p HLO). Full remat recomputes the
+        # forward's sums: both on CPU; on TPU only the attention's, the MLP's output being
+        # unused by the backward pass (1b-class fsdp 16 x tensor 4 on v5p).
+        if backend == "cpu":
+            per_layer = 7 + (2 if plan.remat == "full" else 0)
+        else:
+            per_layer = 4 + (1 if plan.remat == "full" else 0)
         tokens = b * t
         send("all-reduce", ["tensor"], tokens * acts.d * dt, mb * acts.layers * per_layer)
         send("all-reduce", ["tensor"], tokens * acts.d * 4, mb * 2)   # embedding lookup, head dx
