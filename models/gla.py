@@ -30,8 +30,9 @@ import ml_collections
 from flax import nnx
 
 from kernels import gla as gla_kernels
+from kernels.gla.context import sequence_sharded_gla
 from models import layers
-from paxlike.sharding import constrain, per_shard
+from paxlike.sharding import active_axes, constrain, per_shard
 
 COMPUTE_DTYPES = layers.COMPUTE_DTYPES
 GLA_IMPLS = ("auto", "xla", "pallas", "reference")
@@ -39,8 +40,7 @@ GLA_IMPLS = ("auto", "xla", "pallas", "reference")
 # Activation layouts: heads are sharded over `tensor` exactly like the weights that produce them.
 SEQ = ("batch", "length", "act_embed")
 HEADS = ("batch", "length", "heads", "head_dim")
-KERNEL_IO = ("batch", None, "heads", None)         # q, k, v, g, o inside the kernel's shard_map
-KERNEL_STATE = ("batch", "heads", None, None)
+KERNEL_STATE = ("batch", "heads", None, None)      # the recurrent state in the kernel's shard_map
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -147,15 +147,20 @@ class GatedLinearAttention(nnx.Module):
         """
         q, k, v, r, g = self._project(x)
 
+        # Pallas kernels are opaque to the SPMD partitioner: the kernel runs per shard, split over
+        # batch and heads. With the length split over `context`, each device holds one block of
+        # the sequence and the blocks pass their states on (kernels/gla/context.py).
+        context = active_axes("length")
+        io = ("batch", "length" if context else None, "heads", None)
+
         def kernel(q, k, v, g, state, segment_ids):
-            return gla_kernels.chunk_gla(q, k, v, g, initial_state=state, segment_ids=segment_ids,
-                                         output_final_state=state is not None,
-                                         chunk_size=self.chunk_size, impl=self.impl)
-        # Pallas kernels are opaque to the SPMD partitioner: run the kernel per shard, split over
-        # batch and heads only (the recurrence couples the whole length, so it arrives whole).
+            kw = dict(initial_state=state, segment_ids=segment_ids, chunk_size=self.chunk_size,
+                      output_final_state=state is not None, impl=self.impl)
+            if context:
+                return sequence_sharded_gla(q, k, v, g, axis_name=context, **kw)
+            return gla_kernels.chunk_gla(q, k, v, g, **kw)
         o, final = per_shard(kernel, (q, k, v, g, state, segment_ids),
-                             (KERNEL_IO,) * 4 + (KERNEL_STATE, ("batch", None)),
-                             (KERNEL_IO, KERNEL_STATE))
+                             (io,) * 4 + (KERNEL_STATE, io[:2]), (io, KERNEL_STATE))
         return self._output(constrain(o, HEADS), r), final
 
     def step(self, x, state):

@@ -190,7 +190,7 @@ class ParaCell(nnx.Module):
         # newton_tol each shard stops on its own residual.
         hs = per_shard(solve, (x, keep.astype(jnp.float32), self.recurrent_params()),
                        (("batch", None, None, "mlp"), ("batch", None), ("mlp",)),
-                       (("batch", None, "mlp"),))
+                       ("batch", None, "mlp"))
         return constrain(hs, ("batch", "length", "mlp"))
 
 

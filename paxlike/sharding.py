@@ -65,9 +65,11 @@ def get_rules(preset: str, mesh: Mesh | None = None) -> dict[str, tuple[str, ...
     return rules
 
 
-def logical_to_spec(names: Sequence[str | None], shape: Sequence[int], rules: Rules,
+def logical_to_spec(names: Sequence[str | None], shape: Sequence[int] | None, rules: Rules,
                     mesh: Mesh, what: str = "array") -> PartitionSpec:
-    """PartitionSpec for an array whose dimensions carry the logical `names`."""
+    """PartitionSpec for an array whose dimensions carry the logical `names` (`shape` None: no
+    divisibility check)."""
+    shape = (0,) * len(names) if shape is None else shape    # 0 is divisible by any mesh size
     if len(names) != len(shape):
         raise ValueError(f"{what}: {len(names)} logical names {tuple(names)} for shape {tuple(shape)}")
     used: set[str] = set()
@@ -142,27 +144,39 @@ def batch_spec(rules: Rules, mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:
     return logical_to_spec(("batch", "length"), shape, rules, mesh, "input batch")
 
 
-def per_shard(fn: Callable, args: Sequence, names: Sequence[Sequence[str | None]],
-              out_names: Sequence[Sequence[str | None]]):
+def active_axes(name: str) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) the active rules split logical dimension `name` over; () outside
+    `use_rules`. For code that must know it runs on a block of a dimension (e.g. a recurrence
+    over a sequence split over `context` passes its state between the blocks)."""
+    active = _ACTIVE.get()
+    if active is None:
+        return ()
+    mesh, rules = active
+    return tuple(a for a in rules.get(name, ()) if mesh.shape.get(a, 1) > 1)
+
+
+def per_shard(fn: Callable, args: Sequence, names: Sequence[Sequence[str | None]], out_names):
     """fn(*args) run once per device on its local blocks (`jax.shard_map`), with the arrays laid
     out as their logical names map under the active rules.
 
     For kernels the SPMD partitioner cannot split (Pallas Mosaic and Triton calls are opaque to
-    it: "Mosaic kernels cannot be automatically partitioned"). The names must only shard
-    dimensions the kernel treats independently (batch, heads); a dimension the kernel couples, like
-    a recurrence's length, must be named None so it arrives whole. Outside `use_rules` (a model run
+    it: "Mosaic kernels cannot be automatically partitioned"). `names` has one names tuple per
+    argument (applied to every array of a pytree argument); `out_names` mirrors fn's result: one
+    names tuple for an array, or a tuple of them for a tuple of arrays (None results allowed).
+    A dimension the kernel couples, like a recurrence's length, must be named None so it arrives
+    whole, unless fn handles its blocks itself (`active_axes`). Outside `use_rules` (a model run
     on its own) this is fn(*args).
     """
     active = _ACTIVE.get()
     if active is None:
         return fn(*args)
     mesh, rules = active
-    # one name tuple per argument, applied to every array in it (an argument may be a pytree)
-    specs = lambda ns, xs: tuple(
+    in_specs = tuple(
         jax.tree.map(lambda a, n=n: logical_to_spec(n, a.shape, rules, mesh, "activation"), x)
-        for n, x in zip(ns, xs))
-    outs = jax.eval_shape(fn, *args)
-    single = not isinstance(outs, (tuple, list))     # fn returns one array
-    out_specs = specs(out_names, (outs,) if single else outs)
-    return jax.shard_map(fn, mesh=mesh, in_specs=specs(names, args),
-                         out_specs=out_specs[0] if single else out_specs, check_vma=False)(*args)
+        for n, x in zip(names, args))
+    # Result shapes are not known before fn runs; the inputs' checks cover their dimensions.
+    out_spec = lambda n: logical_to_spec(n, None, rules, mesh, "kernel result")
+    single = not out_names or not isinstance(out_names[0], (tuple, list))
+    out_specs = out_spec(out_names) if single else tuple(out_spec(n) for n in out_names)
+    return jax.shard_map(fn, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                         check_vma=False)(*args)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from hypothesis import given, settings, strategies as st, HealthCheck
 
 from kernels.gla import chunk_gla, gla_step, recurrent_gla
+from kernels.gla.context import sequence_sharded_gla
 from kernels.gla.pallas import pallas_gla
 
 # Several processes on one machine may load libtpu (for ahead-of-time compiles) at once.
@@ -73,15 +74,15 @@ def make(T, K, V, dtype, norm, *, B=1, H=2, seed=0, segments=False):
     return x, seg
 
 
-def run(impl, x, seg, *, grads=True, precise=False):
+def run(impl, x, seg, *, grads=True, precise=False, gla=chunk_gla):
     """o, S_T and the gradients of Σ o⊙dO + Σ S_T⊙dS_T. `precise` upcasts the inputs to fp64."""
     cast = (lambda a: a.astype(jnp.float64)) if precise else (lambda a: a)
     args = [cast(x[n]) for n in ("q", "k", "v", "g", "h0")]
     do, dst = cast(x["do"]), cast(x["dst"])
 
     def loss(q, k, v, g, h0):
-        o, s = chunk_gla(q, k, v, g, initial_state=h0, output_final_state=True,
-                         segment_ids=seg, impl=impl)
+        o, s = gla(q, k, v, g, initial_state=h0, output_final_state=True,
+                   segment_ids=seg, impl=impl)
         acc = jnp.promote_types(o.dtype, jnp.float32)
         return jnp.sum(o.astype(acc) * do) + jnp.sum(s * dst), (o, s)
 
@@ -361,3 +362,34 @@ def test_concrete_gate_closed_over_under_jit():
     # constant-folded k, v, g: the same algorithm, fp32 round-off apart
     np.testing.assert_allclose(f(x["q"]), chunk_gla(x["q"], x["k"], x["v"], x["g"], impl="xla")[0],
                                rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- context parallelism
+
+def _context_sharded(q, k, v, g, *, initial_state, output_final_state, segment_ids, impl):
+    """chunk_gla with the sequence split over 4 devices (`kernels.gla.context`)."""
+    mesh = jax.make_mesh((4,), ("context",), devices=jax.devices()[:4],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    seq, whole = jax.sharding.PartitionSpec(None, "context"), jax.sharding.PartitionSpec()
+    blocks = jax.shard_map(
+        lambda q, k, v, g, h0, seg: sequence_sharded_gla(
+            q, k, v, g, axis_name="context", initial_state=h0, segment_ids=seg,
+            output_final_state=output_final_state, impl=impl),
+        mesh=mesh, in_specs=(seq,) * 4 + (whole, seq), out_specs=(seq, whole), check_vma=False)
+    return jax.jit(blocks)(q, k, v, g, initial_state, segment_ids)   # eager shard_map is slow
+
+
+@pytest.mark.parametrize("dtype,norm,tol", [("float64", 16.0, 1e-12), ("float64", 0.1, 1e-12),
+                                            ("float32", 16.0, 1e-5)])
+def test_sequence_split_over_devices_equals_one_run(dtype, norm, tol):
+    """The sequence in 4 blocks of 50 (shorter than a chunk), each on its own device, states
+    passed between blocks: o, final state and every gradient equal the recurrence over the whole
+    sequence. Documents cross block boundaries, and one starts exactly on a boundary."""
+    x, _ = make(200, 32, 24, dtype, norm, B=2)
+    seg = np.zeros((2, 200), np.int32)
+    for start in (1, 30, 50, 64, 100, 101, 170):
+        seg[0, start:] += 1
+    seg[1, 120:] = 1
+    seg = jnp.asarray(seg)
+    out = run("xla", x, seg, gla=_context_sharded)
+    assert_close(out, run("reference", x, seg, precise=True), tol, f"{dtype} norm {norm}: ")
