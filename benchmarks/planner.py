@@ -4,6 +4,7 @@ time of planning and of the AOT compile. Writes benchmarks/planner.md.
 
     python benchmarks/planner.py [--sizes=1b,7b] [--fleets=v5e-16,v5p-128,2xv5p-256] [--top=3]
                                  [--no_compile] [--out=benchmarks/planner.md]
+    python benchmarks/planner.py --accuracy   # the test cases' ratios (docs/planner.md tables)
 
 Needs libtpu (the `tpu` extra) for the compiles. Each compile of a full-size train step takes
 minutes of CPU: expect tens of minutes for all six.
@@ -28,6 +29,38 @@ from paxlike import aot  # noqa: E402
 from paxlike.planner import fleets, search  # noqa: E402
 
 GIB = 1024 ** 3
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def accuracy():
+    """Prints predicted / compiled memory and collective volume of the cases the tests check:
+    tests/test_planner.py's CPU cases (8 emulated devices) and tests/test_aot.py's TPU cases."""
+    jax.config.update("jax_num_cpu_devices", 8)
+    sys.path.insert(0, os.path.join(ROOT, "tests"))
+    import test_planner
+
+    from paxlike.planner import cost, hlo
+    print("| CPU case | memory | collective volume |\n|---|---|---|")
+    for name in test_planner.CPU_CASES:
+        cfg, plan, compiled = test_planner._compiled_case(name)
+        predicted = cost.estimate(cfg, plan, fleets.parse_fleet("cpu-8"), "cpu")
+        m = compiled.memory_analysis()
+        actual = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+                  - m.alias_size_in_bytes)
+        volume = sum(v["volume"] for v in hlo.collectives(compiled.as_text(), 8).values())
+        print(f"| {name} | {predicted.bytes_per_device / actual:.3f} | "
+              f"{sum(predicted.comm_by_kind.values()) / volume:.3f} |", flush=True)
+    import test_aot
+    print("\n| TPU case | memory | collective volume | compile s |\n|---|---|---|---|")
+    for name, (topology, slices, mesh, dcn, batch, _) in test_aot.CASES.items():
+        cfg = test_aot.one_b_class(batch)
+        plan = cost.Plan.make(mesh, dcn, "fsdp_tp", 1, cfg.model.remat)
+        report = aot.compile_plan(cfg, aot.topology_devices(topology, slices), plan)
+        volume = sum(v["volume"] for v in report["collectives"].values())
+        print(f"| {name} {plan.describe()} | "
+              f"{report['predicted']['bytes_per_device'] / report['bytes_per_device']:.3f} | "
+              f"{sum(report['predicted']['collective_volume'].values()) / volume:.3f} | "
+              f"{report['compile_s']:.0f} |", flush=True)
 
 
 def main():
@@ -37,7 +70,11 @@ def main():
     parser.add_argument("--top", type=int, default=3)
     parser.add_argument("--no_compile", action="store_true")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "planner.md"))
+    parser.add_argument("--accuracy", action="store_true",
+                        help="print the test cases' predicted / compiled ratios instead")
     args = parser.parse_args()
+    if args.accuracy:
+        return accuracy()
 
     lines = ["# Planner report", "",
              f"Written by `python benchmarks/planner.py` on {platform.node()} "
