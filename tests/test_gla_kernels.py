@@ -380,7 +380,7 @@ def _context_sharded(q, k, v, g, *, initial_state, output_final_state, segment_i
 
 
 @pytest.mark.parametrize("dtype,norm,tol", [("float64", 16.0, 1e-12), ("float64", 0.1, 1e-12),
-                                            ("float32", 16.0, 1e-5)])
+                                            ("float32", 16.0, 1e-5), ("float32", 0.1, 1e-5)])
 def test_sequence_split_over_devices_equals_one_run(dtype, norm, tol):
     """The sequence in 4 blocks of 50 (shorter than a chunk), each on its own device, states
     passed between blocks: o, final state and every gradient equal the recurrence over the whole

@@ -8,8 +8,8 @@ Work is split the sequence-parallel way (KERNELS.md §1, "Materialisation"):
 
 The backward recomputes U (and the chunk-start states) instead of storing per-step states, runs the
 reverse scan dS_n = diag(exp γ_n) dS_{n+1} + W_n, then one parallel pass for dq, dk, dv
-(`ops.bwd_grads`); dg is the closed form "reverse cumsum of q⊙dq − k⊙dk inside the chunk plus
-rowsum(S_{n+1} ⊙ dS_{n+1})", which needs no extra kernel.
+(`ops.bwd_grads`); dg is the closed form of KERNELS.md §1 evaluated chunk-locally, arranged so
+that nothing large cancels (see `_bwd_body`); it needs no extra kernel.
 
 Only step 1/3-style chunk-local work lives in `ops`, so the XLA (vectorised einsums) and Pallas
 (one grid point per chunk) paths share this file: layout, padding, segments, scans and custom_vjp.
@@ -41,7 +41,9 @@ class ChunkOps(NamedTuple):
     fwd_state: callable   # (k, v, G, seg) -> U [N,B,H,K,V]
     fwd_out: callable     # (q, k, v, G, seg, S) -> O [N,B,H,C,V]
     bwd_prep: callable    # (q, k, v, G, seg, dO) -> (U, W)
-    bwd_grads: callable   # (q, k, v, G, seg, dO, S, dS_next) -> (dq, dk, dv, q⊙dq − k⊙dk)
+    # (q, k, v, G, seg, dO, S, dS_next) -> (dq, dk, dv, q⊙dq − k⊙dk_in, k⊙dk_out), dk_in the
+    # part of dk from scores inside the chunk, dk_out the part through the chunk-end state
+    bwd_grads: callable
     # optional cheaper ops valid only where fast_ok(G) (a traced bool) holds; chosen per block
     fast: "ChunkOps | None" = None
     fast_ok: callable = None
@@ -120,31 +122,31 @@ def forward_states(h0, decay, U):
     return starts, final
 
 
-def backward_states(dST, decay, W, S, U):
+def backward_states(dST, decay, W, S):
     """Reverse scan dS_n = diag(exp γ_n) dS_{n+1} + W_n from dS_N = dS_T.
 
-    Returns dS_{n+1} for every chunk [N, B, H, K, V], dS_0 (= d initial_state) and the dg term
-    rowsum(S_{n+1} ⊙ dS_{n+1}) [N, B, H, K], with S_{n+1} rebuilt from S_n and U_n on the fly so
-    the end-of-chunk states never need storing.
+    Returns dS_{n+1} for every chunk [N, B, H, K, V], dS_0 (= d initial_state) and the gate
+    gradient's incoming-state term rowsum(diag(exp γ_n) S_n ⊙ dS_{n+1}) [N, B, H, K].
     """
     def step(ds, xs):
-        d, w, s, u = xs
-        end = d[..., :, None] * s + u
-        return d[..., :, None] * ds + w, (ds, jnp.sum(end * ds, axis=-1))
-    dS0, (ends, rowsum) = jax.lax.scan(step, dST, (decay, W, S, U), reverse=True,
-                                       unroll=_unroll(U.shape[0]))
+        d, w, s = xs
+        return d[..., :, None] * ds + w, (ds, jnp.sum(d[..., :, None] * s * ds, axis=-1))
+    dS0, (ends, rowsum) = jax.lax.scan(step, dST, (decay, W, S), reverse=True,
+                                       unroll=_unroll(S.shape[0]))
     return ends, dS0, rowsum
 
 
-def chunk_cumsum(x: jax.Array, reverse: bool = False) -> jax.Array:
-    """(Reverse) cumulative sum over the chunk axis (-2) as one triangular matmul.
+def chunk_cumsum(x: jax.Array, reverse: bool = False, exclusive: bool = False) -> jax.Array:
+    """(Reverse; exclusive: without the row itself) cumulative sum over the chunk axis (-2) as one
+    triangular matmul.
 
     XLA:CPU lowers cumsum to a quadratic reduce-window and an unrolled running sum costs seconds
     of compile time. A two-level (8 x 8) split was 2x faster but added a rounding step that pushed
     the fp32 gate gradient under strong gates from 9.2e-6 to 1.2e-5 relative RMS (limit 1e-5).
     """
     C = x.shape[-2]
-    tri = np.triu(np.ones((C, C))) if reverse else np.tril(np.ones((C, C)))
+    shift = -1 if exclusive else 0
+    tri = np.triu(np.ones((C, C)), -shift) if reverse else np.tril(np.ones((C, C)), shift)
     return jnp.einsum("rc,...ck->...rk", jnp.asarray(tri, x.dtype), x,
                       precision=jax.lax.Precision.HIGHEST)
 
@@ -252,11 +254,17 @@ def _bwd_body(ops, q, k, v, g, G, h0, seg, do, dST):
     decay = chunk_decay(G, seg)
     U, W = ops.bwd_prep(q, k, v, G, seg, do)
     S, _ = forward_states(h0, decay, U)                  # recomputed, one state per chunk
-    dS_end, dh0, rowsum = backward_states(dST.astype(acc), decay, W, S, U)
-    dq, dk, dv, local = ops.bwd_grads(q, k, v, G, seg, do, S, dS_end)
-    # closed-form gate gradient, chunk-locally (no long cumsum -> no fp32 cancellation over T);
-    # `local` = q⊙dq − k⊙dk as the ops compute it (without the exactly cancelling diagonal pair)
-    dg = chunk_cumsum(local, reverse=True) + rowsum[..., None, :]
+    dS_end, dh0, rowsum = backward_states(dST.astype(acc), decay, W, S)
+    dq, dk, dv, local, through = ops.bwd_grads(q, k, v, G, seg, do, S, dS_end)
+    # Gate gradient, chunk-locally (no long cumsum -> no fp32 cancellation over T). Row s's log
+    # decay scales the state entering step s, so dg_s is: the scores inside the chunk that span
+    # s (reverse cumsum of q⊙dq − k⊙dk_in, without the exactly cancelling diagonal pair), plus
+    # what of the chunk-end state passed through s: the incoming state's share (`rowsum`) and
+    # the keys before s (exclusive cumsum of k⊙dk_out). The textbook form "rowsum(S_{n+1} ⊙
+    # dS_{n+1}) − reverse cumsum of k⊙dk_out" is the same sum, but under strong gates it takes
+    # two nearly equal large numbers apart (fp32 dg was off by ~1e-5 relative).
+    dg = (chunk_cumsum(local, reverse=True) + chunk_cumsum(through, exclusive=True)
+          + rowsum[..., None, :])
     dseg = None if seg is None else jnp.zeros_like(seg)
     return (dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), dg.astype(g.dtype),
             dh0.astype(h0.dtype), dseg)

@@ -128,15 +128,17 @@ def _out_kernel(*refs, names, acc, n, c, scale):
 
 def _grads_kernel(*refs, names, acc, n, c, scale):
     ins = dict(zip(names, refs[:len(names)]))
-    dq_ref, dk_ref, dv_ref, local_ref = refs[len(names):]
+    dq_ref, dk_ref, dv_ref, local_ref, through_ref = refs[len(names):]
     ch = _Chunk(ins, acc, n, c)
     S, dSn = ins["S"][...].astype(acc), ins["dSn"][...].astype(acc)
     eye = (jax.lax.broadcasted_iota(jnp.int32, (c, c), 0)
            == jax.lax.broadcasted_iota(jnp.int32, (c, c), 1))
     dk, dv, dq_off, diag = [None] * n, [None] * n, [None] * n, [None] * n
+    dk_out = [None] * n
     for J in range(n):          # state terms of dk, dv (keys reaching the chunk-end state)
         ed = _where(ch.m_last(J), jnp.exp(ch.gamma - ch.ld("G", J)))
-        dk[J] = _mm(ch.ld("v", J), dSn, tb=True) * ed
+        dk_out[J] = _mm(ch.ld("v", J), dSn, tb=True) * ed
+        dk[J] = jnp.zeros_like(dk_out[J])
         dv[J] = _mm(ch.ld("k", J) * ed, dSn)
     for I in range(n):
         q_i, G_i, do_i = ch.ld("q", I), ch.ld("G", I), ch.ld("do", I)
@@ -163,9 +165,11 @@ def _grads_kernel(*refs, names, acc, n, c, scale):
         dq_ref[I] = (dq + diag[I] * ch.ld("k", I)).astype(dq_ref.dtype)
     for J in range(n):
         q_j, k_j = ch.ld("q", J), ch.ld("k", J)
-        dk_ref[J] = (dk[J] + diag[J] * q_j).astype(dk_ref.dtype)
+        dk_ref[J] = (dk[J] + dk_out[J] + diag[J] * q_j).astype(dk_ref.dtype)
         dv_ref[J] = dv[J].astype(dv_ref.dtype)
+        # gate-gradient terms, kept apart (see chunked._bwd_body)
         local_ref[J] = (q_j * dq_off[J] - k_j * dk[J]).astype(local_ref.dtype)
+        through_ref[J] = (k_j * dk_out[J]).astype(through_ref.dtype)
 
 
 # ----------------------------------------------------------------------------- pallas_call glue
@@ -253,12 +257,12 @@ def _make_ops(scale, c, acc, backend, interpret):
                "dSn": (dSn, "state")}
         ins.update(_seg_ins(seg, c))
         qs, vs = _sub(q, c).shape, _sub(v, c).shape
-        dq, dk, dv, local = _call(
+        dq, dk, dv, local, through = _call(
             functools.partial(_grads_kernel, n=C // c, **common), ins,
-            [(qs, acc, "chunk"), (qs, acc, "chunk"), (vs, acc, "chunk"), (qs, acc, "chunk")],
-            name="gla_grads", **kw)
+            [(qs, acc, "chunk"), (qs, acc, "chunk"), (vs, acc, "chunk"), (qs, acc, "chunk"),
+             (qs, acc, "chunk")], name="gla_grads", **kw)
         return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape),
-                local.reshape(q.shape))
+                local.reshape(q.shape), through.reshape(q.shape))
 
     return ChunkOps(fwd_state, fwd_out, bwd_prep, bwd_grads)
 

@@ -144,9 +144,9 @@ def _bwd_grads(q, k, v, G, seg, do, S, dSn, *, acc, scale, sub):
     ed = _apply(jnp.exp(G[..., -1:, :] - G), m_last)          # key -> chunk-end decay
     dv = _ein("...rj,...rv->...jv", A, do) + _ein("...jk,...kv->...jv", k * ed, dSn)
     dq = scale * _apply(_ein("...rv,...kv->...rk", do, S) * jnp.exp(G), m_inter) + dq_i
-    dk = _ein("...jv,...kv->...jk", v, dSn) * ed + dk_i
-    dq, dk, local = _with_diagonal(q, k, dq, dk, dA_diag)
-    return dq, dk, dv, local
+    dk_out = _ein("...jv,...kv->...jk", v, dSn) * ed
+    dq, dk_in, local = _with_diagonal(q, k, dq, dk_i, dA_diag)
+    return dq, dk_in + dk_out, dv, local, k * dk_out
 
 
 def _split_diagonal(dA):
@@ -156,7 +156,7 @@ def _split_diagonal(dA):
 
 
 def _with_diagonal(q, k, dq_off, dk_off, dA_diag):
-    """Full dq, dk and the gate-gradient term q⊙dq − k⊙dk.
+    """Full dq, dk (of the given terms) and the gate-gradient term q⊙dq − k⊙dk.
 
     The pair (t, t) adds dA_tt q_t k_t to both q⊙dq and k⊙dk; it is by far the largest term under
     strong gates, and subtracting it numerically left fp32 dg at ~1e-5 relative error. Leaving it
@@ -223,10 +223,10 @@ def _fast_grads(q, k, v, G, seg, do, S, dSn, *, acc, scale, sub):
     dA_diag, dA = _split_diagonal(dA)
     dq = jnp.exp(G) * (_apply(scale * _ein("...rv,...kv->...rk", do, S), m_inter)
                        + _ein("...rj,...jk->...rk", dA, kz))
-    dk = jnp.exp(-G) * (_apply(_ein("...jv,...kv->...jk", v, dSg), m_last)
-                        + _tmm(dA, qe))
-    dq, dk, local = _with_diagonal(q, k, dq, dk, dA_diag)
-    return dq, dk, dv, local
+    eG = jnp.exp(-G)
+    dk_out = eG * _apply(_ein("...jv,...kv->...jk", v, dSg), m_last)
+    dq, dk_in, local = _with_diagonal(q, k, dq, eG * _tmm(dA, qe), dA_diag)
+    return dq, dk_in + dk_out, dv, local, k.astype(acc) * dk_out
 
 
 @functools.lru_cache(maxsize=None)
