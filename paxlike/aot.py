@@ -95,7 +95,10 @@ def compile_plan(cfg, devices, plan=None) -> dict:
                               plan.remat)
     fleet = fleets.fleet_for_devices(devices)
     backend = devices[0].platform
-    predicted = cost.estimate(cfg, resolved, fleet, backend if backend != "gpu" else "gpu")
+    # A model family the planner does not describe (GLA, ParaRNN) is still compiled and measured,
+    # just without a prediction beside it.
+    predicted = (cost.estimate(cfg, resolved, fleet, backend)
+                 if cfg.model.get("module") in cost.ACTIVATION_MODELS else None)
     start = time.perf_counter()
     try:
         compiled = Trainer(cfg, mesh).compile()
@@ -122,11 +125,12 @@ def compile_plan(cfg, devices, plan=None) -> dict:
         "memory_analysis": memory,
         "collectives": {k: {"count": v["count"], "bytes": int(v["bytes"]),
                             "volume": int(v["volume"])} for k, v in found.items() if v["count"]},
-        "predicted": {"bytes_per_device": int(predicted.bytes_per_device),
-                      "memory": {k: int(v) for k, v in predicted.memory.items()},
-                      "collective_volume": {k: int(v) for k, v in predicted.comm_by_kind.items()},
-                      "comm_bytes": {k: int(v) for k, v in predicted.comm.items()},
-                      "step_time_s": predicted.step_time_s, "mfu": predicted.mfu},
+        "predicted": None if predicted is None else {
+            "bytes_per_device": int(predicted.bytes_per_device),
+            "memory": {k: int(v) for k, v in predicted.memory.items()},
+            "collective_volume": {k: int(v) for k, v in predicted.comm_by_kind.items()},
+            "comm_bytes": {k: int(v) for k, v in predicted.comm.items()},
+            "step_time_s": predicted.step_time_s, "mfu": predicted.mfu},
         "compile_s": seconds,
     }
 
@@ -135,7 +139,8 @@ def report_json(report: dict) -> dict:
     """The documented JSON form: topology, bytes_per_device, memory_analysis, collectives,
     predicted (which names the plan it predicts for)."""
     memory = dict(report["memory_analysis"], hbm=report["hbm_bytes"])
-    predicted = dict(report["predicted"], plan=report["plan"], fleet=report["fleet"])
+    predicted = (None if report["predicted"] is None else
+                 dict(report["predicted"], plan=report["plan"], fleet=report["fleet"]))
     return {"topology": report["topology"], "bytes_per_device": report["bytes_per_device"],
             "memory_analysis": memory, "collectives": report["collectives"],
             "predicted": predicted}
@@ -145,22 +150,26 @@ def _text(report: dict) -> str:
     gib = 1024 ** 3
     m = report["memory_analysis"]
     p = report["predicted"]
+    predicted_memory = ("no prediction (the planner does not model this family)" if p is None
+                        else f"{p['bytes_per_device'] / gib:.3f} GiB predicted")
     if "error" in m:
         return (f"{report['topology']} ({report['fleet']}): the TPU compiler refused the train "
                 f"step after {report['compile_s']:.1f} s: {m['error']}\n"
-                f"plan: {report['plan']}; predicted {p['bytes_per_device'] / gib:.3f} GiB per chip")
+                f"plan: {report['plan']}; {predicted_memory} per chip")
     lines = [f"{report['topology']} ({report['fleet']}): compiled in {report['compile_s']:.1f} s",
              f"plan: {report['plan']}",
              f"memory per chip: {report['bytes_per_device'] / gib:.3f} GiB compiled "
              f"(arguments {m['argument'] / gib:.3f} + outputs {m['output'] / gib:.3f} + "
              f"temporaries {m['temp'] / gib:.3f} - aliased {m['alias'] / gib:.3f}), "
-             f"{p['bytes_per_device'] / gib:.3f} GiB predicted; "
-             f"HBM {report['hbm_bytes'] / gib:.0f} GiB",
+             f"{predicted_memory}; HBM {report['hbm_bytes'] / gib:.0f} GiB",
              "collectives (count per step, bytes sent per chip, full-buffer volume):"]
     for kind, v in report["collectives"].items():
         lines.append(f"  {kind:20s} {v['count']:6d}  {v['bytes'] / 1e6:10.1f} MB  "
                      f"{v['volume'] / 1e6:10.1f} MB")
     total = sum(v["volume"] for v in report["collectives"].values())
+    if p is None:
+        lines.append(f"  volume: {total / 1e6:.1f} MB compiled")
+        return "\n".join(lines)
     lines.append(f"  volume: {total / 1e6:.1f} MB compiled, "
                  f"{sum(p['collective_volume'].values()) / 1e6:.1f} MB predicted")
     lines.append(f"predicted step {p['step_time_s']:.3f} s, MFU {p['mfu']:.1%} (upper bound)")

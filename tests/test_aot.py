@@ -108,3 +108,18 @@ def test_aot_cli_rejects_unknown_topology():
     bad = _aot_cli(*_TINY, "--topology=v9z:4x4")
     assert bad.returncode == 2
     assert bad.stderr.strip().splitlines()[-1].startswith("paxlike: error: --topology='v9z:4x4'")
+
+
+def test_aot_cli_compiles_a_family_the_planner_does_not_model():
+    """GLA has no planner model: --plan=top says how to proceed, --plan=config compiles the
+    config's own mesh for the TPU and reports it without a prediction."""
+    gla = ("--config=" + os.path.join(ROOT, "experiments", "gla.py") + ":tiny",
+           "--topology=v5e:2x2")
+    top = _aot_cli(*gla)
+    assert top.returncode == 2 and "--plan=config" in top.stderr.strip().splitlines()[-1]
+    ok = _aot_cli(*gla, "--plan=config", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
+                  "--json")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    report = json.loads(ok.stdout)
+    assert report["predicted"] is None and report["collectives"]
+    assert 0 < report["bytes_per_device"] < report["memory_analysis"]["hbm"]

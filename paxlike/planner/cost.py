@@ -261,8 +261,10 @@ ACTIVATION_MODELS = {"models.transformer": TransformerActivations}
 def activation_model(cfg):
     name = cfg.model.get("module")
     if name not in ACTIVATION_MODELS:
-        raise UserError(f"the planner has no activation model for model.module={name!r}; "
-                        f"known: {', '.join(ACTIVATION_MODELS)}")
+        raise UserError(f"the planner has no activation model for model.module={name!r} "
+                        f"(known: {', '.join(ACTIVATION_MODELS)}); set the mesh by hand "
+                        f"(--config.mesh.*) and check it with `python -m paxlike.aot "
+                        f"--plan=config`")
     return ACTIVATION_MODELS[name](cfg)
 
 

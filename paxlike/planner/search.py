@@ -74,6 +74,7 @@ def _try(cfg, plan, fleet, backend):
 def enumerate_all(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool = False,
                   remats=cost.REMATS):
     """Every valid plan with every microbatch count (brute force; for tests and --all)."""
+    cost.activation_model(cfg)
     for sizes, dcn in meshes(fleet, allow_dcn_fsdp):
         for preset in _presets(sizes):
             for mb in _microbatch_options(cfg, sizes, preset):
@@ -103,6 +104,7 @@ class Result:
 
 def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool = False) -> Result:
     """All feasible plans, fastest first (ties: less communication time, then less memory)."""
+    cost.activation_model(cfg)   # a family the planner cannot model is said as such, up front
     plans, closest, considered = [], None, 0
     for sizes, dcn in meshes(fleet, allow_dcn_fsdp):
         for preset in _presets(sizes):
