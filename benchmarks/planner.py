@@ -25,7 +25,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 
 from experiments import transformer  # noqa: E402
-from paxlike import aot  # noqa: E402
+from paxlike.planner.compiled import compile_plan, topology_devices  # noqa: E402
 from paxlike.planner import fleets, search  # noqa: E402
 
 GIB = 1024 ** 3
@@ -55,7 +55,7 @@ def accuracy():
     for name, (topology, slices, mesh, dcn, batch, _) in test_aot.CASES.items():
         cfg = test_aot.one_b_class(batch)
         plan = cost.Plan.make(mesh, dcn, "fsdp_tp", 1, cfg.model.remat)
-        report = aot.compile_plan(cfg, aot.topology_devices(topology, slices), plan)
+        report = compile_plan(cfg, topology_devices(topology, slices), plan)
         volume = sum(v["volume"] for v in report["collectives"].values())
         print(f"| {name} {plan.describe()} | "
               f"{report['predicted']['bytes_per_device'] / report['bytes_per_device']:.3f} | "
@@ -122,8 +122,8 @@ def main():
             top = result.plans[0]
             compiled, ratio, volume_ratio, seconds = "-", "-", "-", "-"
             if not args.no_compile and fleet.aot_topology:
-                devices = aot.topology_devices(fleet.aot_topology, fleet.granules)
-                report = aot.compile_plan(cfg, devices, top.plan)
+                devices = topology_devices(fleet.aot_topology, fleet.granules)
+                report = compile_plan(cfg, devices, top.plan)
                 compiled = f"{report['bytes_per_device'] / GIB:.2f}"
                 ratio = f"{top.bytes_per_device / report['bytes_per_device']:.2f}"
                 if not report["fits"]:

@@ -21,7 +21,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from configs import ROOT  # noqa: E402
 from experiments import transformer  # noqa: E402
-from paxlike import aot  # noqa: E402
+from paxlike.planner.compiled import compile_plan, topology_devices  # noqa: E402
 from paxlike.planner import cost  # noqa: E402
 
 TOLERANCE = 0.10
@@ -50,7 +50,7 @@ def reports():
     for name, (topology, slices, mesh, dcn, batch, _) in CASES.items():
         cfg = one_b_class(batch)
         plan = cost.Plan.make(mesh, dcn, "fsdp_tp", 1, cfg.model.remat)
-        out[name] = aot.compile_plan(cfg, aot.topology_devices(topology, slices), plan)
+        out[name] = compile_plan(cfg, topology_devices(topology, slices), plan)
     return out
 
 
@@ -123,3 +123,19 @@ def test_aot_cli_compiles_a_family_the_planner_does_not_model():
     report = json.loads(ok.stdout)
     assert report["predicted"] is None and report["collectives"]
     assert 0 < report["bytes_per_device"] < report["memory_analysis"]["hbm"]
+
+
+def test_plan_verify_compiles_the_best_plans_with_the_tpu_compiler():
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    plan = lambda *a: subprocess.run([sys.executable, "-m", "paxlike.plan", *_TINY, *a],
+                                     capture_output=True, text=True, cwd=ROOT, env=env,
+                                     timeout=600)
+    ok = plan("--fleet=v5e-4", "--verify=2", "--top=1", "--json")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    report = json.loads(ok.stdout)
+    assert report["verified"] == 0   # the best plan compiles within HBM: no need for the second
+    compiled = report["plans"][0]["compiled"]
+    assert compiled["fits"] and 0 < compiled["bytes_per_device"] < 16 * 2 ** 30
+    assert "compiling plan 1/2" in ok.stderr
+    gpu = plan("--fleet=8xH100", "--verify=1")
+    assert gpu.returncode == 2 and "not a TPU fleet" in gpu.stderr.strip().splitlines()[-1]

@@ -158,11 +158,11 @@ def test_train_step_compiles_for_tpu_with_the_mosaic_kernels():
     gla_impl="auto" the kernels are picked by the platform the step is lowered for, so the TPU
     compiler must see the Pallas (Mosaic) kernels, forward and backward, in every layer."""
     pytest.importorskip("libtpu")          # the `tpu` extra; with it installed this must pass
-    from paxlike import aot
+    from paxlike.planner.compiled import topology_devices
     mesh = {"fsdp": 2, "tensor": 2}
     cfg = _config(**{f"mesh.{k}": v for k, v in mesh.items()}, **{"model.chunk_size": 64,
                                                                    "seq_len": 128})
     assert cfg.model.gla_impl == "auto"
-    compiled = Trainer(cfg, build_mesh(mesh, devices=aot.topology_devices("v5e:2x2"))).compile()
+    compiled = Trainer(cfg, build_mesh(mesh, devices=topology_devices("v5e:2x2"))).compile()
     # 4 kernels (state, out, state + W, grads) per layer; layers are one scan body
     assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 4

@@ -163,9 +163,9 @@ def test_train_step_compiles_for_tpu_with_the_mosaic_kernels(cell):
     appear as Mosaic kernels: the forward scan in the Newton loop and the reverse adjoint scan, each
     once in the layer scan's body."""
     pytest.importorskip("libtpu")          # the `tpu` extra; with it installed this must pass
-    from paxlike import aot
+    from paxlike.planner.compiled import topology_devices
     mesh = {"fsdp": 2, "tensor": 2}
     cfg = small_config(**{f"mesh.{k}": v for k, v in mesh.items()}, **{"model.cell": cell})
     assert cfg.model.solver_impl == "auto"
-    compiled = Trainer(cfg, build_mesh(mesh, devices=aot.topology_devices("v5e:2x2"))).compile()
+    compiled = Trainer(cfg, build_mesh(mesh, devices=topology_devices("v5e:2x2"))).compile()
     assert compiled.as_text().count('custom_call_target="tpu_custom_call"') == 2

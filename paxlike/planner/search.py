@@ -103,7 +103,8 @@ class Result:
 
 
 def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool = False) -> Result:
-    """All feasible plans, fastest first (ties: less communication time, then less memory)."""
+    """All feasible plans, fastest first (ties: less communication time, less remat, fewer
+    microbatches, less memory)."""
     cost.activation_model(cfg)   # a family the planner cannot model is said as such, up front
     plans, closest, considered = [], None, 0
     for sizes, dcn in meshes(fleet, allow_dcn_fsdp):
@@ -119,8 +120,11 @@ def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool =
                     if fits(c):
                         plans.append(c)
                         break            # more microbatches would only be slower
-    # Ties (compute-bound plans) go to the one with the most communication slack, then memory.
+    # Ties (compute-bound plans) go to the one with the most communication slack, then to less
+    # recomputation and fewer microbatches (the model overlaps them for free; hardware does not),
+    # then to less memory.
     plans.sort(key=lambda c: (round(c.step_time_s, 12), round(sum(c.comm_s.values()), 9),
+                              cost.REMATS.index(c.plan.remat), c.plan.microbatches,
                               c.bytes_per_device))
     return Result(fleet, plans, closest, considered)
 
