@@ -6,7 +6,8 @@ none); the short chunk-to-chunk state scan runs in XLA (see chunked.py):
 
   _state_kernel  U_n = (K ⊙ e^{γ−G})ᵀ V  [and, for the backward, W_n = s (Q ⊙ e^G)ᵀ dO]
   _out_kernel    O_n = s (Q ⊙ e^G) S_n + A_n V_n
-  _grads_kernel  dq, dk, dv (and q⊙dq − k⊙dk for dg) of one chunk given S_n and dS_{n+1}
+  _grads_kernel  dq, dk, dv and the two gate-gradient terms (chunked._bwd_body) of one chunk
+                 given S_n and dS_{n+1}
 
 Blocks are [n_sub, c, D] (sub-chunk c = 16): a sub-chunk is a leading-axis index of a ref, never a
 value slice (Triton cannot slice register tensors), and the last two block dims equal the array's
