@@ -65,3 +65,26 @@ def test_constrain_is_identity_outside_the_trainer_and_shards_inside():
     with sharding.use_rules(mesh, sharding.get_rules("data")):
         y = jax.jit(lambda v: sharding.constrain(v * 2, ("batch", "act_embed")))(x)
     assert y.sharding.spec in (P("data"), P("data", None))
+
+
+def test_per_shard_runs_on_local_blocks_laid_out_by_the_rules():
+    """A kernel that couples the length (a running sum) runs per shard with batch over data and
+    heads over tensor, the length whole: same result as unsharded. active_axes names the mesh
+    axes a logical dimension is split over (none outside the trainer)."""
+    x = jax.random.normal(jax.random.key(0), (4, 6, 8, 3))      # [batch, length, heads, dim]
+    names = ("batch", None, "heads", None)
+    seen = []
+
+    def running(a):
+        seen.append(a.shape)
+        return jax.numpy.cumsum(a, axis=1)
+    assert sharding.active_axes("length") == ()
+    assert bool(jax.numpy.all(sharding.per_shard(running, (x,), (names,), names) == running(x)))
+    mesh = build_mesh({"data": 2, "context": 2, "tensor": 2})
+    with sharding.use_rules(mesh, sharding.get_rules("fsdp_tp")):
+        assert sharding.active_axes("length") == ("context",)
+        assert sharding.active_axes("heads") == ("tensor",)
+        y = jax.jit(lambda a: sharding.per_shard(running, (a,), (names,), names))(x)
+    assert seen[-1] == (2, 6, 4, 3)          # a local block: the length arrived whole
+    assert y.sharding.spec in (P("data", None, "tensor"), P("data", None, "tensor", None))
+    assert bool(jax.numpy.allclose(y, running(x), atol=1e-6))
