@@ -20,7 +20,7 @@ import sys
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")               # the topology needs no TPU attached
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from paxlike import cli  # noqa: E402
 from paxlike.errors import UserError  # noqa: E402
@@ -32,7 +32,6 @@ _NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN.")
 _PLAN = flags.DEFINE_enum("plan", "top", ["top", "config"], "Compile the planner's top plan, or "
                           "the mesh / sharding / microbatches / remat in the config.")
 _JSON = flags.DEFINE_bool("json", False, "Print JSON instead of text.")
-_CONFIG = None
 
 
 def report_json(report: dict) -> dict:
@@ -76,46 +75,34 @@ def _text(report: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
-    try:
-        from paxlike import config as config_lib
-        from paxlike.planner import fleets, search
-        if not _TOPOLOGY.value:
-            raise UserError("--topology is required, e.g. --topology=v5p:4x4x4")
-        cfg = _CONFIG.value
-        config_lib.validate(cfg)
-        devices = topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
-        plan = None
-        if _PLAN.value == "top":
-            fleet = fleets.fleet_for_devices(devices)
-            result = search.search(cfg, fleet, backend="tpu")
-            if not result.plans:
-                print(f"paxlike: {search.infeasible_message(cfg, result, 'tpu')}", file=sys.stderr)
-                sys.exit(1)
-            plan = result.plans[0].plan
-        report = compile_plan(cfg, devices, plan)
-        report = {"topology": _TOPOLOGY.value + (f" x{_NUM_SLICES.value} slices"
-                                                 if _NUM_SLICES.value > 1 else ""), **report}
-        print(json.dumps(report_json(report), indent=1) if _JSON.value else _text(report))
-        if not report["fits"]:
-            gib = 1024 ** 3
-            print(f"paxlike: the train step needs {report['bytes_per_device'] / gib:.2f} GiB per "
-                  f"chip but a chip has {report['hbm_bytes'] / gib:.0f} GiB", file=sys.stderr)
+def main(cfg):
+    from paxlike import config as config_lib
+    from paxlike.planner import fleets, search
+    if not _TOPOLOGY.value:
+        raise UserError("--topology is required, e.g. --topology=v5p:4x4x4")
+    config_lib.validate(cfg)
+    devices = topology_devices(_TOPOLOGY.value, _NUM_SLICES.value)
+    plan = None
+    if _PLAN.value == "top":
+        fleet = fleets.fleet_for_devices(devices)
+        result = search.search(cfg, fleet, backend="tpu")
+        if not result.plans:
+            print(f"paxlike: {search.infeasible_message(cfg, result, 'tpu')}", file=sys.stderr)
             sys.exit(1)
-    except UserError as e:
-        cli.fail(str(e))
-
-
-def _parse_flags(argv):
-    global _CONFIG
-    parsed, _CONFIG = cli.parse_flags_with_config(argv)
-    return parsed
+        plan = result.plans[0].plan
+    report = compile_plan(cfg, devices, plan)
+    report = {"topology": _TOPOLOGY.value + (f" x{_NUM_SLICES.value} slices"
+                                             if _NUM_SLICES.value > 1 else ""), **report}
+    print(json.dumps(report_json(report), indent=1) if _JSON.value else _text(report))
+    if not report["fits"]:
+        gib = 1024 ** 3
+        print(f"paxlike: the train step needs {report['bytes_per_device'] / gib:.2f} GiB per "
+              f"chip but a chip has {report['hbm_bytes'] / gib:.0f} GiB", file=sys.stderr)
+        sys.exit(1)
 
 
 def run_cli():
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)
 
 
 if __name__ == "__main__":

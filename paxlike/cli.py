@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import sys
 
-from absl import flags, logging
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 import experiments
+from paxlike.errors import UserError
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(experiments.__file__), "transformer.py") + ":tiny"
 
@@ -63,3 +64,24 @@ def parse_flags_with_config(argv, default: str = DEFAULT_CONFIG):
 def config_argument(default: str = DEFAULT_CONFIG) -> str:
     """The --config value as given (file:size), for names and messages."""
     return flags.FLAGS["config"].serialize().partition("=")[2] or default
+
+
+def run(main, default: str = DEFAULT_CONFIG) -> None:
+    """Runs a tool: absl flags plus --config, then `main(config)` with the loaded, overridden
+    config. Positional arguments are a usage error; a UserError from main becomes the one-line
+    `paxlike: error: ...` with exit status 2."""
+    holder = None
+
+    def parse(argv):
+        nonlocal holder
+        parsed, holder = parse_flags_with_config(argv, default)
+        return parsed
+
+    def checked_main(argv):
+        if len(argv) > 1:
+            raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+        try:
+            main(holder.value)
+        except UserError as e:
+            fail(str(e))
+    app.run(checked_main, flags_parser=parse)

@@ -20,7 +20,7 @@ import time
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # planning is arithmetic: never grab an accelerator
 
-from absl import app, flags  # noqa: E402
+from absl import flags  # noqa: E402
 
 from paxlike import cli  # noqa: E402
 from paxlike.errors import UserError  # noqa: E402
@@ -34,7 +34,6 @@ _DCN_FSDP = flags.DEFINE_bool("allow_dcn_fsdp", False, "Let the fsdp axis cross 
 _VERIFY = flags.DEFINE_integer("verify", 0, "TPU fleets: compile up to this many of the best plans "
                                "with the TPU compiler (libtpu, no TPU needed), best first, until "
                                "one fits HBM.")
-_CONFIG = None
 
 
 def verify(cfg, fleet, plans, n: int) -> dict[int, dict]:
@@ -88,66 +87,54 @@ def table(result, top: int) -> str:
     return "\n".join("  ".join(v.ljust(w) for v, w in zip(r, widths)).rstrip() for r in rows)
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
-    try:
-        from paxlike import config as config_lib
-        from paxlike.planner import fleets, search
-        if not _FLEET.value:
-            raise UserError("--fleet is required, e.g. --fleet=v5p-128")
-        if _TOP.value < 1:
-            raise UserError(f"--top={_TOP.value} must be >= 1")
-        if _VERIFY.value < 0:
-            raise UserError(f"--verify={_VERIFY.value} must be >= 0")
-        cfg = _CONFIG.value
-        config_lib.validate(cfg)
-        fleet = fleets.parse_fleet(_FLEET.value)
-        start = time.perf_counter()
-        result = search.search(cfg, fleet, allow_dcn_fsdp=_DCN_FSDP.value)
-        elapsed = time.perf_counter() - start
-        if not result.plans:
-            print(f"paxlike: {search.infeasible_message(cfg, result)}", file=sys.stderr)
-            sys.exit(1)
-        checked = verify(cfg, fleet, result.plans, _VERIFY.value) if _VERIFY.value else {}
-        verified = next((i for i, r in checked.items() if r["fits"]), None)
-        shown = max(_TOP.value, max(checked, default=-1) + 1)
-        if _JSON.value:
-            plans = [dict(plan_json(c), **({"compiled": checked[i]} if i in checked else {}))
-                     for i, c in enumerate(result.plans[:shown])]
-            out = {"plans": plans}
-            if checked:
-                out["verified"] = verified
-            print(json.dumps(out, indent=1))
-        else:
-            name = cli.config_argument()
-            print(f"{name} on {fleet.name}: {fleet.num_devices} x {fleet.device.name} "
-                  f"({_gib(fleet.device.hbm_bytes)} GiB, {fleet.device.peak_flops / 1e12:.0f} "
-                  f"TFLOP/s bf16 each), {fleet.granules} slice/node(s); {len(result.plans)} "
-                  f"feasible of {result.considered} plans considered in {elapsed:.2f} s")
-            print(table(result, shown))
-            print("step time = max(compute at peak, ICI time, DCN time), link time = bytes / "
-                  "bandwidth + latency per collective; communication is assumed to overlap "
-                  "compute fully, so MFU is an upper bound.")
-            if checked and verified is not None:
-                print(f"verified by the TPU compiler: plan {verified + 1} "
-                      f"({_gib(checked[verified]['bytes_per_device'])} GiB per chip compiled)")
-        if checked and verified is None:
-            print(f"paxlike: none of the best {len(checked)} plans fits HBM once compiled; try "
-                  f"--verify={len(checked) * 2} or a larger fleet", file=sys.stderr)
-            sys.exit(1)
-    except UserError as e:
-        cli.fail(str(e))
-
-
-def _parse_flags(argv):
-    global _CONFIG
-    parsed, _CONFIG = cli.parse_flags_with_config(argv)
-    return parsed
+def main(cfg):
+    from paxlike import config as config_lib
+    from paxlike.planner import fleets, search
+    if not _FLEET.value:
+        raise UserError("--fleet is required, e.g. --fleet=v5p-128")
+    if _TOP.value < 1:
+        raise UserError(f"--top={_TOP.value} must be >= 1")
+    if _VERIFY.value < 0:
+        raise UserError(f"--verify={_VERIFY.value} must be >= 0")
+    config_lib.validate(cfg)
+    fleet = fleets.parse_fleet(_FLEET.value)
+    start = time.perf_counter()
+    result = search.search(cfg, fleet, allow_dcn_fsdp=_DCN_FSDP.value)
+    elapsed = time.perf_counter() - start
+    if not result.plans:
+        print(f"paxlike: {search.infeasible_message(cfg, result)}", file=sys.stderr)
+        sys.exit(1)
+    checked = verify(cfg, fleet, result.plans, _VERIFY.value) if _VERIFY.value else {}
+    verified = next((i for i, r in checked.items() if r["fits"]), None)
+    shown = max(_TOP.value, max(checked, default=-1) + 1)
+    if _JSON.value:
+        plans = [dict(plan_json(c), **({"compiled": checked[i]} if i in checked else {}))
+                 for i, c in enumerate(result.plans[:shown])]
+        out = {"plans": plans}
+        if checked:
+            out["verified"] = verified
+        print(json.dumps(out, indent=1))
+    else:
+        name = cli.config_argument()
+        print(f"{name} on {fleet.name}: {fleet.num_devices} x {fleet.device.name} "
+              f"({_gib(fleet.device.hbm_bytes)} GiB, {fleet.device.peak_flops / 1e12:.0f} "
+              f"TFLOP/s bf16 each), {fleet.granules} slice/node(s); {len(result.plans)} "
+              f"feasible of {result.considered} plans considered in {elapsed:.2f} s")
+        print(table(result, shown))
+        print("step time = max(compute at peak, ICI time, DCN time), link time = bytes / "
+              "bandwidth + latency per collective; communication is assumed to overlap "
+              "compute fully, so MFU is an upper bound.")
+        if checked and verified is not None:
+            print(f"verified by the TPU compiler: plan {verified + 1} "
+                  f"({_gib(checked[verified]['bytes_per_device'])} GiB per chip compiled)")
+    if checked and verified is None:
+        print(f"paxlike: none of the best {len(checked)} plans fits HBM once compiled; try "
+              f"--verify={len(checked) * 2} or a larger fleet", file=sys.stderr)
+        sys.exit(1)
 
 
 def run_cli():
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main)
 
 
 if __name__ == "__main__":

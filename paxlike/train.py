@@ -13,13 +13,12 @@ import os
 
 import logging as py_logging
 
-from absl import app, flags, logging
+from absl import flags, logging
 from paxlike import cli
 from paxlike.errors import UserError
 
 _DEFAULT_CONFIG = cli.DEFAULT_CONFIG
 
-_CONFIG = None  # defined in run_cli: defining it already applies the --config.KEY overrides
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and config.json; default "
     "runs/<config file>-<size>. Running again with the same workdir resumes.")
@@ -51,25 +50,13 @@ def _setup_jax():
                                    num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
 
 
-def _parse_flags(argv):
-    """absl flag parsing, with config problems reported as one line instead of a traceback."""
-    global _CONFIG
-    parsed, _CONFIG = cli.parse_flags_with_config(argv, _DEFAULT_CONFIG)
-    return parsed
-
-
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
-    try:
-        _setup_jax()
-        from paxlike import loop  # after _setup_jax: importing the trainer touches no devices
-        config_arg = cli.config_argument(_DEFAULT_CONFIG)
-        workdir = _WORKDIR.value or default_workdir(config_arg)
-        logging.info("training %s in %s", config_arg, workdir)
-        loop.run(_CONFIG.value, workdir)
-    except UserError as e:
-        cli.fail(str(e))
+def main(cfg):
+    _setup_jax()
+    from paxlike import loop  # after _setup_jax: importing the trainer touches no devices
+    config_arg = cli.config_argument(_DEFAULT_CONFIG)
+    workdir = _WORKDIR.value or default_workdir(config_arg)
+    logging.info("training %s in %s", config_arg, workdir)
+    loop.run(cfg, workdir)
 
 
 def _quiet_library_logs(record) -> bool:
@@ -80,7 +67,7 @@ def _quiet_library_logs(record) -> bool:
 def run_cli():
     logging.set_verbosity(logging.INFO)
     logging.get_absl_handler().addFilter(_quiet_library_logs)
-    app.run(main, flags_parser=_parse_flags)
+    cli.run(main, _DEFAULT_CONFIG)
 
 
 if __name__ == "__main__":
