@@ -76,10 +76,8 @@ def value_dim(cfg) -> int:
 
 def validate(cfg) -> list[str]:
     """Problems with a model config, as messages naming the key and the fix."""
-    problems = []
-    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_dim", "gate_low_rank_dim"):
-        if cfg[key] < 1:
-            problems.append(f"model.{key}={cfg[key]} must be positive")
+    problems = layers.not_positive(cfg, ("vocab_size", "d_model", "num_layers", "num_heads",
+                                         "mlp_dim", "gate_low_rank_dim"))
     if problems:
         return problems
     for key, total in (("expand_k", key_dim(cfg)), ("expand_v", value_dim(cfg))):

@@ -22,6 +22,11 @@ REMAT_POLICIES = {
 }
 
 
+def not_positive(cfg, keys) -> list[str]:
+    """Problems for the size keys of a model config that are below 1."""
+    return [f"model.{key}={cfg[key]} must be positive" for key in keys if cfg[key] < 1]
+
+
 def validate_common(cfg) -> list[str]:
     """Problems with the model keys every family shares: compute_dtype, remat, dropout_rate."""
     problems = []

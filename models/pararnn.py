@@ -76,11 +76,8 @@ def d_inner(cfg) -> int:
 
 def validate(cfg) -> list[str]:
     """Problems with a model config, as messages naming the key and the fix."""
-    problems = []
-    for key in ("vocab_size", "d_model", "num_layers", "expand", "num_heads", "conv_width",
-                "newton_iterations"):
-        if cfg[key] < 1:
-            problems.append(f"model.{key}={cfg[key]} must be positive")
+    problems = layers.not_positive(cfg, ("vocab_size", "d_model", "num_layers", "expand",
+                                         "num_heads", "conv_width", "newton_iterations"))
     if problems:
         return problems
     if d_inner(cfg) % cfg.num_heads:

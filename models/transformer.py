@@ -48,10 +48,8 @@ def head_dim(cfg) -> int:
 
 def validate(cfg) -> list[str]:
     """Problems with a model config, as messages naming the key and the fix."""
-    problems = []
-    for key in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "mlp_dim"):
-        if cfg[key] < 1:
-            problems.append(f"model.{key}={cfg[key]} must be positive")
+    problems = layers.not_positive(cfg, ("vocab_size", "d_model", "num_layers", "num_heads",
+                                         "num_kv_heads", "mlp_dim"))
     if problems:
         return problems
     if not cfg.head_dim and cfg.d_model % cfg.num_heads:
