@@ -4,13 +4,14 @@ Each checkpoint step holds two items: `state` (the sharded TrainState, restored 
 the restoring run has) and `meta` (JSON: the data iterator's position, the model config and every
 parameter's shape). A run resumes from the latest *complete* step; orbax writes a step into a
 temporary directory and renames it when done, so a save killed halfway leaves a temporary
-directory, which we report and skip.
+directory, which we report and skip, and delete only once the run's checks have passed.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 
 import jax
 import orbax.checkpoint as ocp
@@ -43,10 +44,11 @@ class Checkpoints:
 
     def _open(self) -> ocp.CheckpointManager:
         # Created on first use, so a run that fails validation leaves no directory behind.
+        # orbax's own tmp-directory cleanup is off: it deletes in a background thread as soon as
+        # the manager opens (before our checks, and racing interpreter exit when a check fails).
         if self._manager is None:
             options = ocp.CheckpointManagerOptions(
-                max_to_keep=self.keep, enable_async_checkpointing=self.async_save, create=True,
-                cleanup_tmp_directories=True)
+                max_to_keep=self.keep, enable_async_checkpointing=self.async_save, create=True)
             self._manager = ocp.CheckpointManager(self.directory, options=options,
                                                   item_names=("state", "meta"))
         return self._manager
@@ -55,7 +57,7 @@ class Checkpoints:
         """The newest complete step, warning about newer steps whose save did not finish."""
         if not os.path.isdir(self.directory):
             return None
-        incomplete = incomplete_steps(self.directory)  # before opening: opening deletes them
+        incomplete = incomplete_steps(self.directory)
         latest = self._open().latest_step()
         skipped = [s for s in incomplete if latest is None or s > latest]
         if skipped:
@@ -64,6 +66,14 @@ class Checkpoints:
                             skipped, self.directory,
                             f"step {latest}" if latest is not None else "scratch")
         return latest
+
+    def discard_incomplete(self) -> None:
+        """Deletes what killed saves left behind; called once the run is known to go ahead."""
+        if not os.path.isdir(self.directory):
+            return
+        for name in os.listdir(self.directory):
+            if _INCOMPLETE.match(name):
+                shutil.rmtree(os.path.join(self.directory, name))
 
     def read_meta(self, step: int) -> dict:
         return self._open().restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]

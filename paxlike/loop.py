@@ -117,6 +117,7 @@ def run(cfg, workdir: str, devices=None, stop_at: int | None = None) -> list[flo
     primary = jax.process_index() == 0
     if primary:
         os.makedirs(workdir, exist_ok=True)
+        ckpts.discard_incomplete()
         dataset.save_tokenizer()
         _write_json_atomically(os.path.join(workdir, "config.json"), config_lib.to_json(cfg))
     writer = metrics.MetricsWriter(workdir, enabled=primary, total_steps=cfg.steps)

@@ -77,6 +77,9 @@ def test_half_written_checkpoint_is_skipped_with_warning(tmp_path, caplog):
 def test_changed_model_shape_is_refused_and_nothing_changes(tmp_path):
     workdir = str(tmp_path / "run")
     loop.run(small_test_config(steps=3), workdir)
+    # Even a half-written save stays: it is deleted only by a run that goes ahead.
+    ckpts = os.path.join(workdir, "checkpoints")
+    shutil.copytree(os.path.join(ckpts, "3"), os.path.join(ckpts, "5.orbax-checkpoint-tmp-1234"))
     before = snapshot(workdir)
     with pytest.raises(UserError, match=r"different shape .*model.d_model: 32 in the checkpoint, 64 now"):
         loop.run(small_test_config(steps=6, **{"model.d_model": 64}), workdir)
