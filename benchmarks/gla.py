@@ -2,6 +2,7 @@
 
     .venv/bin/python benchmarks/gla.py                      # T = 512 .. 8192, all three paths
     .venv/bin/python benchmarks/gla.py --T 4096 --impls xla,reference
+    .venv/bin/python benchmarks/gla.py --pallas-max-T 512 --repeats 5 --matmul-floor  # docs/gla.md
 
 Shapes follow issue 3: B·H = 8 (B = 1, H = 8), K = 64, V = 128, fp32, gates logsigmoid(u)/16.
 Times are the best of --repeats runs of a jitted function; at each T the paths' runs are
@@ -67,10 +68,10 @@ def interleaved_times(progs, args, repeats: int) -> dict:
     (round-robin; each timed call follows an untimed one of the same program) so that every path
     sees the same machine load; on a shared machine whose load drifts, timing one path after the
     other skews their ratio."""
-    for fwd, fb in progs.values():
-        jax.block_until_ready(fwd(*args))
-        jax.block_until_ready(fb(*args))
-    best = {impl: [float("inf"), float("inf")] for impl in progs}
+    for fs in progs.values():
+        for f in fs:
+            jax.block_until_ready(f(*args))
+    best = {impl: [float("inf")] * len(fs) for impl, fs in progs.items()}
     for _ in range(repeats):
         for impl, fs in progs.items():
             for j, f in enumerate(fs):
@@ -108,6 +109,32 @@ def programs(impl: str):
     return jax.jit(fwd), jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3)))
 
 
+def matmul_floor(T: int, chunk: int, block: int = 4):
+    """The chunked forward's products alone, as XLA:CPU runs them: per chunk A = Q̃ K̃ᵀ,
+    O = Q̃ S + A V and U = K̃ᵀ V, on operands already in the layout the dots want (head-major, K̃
+    pre-transposed), in blocks of `block` chunks like the xla path -- no exponentials, masks,
+    layout changes or state scan. A lower bound on any XLA chunked forward with this chunk size.
+    Returns a no-argument callable."""
+    n = -(-T // chunk) * B * H
+    nb = -(-n // (block * B * H))
+    r = np.random.default_rng(1)
+
+    def arr(*shape):
+        return jnp.asarray(r.standard_normal((nb, n // nb, *shape)), jnp.float32)
+    ops = (arr(chunk, K), arr(K, chunk), arr(chunk, V), arr(K, V))
+    hi = jax.lax.Precision.HIGHEST
+
+    def one_block(carry, xs):
+        q, kt, v, s = xs
+        a = jnp.einsum("nrk,nkj->nrj", q, kt, precision=hi)
+        o = (jnp.einsum("nck,nkv->ncv", q, s, precision=hi)
+             + jnp.einsum("nrj,njv->nrv", a, v, precision=hi))
+        u = jnp.einsum("nkc,ncv->nkv", kt, v, precision=hi)
+        return carry + u, o
+    f = jax.jit(lambda *xs: jax.lax.scan(one_block, jnp.zeros((n // nb, K, V)), xs))
+    return lambda *_: f(*ops)
+
+
 def compiled_bytes(f, args) -> int:
     m = f.lower(*args).compile().memory_analysis()
     return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
@@ -121,6 +148,8 @@ def main():
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--pallas-max-T", type=int, default=8192,
                    help="skip pallas (interpret mode, slow) above this T")
+    p.add_argument("--matmul-floor", action="store_true",
+                   help="also time the chunked forward's products alone (see matmul_floor)")
     a = p.parse_args()
     Ts = [int(t) for t in a.T.split(",")]
     impls = a.impls.split(",")
@@ -139,7 +168,14 @@ def main():
         f_flops, fb_flops = nominal_flops(T)
         run = [i for i in impls if not (i == "pallas" and T > a.pallas_max_T)]
         progs = {impl: programs(impl) for impl in run}
+        if a.matmul_floor:
+            for c in (C, C // 2):
+                floor = matmul_floor(T, c)
+                progs[f"products C={c}"] = (floor,)
         times = interleaved_times(progs, args, a.repeats)
+        for name in progs:
+            if name.startswith("products"):
+                rows[(name, T)] = times[name]
         for impl in run:
             tf, tfb = times[impl]
             mem = compiled_bytes(progs[impl][1], args) / 2 ** 20
@@ -164,6 +200,10 @@ def main():
                 print(f"  T={T:>5}: allowed {rows[('reference', T)][0] / 2 * 1e3:6.1f} ms; "
                       f"4KV/token alone {floor * 1e3:5.1f} ms; nominal C={C} work "
                       f"{nominal_flops(T)[0] / gemm * 1e3:5.1f} ms")
+                for c in (C, C // 2):
+                    if (f"products C={c}", T) in rows:
+                        print(f"           the C={c} forward's products alone, timed in XLA "
+                              f"(matmul_floor): {rows[(f'products C={c}', T)][0] * 1e3:5.1f} ms")
     for impl in impls:
         mems = [(T, rows[(impl, T)][2]) for T in Ts if (impl, T) in rows]
         if len(mems) > 1:
