@@ -11,6 +11,14 @@ reverse scan dS_n = diag(exp γ_n) dS_{n+1} + W_n, then one parallel pass for dq
 (`ops.bwd_grads`); dg is the closed form of KERNELS.md §1 evaluated chunk-locally, arranged so
 that nothing large cancels (see `_bwd_body`); it needs no extra kernel.
 
+The log decay reaches `ops` as L, the cumulative sum of g *within each sub-chunk* of `sub` rows,
+not as the chunk-cumulative G = (sums of the earlier sub-chunks) + L. Every exponent is a
+difference G_r − G_j, and in fp32 a difference of two large cumulative sums (|G| reaches ~450 at a
+chunk's end under strong gates) loses exactly the digits that matter: the pairs of nearby rows,
+whose weights dominate the gate gradient, come out ~3e-5 off in the exponent. From L, the
+difference of rows in one sub-chunk is L_r − L_j, and across sub-chunks it adds the sums of whole
+sub-chunks in between (`sub_spans`), so nothing large is subtracted.
+
 Only step 1/3-style chunk-local work lives in `ops`, so the XLA (vectorised einsums) and Pallas
 (one grid point per chunk) paths share this file: layout, padding, segments, scans and custom_vjp.
 With `ops.block` set (the XLA path), the sequence is walked in blocks of that many chunks by an
@@ -38,23 +46,24 @@ from .reference import acc_dtype, resets_from_segments
 class ChunkOps(NamedTuple):
     """Chunk-local primitives; arrays are [N, B, H, C, *] (N: chunks of this call or block),
     seg [N, B, 1, C] or None."""
-    fwd_state: callable   # (k, v, G, seg) -> U [N,B,H,K,V]
-    fwd_out: callable     # (q, k, v, G, seg, S) -> O [N,B,H,C,V]
-    bwd_prep: callable    # (q, k, v, G, seg, dO) -> (U, W)
-    # (q, k, v, G, seg, dO, S, dS_next) -> (dq, dk, dv, q⊙dq − k⊙dk_in, k⊙dk_out), dk_in the
+    fwd_state: callable   # (k, v, L, seg) -> U [N,B,H,K,V]
+    fwd_out: callable     # (q, k, v, L, seg, S) -> O [N,B,H,C,V]
+    bwd_prep: callable    # (q, k, v, L, seg, dO) -> (U, W)
+    # (q, k, v, L, seg, dO, S, dS_next) -> (dq, dk, dv, q⊙dq − k⊙dk_in, k⊙dk_out), dk_in the
     # part of dk from scores inside the chunk, dk_out the part through the chunk-end state
     bwd_grads: callable
-    # optional cheaper ops valid only where fast_ok(G) (a traced bool) holds; chosen per block
+    sub: int = 16               # rows per sub-chunk: L is the cumulative log decay within one
+    # optional cheaper ops valid only where fast_ok(L, sub) (a traced bool) holds; per block
     fast: "ChunkOps | None" = None
     fast_ok: callable = None
     block: int | None = None    # chunks processed at once (None: all); see _blocking
 
 
-def _choose(ops, G, run, *args):
-    """run(ops, *args) with ops.fast when ops.fast_ok(G), else with ops (one lax.cond)."""
+def _choose(ops, L, run, *args):
+    """run(ops, *args) with ops.fast when ops.fast_ok(L, sub), else with ops (one lax.cond)."""
     if ops.fast is None:
         return run(ops, *args)
-    return jax.lax.cond(ops.fast_ok(G), functools.partial(run, ops.fast),
+    return jax.lax.cond(ops.fast_ok(L, ops.sub), functools.partial(run, ops.fast),
                         functools.partial(run, ops), *args)
 
 
@@ -97,9 +106,57 @@ def segment_offsets(segment_ids: jax.Array, chunk: int) -> jax.Array:
     return (count - prev).astype(jnp.float32).transpose(1, 0, 2)[:, :, None, :]
 
 
-def chunk_decay(G: jax.Array, seg) -> jax.Array:
-    """exp(γ_n) [N,B,H,K], γ_n = G at the chunk's last row; 0 when a document starts inside."""
-    decay = jnp.exp(G[..., -1, :])
+# ----------------------------------------------------------------------------- sub-chunk sums
+# L [.., C, K]: cumulative log decay within each sub-chunk of `sub` rows (see the module doc).
+
+def sub_totals(L: jax.Array, sub: int) -> jax.Array:
+    """Each sub-chunk's total log decay [.., n, K] (L at its last row)."""
+    return L[..., sub - 1::sub, :]
+
+
+def sub_spans(L: jax.Array, sub: int) -> jax.Array:
+    """[.., n, n, K]: entry [I, J] = Σ_{J ≤ M < I} total_M, the log decay of the whole sub-chunks
+    J..I−1 (0 for I ≤ J), summed directly from the totals (one small matmul), never taken as a
+    difference of two cumulative sums."""
+    n = L.shape[-2] // sub
+    i = np.arange(n)
+    span = (i[None, :, None] <= i[None, None, :]) & (i[None, None, :] < i[:, None, None])
+    return jnp.einsum("ijm,...mk->...ijk", jnp.asarray(span, L.dtype), sub_totals(L, sub),
+                      precision=jax.lax.Precision.HIGHEST)
+
+
+def _running(t: jax.Array, reverse: bool) -> jax.Array:
+    """Exclusive prefix sums (Σ_{M < J}) or, reverse, inclusive suffix sums (Σ_{M ≥ J}) over the
+    sub-chunk axis of totals [.., n, K], as plain adds XLA fuses (n is small)."""
+    n = t.shape[-2]
+    order = range(n - 1, -1, -1) if reverse else range(n)
+    out, acc = [None] * n, jnp.zeros_like(t[..., 0, :])
+    for m in order:
+        if reverse:
+            acc = acc + t[..., m, :]
+        out[m] = acc
+        if not reverse:
+            acc = acc + t[..., m, :]
+    return jnp.stack(out, axis=-2)
+
+
+def absolute(L: jax.Array, sub: int) -> jax.Array:
+    """The chunk-cumulative G [.., C, K] (for factors e^{±G} of a row against the chunk start)."""
+    *lead, C, K = L.shape
+    before = _running(sub_totals(L, sub), reverse=False)                      # [.., n, K]
+    return (L.reshape(*lead, C // sub, sub, K) + before[..., :, None, :]).reshape(L.shape)
+
+
+def to_end(L: jax.Array, sub: int) -> jax.Array:
+    """γ − G [.., C, K]: each row's log decay to the chunk's end (≤ 0), from sub-chunk sums."""
+    *lead, C, K = L.shape
+    after = _running(sub_totals(L, sub), reverse=True)                        # Σ_{M ≥ J}
+    return (after[..., :, None, :] - L.reshape(*lead, C // sub, sub, K)).reshape(L.shape)
+
+
+def chunk_decay(L: jax.Array, sub: int, seg) -> jax.Array:
+    """exp(γ_n) [N,B,H,K], γ_n the chunk's total log decay; 0 when a document starts inside."""
+    decay = jnp.exp(jnp.sum(sub_totals(L, sub), axis=-2))
     if seg is not None:
         decay = decay * (seg[..., -1:] == 0).astype(decay.dtype)
     return decay
@@ -151,16 +208,19 @@ def chunk_cumsum(x: jax.Array, reverse: bool = False, exclusive: bool = False) -
                       precision=jax.lax.Precision.HIGHEST)
 
 
-def _block_cumsum(ops, g):
-    """G of a block in head-major layout. Blocked (token-major) inputs are summed before the
-    layout change: [C, C] x [C, H·K] is one plain matmul per chunk for XLA:CPU, where the
-    head-major form needs transposes around the dot."""
+def _local_cumsum(ops, g):
+    """L (cumulative sum within each sub-chunk) of a block, head-major, as one block-diagonal
+    triangular matmul. Blocked (token-major) inputs are summed before the layout change:
+    [C, C] x [C, H·K] is one plain matmul per chunk for XLA:CPU, where the head-major form needs
+    transposes around the dot."""
+    C = g.shape[-3] if ops.block is not None else g.shape[-2]
+    rows = np.arange(C)
+    tri = jnp.asarray((rows[:, None] >= rows[None, :])
+                      & (rows[:, None] // ops.sub == rows[None, :] // ops.sub), g.dtype)
     if ops.block is None:
-        return chunk_cumsum(g)
-    C = g.shape[-3]
-    tri = jnp.asarray(np.tril(np.ones((C, C))), g.dtype)
-    G = jnp.einsum("rc,...chk->...rhk", tri, g, precision=jax.lax.Precision.HIGHEST)
-    return _head_major(G)
+        return jnp.einsum("rc,...ck->...rk", tri, g, precision=jax.lax.Precision.HIGHEST)
+    L = jnp.einsum("rc,...chk->...rhk", tri, g, precision=jax.lax.Precision.HIGHEST)
+    return _head_major(L)
 
 
 # ----------------------------------------------------------------------------- custom_vjp
@@ -170,9 +230,9 @@ def _chunked_core(ops, q, k, v, g, h0, seg):
     return _core_fwd(ops, q, k, v, g, h0, seg)[0]
 
 
-def _fwd_body(ops, q, k, v, G, h0, seg):
-    S, final = forward_states(h0, chunk_decay(G, seg), ops.fwd_state(k, v, G, seg))
-    return ops.fwd_out(q, k, v, G, seg, S), final
+def _fwd_body(ops, q, k, v, L, h0, seg):
+    S, final = forward_states(h0, chunk_decay(L, ops.sub, seg), ops.fwd_state(k, v, L, seg))
+    return ops.fwd_out(q, k, v, L, seg, S), final
 
 
 def _core_fwd_impl(ops, q, k, v, g, h0, seg):
@@ -181,9 +241,9 @@ def _core_fwd_impl(ops, q, k, v, g, h0, seg):
 
     def block(S, xs):
         qb, kb, vb, gb, sb = xs
-        G = _block_cumsum(ops, gb.astype(h0.dtype))        # chunk-local cumulative log decay
-        qb, kb, vb, gb = (hm(x) for x in (qb, kb, vb, gb))
-        o, S = _choose(ops, G, _fwd_body, qb, kb, vb, G, S, sb)
+        L = _local_cumsum(ops, gb.astype(h0.dtype))        # sub-chunk-local log decay
+        qb, kb, vb = (hm(x) for x in (qb, kb, vb))
+        o, S = _choose(ops, L, _fwd_body, qb, kb, vb, L, S, sb)
         return S, hm(o)
 
     if n_blocks == 1:
@@ -208,9 +268,9 @@ def _core_bwd_impl(ops, res, cts):
 
     def block(dS, xs):
         qb, kb, vb, gb, sb, dob, S0 = xs
-        G = _block_cumsum(ops, gb.astype(h0.dtype))
+        L = _local_cumsum(ops, gb.astype(h0.dtype))
         qb, kb, vb, gb, dob = (hm(x) for x in (qb, kb, vb, gb, dob))
-        dq, dk, dv, dg, dS, _ = _choose(ops, G, _bwd_body, qb, kb, vb, gb, G, S0, sb, dob, dS)
+        dq, dk, dv, dg, dS, _ = _choose(ops, L, _bwd_body, qb, kb, vb, gb, L, S0, sb, dob, dS)
         return dS, tuple(hm(x) for x in (dq, dk, dv, dg))
 
     if n_blocks == 1:
@@ -249,13 +309,13 @@ def _from_blocks(x, N):
     return x.reshape(-1, *x.shape[2:])[:N]
 
 
-def _bwd_body(ops, q, k, v, g, G, h0, seg, do, dST):
+def _bwd_body(ops, q, k, v, g, L, h0, seg, do, dST):
     acc = h0.dtype
-    decay = chunk_decay(G, seg)
-    U, W = ops.bwd_prep(q, k, v, G, seg, do)
+    decay = chunk_decay(L, ops.sub, seg)
+    U, W = ops.bwd_prep(q, k, v, L, seg, do)
     S, _ = forward_states(h0, decay, U)                  # recomputed, one state per chunk
     dS_end, dh0, rowsum = backward_states(dST.astype(acc), decay, W, S)
-    dq, dk, dv, local, through = ops.bwd_grads(q, k, v, G, seg, do, S, dS_end)
+    dq, dk, dv, local, through = ops.bwd_grads(q, k, v, L, seg, do, S, dS_end)
     # Gate gradient, chunk-locally (no long cumsum -> no fp32 cancellation over T). Row s's log
     # decay scales the state entering step s, so dg_s is: the scores inside the chunk that span
     # s (reverse cumsum of q⊙dq − k⊙dk_in, without the exactly cancelling diagonal pair), plus
@@ -281,7 +341,7 @@ def _whole_call(ops, g, run, *args):
     gamma = jnp.sum(g.astype(jnp.float32), axis=2)[..., None, :]
     fast = ops.fast._replace(block=ops.block)
     stable = ops._replace(fast=None, fast_ok=None)
-    return jax.lax.cond(ops.fast_ok(gamma), functools.partial(run, fast),
+    return jax.lax.cond(ops.fast_ok(gamma, 1), functools.partial(run, fast),
                         functools.partial(run, stable), *args)
 
 

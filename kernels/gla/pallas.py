@@ -16,7 +16,8 @@ backend K and V are zero-padded to a power of two >= 16 (zero q/k/g/v rows chang
 
 Intra-chunk scores use the sub-chunk stabilisation of KERNELS.md §1 (off-diagonal sub-blocks as
 matmuls with a reference row ζ_I, diagonal sub-blocks elementwise in log space), so no exponent is
-ever positive. All arithmetic is fp32 (fp64 for fp64 inputs in interpret mode); matmuls run at
+ever positive. The log decay arrives summed within each sub-chunk (L, see chunked.py); `_Chunk`
+turns it into each exponent without subtracting two large cumulative sums. All arithmetic is fp32 (fp64 for fp64 inputs in interpret mode); matmuls run at
 HIGHEST precision so fp32 results do not degrade to bf16/tf32 passes on TPU/GPU.
 """
 from __future__ import annotations
@@ -60,8 +61,7 @@ class _Chunk:
 
     def __init__(self, refs, acc, n, c):
         self.r, self.acc, self.n, self.c = refs, acc, n, c
-        G = refs["G"]
-        self.gamma = G[n - 1, c - 1:c, :]                           # [1, K]
+        self.totals = [refs["L"][m, c - 1:c, :].astype(acc) for m in range(n)]   # [1, K] each
         self.seg = refs.get("seg_c") is not None
         if self.seg:
             self.seg_c = [refs["seg_c"][i] for i in range(n)]         # [c, 1] each
@@ -73,8 +73,32 @@ class _Chunk:
     def ld(self, name, i):
         return self.r[name][i].astype(self.acc)
 
-    def zeta(self, i):
-        return self.r["G"][i, 0:1, :]                                # G at sub-chunk's first row
+    # Exponents from L (log decay summed within each sub-chunk) and whole sub-chunks' totals:
+    def span(self, J, I):
+        """Log decay of the whole sub-chunks J..I−1 ([1, K]; 0 when I ≤ J)."""
+        out = jnp.zeros_like(self.totals[0])
+        for m in range(J, I):
+            out = out + self.totals[m]
+        return out
+
+    def first(self, i):
+        return self.r["L"][i, 0:1, :].astype(self.acc)             # L at sub-chunk i's first row
+
+    def G(self, i):
+        """Sub-chunk i's rows' log decay from the chunk start [c, K] (for e^G of q)."""
+        return self.span(0, i) + self.ld("L", i)
+
+    def to_end(self, i):
+        """Sub-chunk i's rows' log decay to the chunk end [c, K] (γ − G, ≤ 0)."""
+        return self.span(i, self.n) - self.ld("L", i)
+
+    def from_zeta(self, i):
+        """G − ζ_i of sub-chunk i's rows [c, K] (≤ 0), ζ_i = G at its first row."""
+        return self.ld("L", i) - self.first(i)
+
+    def to_zeta(self, I, J):
+        """ζ_I − G of the keys of sub-chunk J < I [c, K] (≤ 0)."""
+        return self.span(J, I) + self.first(I) - self.ld("L", J)
 
     def m_inter(self, i):      # rows that still see the chunk-start state
         return None if not self.seg else self.seg_c[i] == 0
@@ -82,15 +106,15 @@ class _Chunk:
     def m_last(self, i):       # keys that reach the chunk-end state
         return None if not self.seg else self.seg_c[i] == self.seg_last
 
-    def score(self, q_i, G_i, I, J):
+    def score(self, q_i, I, J):
         """Unscaled masked A_IJ [c, c]; both exponents ≤ 0 by construction."""
         c = self.c
         mask = _tile_masks(self.seg_c, self.seg_r, I, J, c)
         if I > J:
-            z = self.zeta(I)
-            kz = self.ld("k", J) * jnp.exp(z - self.ld("G", J))
-            return _where(mask, _mm(q_i * jnp.exp(G_i - z), kz, tb=True))
-        d = jnp.exp(jnp.minimum(G_i[:, None, :] - G_i[None, :, :], 0.0))
+            kz = self.ld("k", J) * jnp.exp(self.to_zeta(I, J))
+            return _where(mask, _mm(q_i * jnp.exp(self.from_zeta(I)), kz, tb=True))
+        L_i = self.ld("L", I)
+        d = jnp.exp(jnp.minimum(L_i[:, None, :] - L_i[None, :, :], 0.0))
         a = jnp.sum(q_i[:, None, :] * self.ld("k", I)[None, :, :] * d, axis=-1)
         return _where(mask, a)
 
@@ -101,12 +125,11 @@ def _state_kernel(*refs, names, acc, n, c, scale, with_w):
     ch = _Chunk(ins, acc, n, c)
     u = w = None
     for i in range(n):
-        G_i = ch.ld("G", i)
-        kd = _where(ch.m_last(i), ch.ld("k", i) * jnp.exp(ch.gamma - G_i))
+        kd = _where(ch.m_last(i), ch.ld("k", i) * jnp.exp(ch.to_end(i)))
         t = _mm(kd, ch.ld("v", i), ta=True)
         u = t if u is None else u + t
         if with_w:
-            qd = _where(ch.m_inter(i), ch.ld("q", i) * jnp.exp(G_i))
+            qd = _where(ch.m_inter(i), ch.ld("q", i) * jnp.exp(ch.G(i)))
             t = _mm(qd, ch.ld("do", i), ta=True)
             w = t if w is None else w + t
     outs[0][...] = u.astype(outs[0].dtype)
@@ -120,10 +143,10 @@ def _out_kernel(*refs, names, acc, n, c, scale):
     ch = _Chunk(ins, acc, n, c)
     S = ins["S"][...].astype(acc)
     for I in range(n):
-        q_i, G_i = ch.ld("q", I), ch.ld("G", I)
-        o = _mm(_where(ch.m_inter(I), q_i * jnp.exp(G_i)), S)
+        q_i = ch.ld("q", I)
+        o = _mm(_where(ch.m_inter(I), q_i * jnp.exp(ch.G(I))), S)
         for J in range(I + 1):
-            o = o + _mm(ch.score(q_i, G_i, I, J), ch.ld("v", J))
+            o = o + _mm(ch.score(q_i, I, J), ch.ld("v", J))
         o_ref[I] = (scale * o).astype(o_ref.dtype)
 
 
@@ -137,29 +160,29 @@ def _grads_kernel(*refs, names, acc, n, c, scale):
     dk, dv, dq_off, diag = [None] * n, [None] * n, [None] * n, [None] * n
     dk_out = [None] * n
     for J in range(n):          # state terms of dk, dv (keys reaching the chunk-end state)
-        ed = _where(ch.m_last(J), jnp.exp(ch.gamma - ch.ld("G", J)))
+        ed = _where(ch.m_last(J), jnp.exp(ch.to_end(J)))
         dk_out[J] = _mm(ch.ld("v", J), dSn, tb=True) * ed
         dk[J] = jnp.zeros_like(dk_out[J])
         dv[J] = _mm(ch.ld("k", J) * ed, dSn)
     for I in range(n):
-        q_i, G_i, do_i = ch.ld("q", I), ch.ld("G", I), ch.ld("do", I)
-        dq = scale * _where(ch.m_inter(I), _mm(do_i, S, tb=True) * jnp.exp(G_i))
+        q_i, do_i = ch.ld("q", I), ch.ld("do", I)
+        dq = scale * _where(ch.m_inter(I), _mm(do_i, S, tb=True) * jnp.exp(ch.G(I)))
         for J in range(I + 1):
             mask = _tile_masks(ch.seg_c, ch.seg_r, I, J, c)
-            a = scale * ch.score(q_i, G_i, I, J)
+            a = scale * ch.score(q_i, I, J)
             da = scale * _where(mask, _mm(do_i, ch.ld("v", J), tb=True))
             dv[J] = dv[J] + _mm(a, do_i, ta=True)
             k_j = ch.ld("k", J)
             if I > J:
-                z = ch.zeta(I)
-                fk = jnp.exp(z - ch.ld("G", J))
-                fq = jnp.exp(G_i - z)
+                fk = jnp.exp(ch.to_zeta(I, J))
+                fq = jnp.exp(ch.from_zeta(I))
                 dq = dq + _mm(da, k_j * fk) * fq
                 dk[J] = dk[J] + _mm(da, q_i * fq, ta=True) * fk
             else:   # the diagonal pair (t, t) is kept apart: see xla._with_diagonal
                 diag[I] = jnp.sum(jnp.where(eye, da, 0.0), axis=1, keepdims=True)     # [c, 1]
                 da = jnp.where(eye, 0.0, da)
-                d = jnp.exp(jnp.minimum(G_i[:, None, :] - G_i[None, :, :], 0.0))
+                L_i = ch.ld("L", I)
+                d = jnp.exp(jnp.minimum(L_i[:, None, :] - L_i[None, :, :], 0.0))
                 dq = dq + jnp.sum(da[:, :, None] * k_j[None, :, :] * d, axis=1)
                 dk[J] = dk[J] + jnp.sum(da[:, :, None] * q_i[:, None, :] * d, axis=0)
         dq_off[I] = dq
@@ -225,11 +248,11 @@ def _make_ops(scale, c, acc, backend, interpret):
     kw = dict(backend=backend, interpret=interpret)
     common = dict(acc=acc, c=c, scale=scale)
 
-    def fwd_state(k, v, G, seg, q=None, do=None):
+    def fwd_state(k, v, L, seg, q=None, do=None):
         with_w = q is not None
         N, B, H, C, K = k.shape
         V = v.shape[-1]
-        ins = {"k": (_sub(k, c), "chunk"), "v": (_sub(v, c), "chunk"), "G": (_sub(G, c), "chunk")}
+        ins = {"k": (_sub(k, c), "chunk"), "v": (_sub(v, c), "chunk"), "L": (_sub(L, c), "chunk")}
         if with_w:
             ins.update(q=(_sub(q, c), "chunk"), do=(_sub(do, c), "chunk"))
         ins.update(_seg_ins(seg, c))
@@ -238,23 +261,23 @@ def _make_ops(scale, c, acc, backend, interpret):
                     outs, name="gla_state_bwd" if with_w else "gla_state", **kw)
         return tuple(res) if with_w else res[0]
 
-    def fwd_out(q, k, v, G, seg, S):
+    def fwd_out(q, k, v, L, seg, S):
         C = q.shape[-2]
         ins = {"q": (_sub(q, c), "chunk"), "k": (_sub(k, c), "chunk"), "v": (_sub(v, c), "chunk"),
-               "G": (_sub(G, c), "chunk"), "S": (S, "state")}
+               "L": (_sub(L, c), "chunk"), "S": (S, "state")}
         ins.update(_seg_ins(seg, c))
         vs = _sub(v, c).shape
         (o,) = _call(functools.partial(_out_kernel, n=C // c, **common), ins,
                      [(vs, acc, "chunk")], name="gla_out", **kw)
         return o.reshape(v.shape)
 
-    def bwd_prep(q, k, v, G, seg, do):
-        return fwd_state(k, v, G, seg, q=q, do=do)
+    def bwd_prep(q, k, v, L, seg, do):
+        return fwd_state(k, v, L, seg, q=q, do=do)
 
-    def bwd_grads(q, k, v, G, seg, do, S, dSn):
+    def bwd_grads(q, k, v, L, seg, do, S, dSn):
         C = q.shape[-2]
         ins = {"q": (_sub(q, c), "chunk"), "k": (_sub(k, c), "chunk"), "v": (_sub(v, c), "chunk"),
-               "G": (_sub(G, c), "chunk"), "do": (_sub(do, c), "chunk"), "S": (S, "state"),
+               "L": (_sub(L, c), "chunk"), "do": (_sub(do, c), "chunk"), "S": (S, "state"),
                "dSn": (dSn, "state")}
         ins.update(_seg_ins(seg, c))
         qs, vs = _sub(q, c).shape, _sub(v, c).shape
@@ -265,7 +288,7 @@ def _make_ops(scale, c, acc, backend, interpret):
         return (dq.reshape(q.shape), dk.reshape(k.shape), dv.reshape(v.shape),
                 local.reshape(q.shape), through.reshape(q.shape))
 
-    return ChunkOps(fwd_state, fwd_out, bwd_prep, bwd_grads)
+    return ChunkOps(fwd_state, fwd_out, bwd_prep, bwd_grads, sub=c)
 
 
 @functools.lru_cache(maxsize=None)

@@ -14,6 +14,10 @@ KERNELS.md §1:
 
 Fast ops (bounded gates, picked per block by a lax.cond): one whole-chunk factorisation, below.
 
+The log decay arrives as L, summed within each sub-chunk (chunked.py explains why); exponents of
+a row against the chunk's ends come from `absolute` / `to_end`, those of two rows from L and the
+sums of whole sub-chunks between them.
+
 Inputs arrive in their own dtype and are upcast to the accumulation dtype (fp32, or fp64 for fp64
 inputs): on CPU bf16 matmuls are slower than fp32 ones, and fp32 keeps the bf16 error budget for
 the input rounding alone.
@@ -26,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .chunked import ChunkOps
+from .chunked import ChunkOps, absolute, sub_spans, sub_totals, to_end
 
 _HI = jax.lax.Precision.HIGHEST
 
@@ -62,24 +66,26 @@ def _apply(x, m):
 class _Intra:
     """Stabilised intra-chunk factors of one call, shared by scores and their gradients."""
 
-    def __init__(self, q, k, G, sub):
-        *lead, C, K = G.shape
+    def __init__(self, q, k, L, sub):
+        *lead, C, K = L.shape
         n = C // sub
         self.n, self.c = n, sub
-        Gs = G.reshape(*lead, n, sub, K)
-        zeta = Gs[..., :, :1, :]                                           # [.., n, 1, K]
+        Ls = L.reshape(*lead, n, sub, K)
+        first = Ls[..., :, :1, :]                  # [.., n, 1, K]; ζ_I = G at this row
         self.qs = q.reshape(*lead, n, sub, K)
         self.ks = k.reshape(*lead, n, sub, K)
-        self.fq = jnp.exp(Gs - zeta)                                       # ≤ 1 factors
+        self.fq = jnp.exp(Ls - first)                                      # ≤ 1 factors
         self.qz = self.qs * self.fq
-        # E[I, j] = exp(ζ_I − G_j) for keys j before sub-chunk I, else 0: [.., n, C, K]
+        # E[I, j] = exp(ζ_I − G_j) for keys j before sub-chunk I, else 0: [.., n, C, K], with
+        # ζ_I − G_j = (whole sub-chunks J(j)..I−1) + first_I − L_j
         before = np.arange(C)[None, :] < (np.arange(n) * sub)[:, None]
-        self.E = jnp.where(before[:, :, None], jnp.exp(jnp.minimum(zeta - G[..., None, :, :], 0)),
-                           0.0)
+        span = sub_spans(L, sub)[..., :, :, None, :]                       # [.., I, J, 1, K]
+        lag = (span + first[..., :, None, :, :] - Ls[..., None, :, :, :]).reshape(*lead, n, C, K)
+        self.E = jnp.where(before[:, :, None], jnp.exp(jnp.minimum(lag, 0)), 0.0)
         self.kz = k[..., None, :, :] * self.E
         # diagonal blocks, elementwise in log space; causal mask inside the block
         causal = np.tril(np.ones((sub, sub), bool))
-        diff = Gs[..., :, :, None, :] - Gs[..., :, None, :, :]             # [.., n, c, c, K]
+        diff = Ls[..., :, :, None, :] - Ls[..., :, None, :, :]             # [.., n, c, c, K]
         self.D = jnp.where(causal[:, :, None], jnp.exp(jnp.minimum(diff, 0)), 0.0)
 
     def scores(self):
@@ -107,43 +113,44 @@ class _Intra:
                 dk_off + dk_d.reshape(*lead, C, -1))
 
 
-def _fwd_state(k, v, G, seg, *, acc):
+def _fwd_state(k, v, L, seg, *, acc, sub):
     k, v = k.astype(acc), v.astype(acc)
-    _, m_last, _ = _masks(seg, G.shape[-2])
-    kd = _apply(k * jnp.exp(G[..., -1:, :] - G), m_last)
+    _, m_last, _ = _masks(seg, L.shape[-2])
+    kd = _apply(k * jnp.exp(to_end(L, sub)), m_last)
     return _ein("...ck,...cv->...kv", kd, v)
 
 
-def _fwd_out(q, k, v, G, seg, S, *, acc, scale, sub):
+def _fwd_out(q, k, v, L, seg, S, *, acc, scale, sub):
     q, k, v = (x.astype(acc) for x in (q, k, v))
-    m_inter, _, same = _masks(seg, G.shape[-2])
-    inter = _ein("...ck,...kv->...cv", _apply(q * jnp.exp(G), m_inter), S)
-    A = _apply(_Intra(q, k, G, sub).scores(), same)
+    m_inter, _, same = _masks(seg, L.shape[-2])
+    inter = _ein("...ck,...kv->...cv", _apply(q * jnp.exp(absolute(L, sub)), m_inter), S)
+    A = _apply(_Intra(q, k, L, sub).scores(), same)
     return scale * (inter + _ein("...rj,...jv->...rv", A, v))
 
 
-def _bwd_prep(q, k, v, G, seg, do, *, acc, scale):
-    m_inter, _, _ = _masks(seg, G.shape[-2])
-    U = _fwd_state(k, v, G, seg, acc=acc)
-    W = scale * _ein("...ck,...cv->...kv", _apply(q.astype(acc) * jnp.exp(G), m_inter),
-                     do.astype(acc))
+def _bwd_prep(q, k, v, L, seg, do, *, acc, scale, sub):
+    m_inter, _, _ = _masks(seg, L.shape[-2])
+    U = _fwd_state(k, v, L, seg, acc=acc, sub=sub)
+    W = scale * _ein("...ck,...cv->...kv",
+                     _apply(q.astype(acc) * jnp.exp(absolute(L, sub)), m_inter), do.astype(acc))
     return U, W
 
 
-def _bwd_grads(q, k, v, G, seg, do, S, dSn, *, acc, scale, sub):
+def _bwd_grads(q, k, v, L, seg, do, S, dSn, *, acc, scale, sub):
     q, k, v, do = (x.astype(acc) for x in (q, k, v, do))
-    C = G.shape[-2]
+    C = L.shape[-2]
     m_inter, m_last, same = _masks(seg, C)
     causal = np.tril(np.ones((C, C), bool))
     mask = causal if same is None else same & causal
     dA = scale * jnp.where(mask, _ein("...rv,...jv->...rj", do, v), 0.0)
-    intra = _Intra(q, k, G, sub)
+    intra = _Intra(q, k, L, sub)
     A = scale * jnp.where(mask, intra.scores(), 0.0)
     dA_diag, dA_strict = _split_diagonal(dA)
     dq_i, dk_i = intra.grads(dA_strict)
-    ed = _apply(jnp.exp(G[..., -1:, :] - G), m_last)          # key -> chunk-end decay
+    ed = _apply(jnp.exp(to_end(L, sub)), m_last)              # key -> chunk-end decay
     dv = _ein("...rj,...rv->...jv", A, do) + _ein("...jk,...kv->...jv", k * ed, dSn)
-    dq = scale * _apply(_ein("...rv,...kv->...rk", do, S) * jnp.exp(G), m_inter) + dq_i
+    dq = scale * _apply(_ein("...rv,...kv->...rk", do, S) * jnp.exp(absolute(L, sub)),
+                        m_inter) + dq_i
     dk_out = _ein("...jv,...kv->...jk", v, dSn) * ed
     dq, dk_in, local = _with_diagonal(q, k, dq, dk_i, dA_diag)
     return dq, dk_in + dk_out, dv, local, k * dk_out
@@ -178,21 +185,24 @@ def _with_diagonal(q, k, dq_off, dk_off, dA_diag):
 _FAST_RANGE = 60.0          # e^60 ≈ 1e26: products with |q|, |k|, K stay far from fp32 overflow
 
 
-def fast_ok(G):
-    return jnp.all(-G[..., -1, :] <= _FAST_RANGE)          # G is monotone, G[..., -1, :] is min
+def fast_ok(L, sub):
+    """Every chunk's total log decay (G is monotone: its end is its minimum) within range."""
+    return jnp.all(-jnp.sum(sub_totals(L, sub), axis=-2) <= _FAST_RANGE)
 
 
 def _factors(q, k, G, acc):
     return q.astype(acc) * jnp.exp(G), k.astype(acc) * jnp.exp(-G)
 
 
-def _fast_state(k, v, G, seg, *, acc):
+def _fast_state(k, v, L, seg, *, acc, sub):
+    G = absolute(L, sub)
     _, m_last, _ = _masks(seg, G.shape[-2])
     kz = _apply(k.astype(acc) * jnp.exp(-G), m_last)
     return jnp.exp(G[..., -1, :])[..., :, None] * _tmm(kz, v.astype(acc))
 
 
-def _fast_out(q, k, v, G, seg, S, *, acc, scale, sub):
+def _fast_out(q, k, v, L, seg, S, *, acc, scale, sub):
+    G = absolute(L, sub)
     C = G.shape[-2]
     m_inter, _, same = _masks(seg, C)
     qe, kz = _factors(q, k, G, acc)
@@ -202,14 +212,16 @@ def _fast_out(q, k, v, G, seg, S, *, acc, scale, sub):
     return scale * (inter + _ein("...rj,...jv->...rv", A, v.astype(acc)))
 
 
-def _fast_prep(q, k, v, G, seg, do, *, acc, scale):
+def _fast_prep(q, k, v, L, seg, do, *, acc, scale, sub):
+    G = absolute(L, sub)
     m_inter, _, _ = _masks(seg, G.shape[-2])
     qe = q.astype(acc) * jnp.exp(G)
     W = scale * _tmm(_apply(qe, m_inter), do.astype(acc))
-    return _fast_state(k, v, G, seg, acc=acc), W
+    return _fast_state(k, v, L, seg, acc=acc, sub=sub), W
 
 
-def _fast_grads(q, k, v, G, seg, do, S, dSn, *, acc, scale, sub):
+def _fast_grads(q, k, v, L, seg, do, S, dSn, *, acc, scale, sub):
+    G = absolute(L, sub)
     C = G.shape[-2]
     v, do = v.astype(acc), do.astype(acc)
     m_inter, m_last, same = _masks(seg, C)
@@ -237,13 +249,13 @@ def xla_ops(scale: float, sub: int, acc, block: int | None = 4) -> ChunkOps:
     were 10-100% slower fwd+bwd on the 2-core CPU)."""
     acc = jnp.dtype(acc)
     fast = ChunkOps(
-        fwd_state=functools.partial(_fast_state, acc=acc),
+        fwd_state=functools.partial(_fast_state, acc=acc, sub=sub),
         fwd_out=functools.partial(_fast_out, acc=acc, scale=scale, sub=sub),
-        bwd_prep=functools.partial(_fast_prep, acc=acc, scale=scale),
-        bwd_grads=functools.partial(_fast_grads, acc=acc, scale=scale, sub=sub))
+        bwd_prep=functools.partial(_fast_prep, acc=acc, scale=scale, sub=sub),
+        bwd_grads=functools.partial(_fast_grads, acc=acc, scale=scale, sub=sub), sub=sub)
     return ChunkOps(
-        fwd_state=functools.partial(_fwd_state, acc=acc),
+        fwd_state=functools.partial(_fwd_state, acc=acc, sub=sub),
         fwd_out=functools.partial(_fwd_out, acc=acc, scale=scale, sub=sub),
-        bwd_prep=functools.partial(_bwd_prep, acc=acc, scale=scale),
+        bwd_prep=functools.partial(_bwd_prep, acc=acc, scale=scale, sub=sub),
         bwd_grads=functools.partial(_bwd_grads, acc=acc, scale=scale, sub=sub),
-        fast=fast, fast_ok=fast_ok, block=block)
+        sub=sub, fast=fast, fast_ok=fast_ok, block=block)
