@@ -64,7 +64,8 @@ def best_time(f, args, repeats: int) -> float:
 
 
 def interleaved_times(progs, args, repeats: int) -> dict:
-    """Best-of-`repeats` (fwd, fwd+bwd) seconds per impl, the impls' runs interleaved
+    """Best-of-`repeats` seconds of each program per impl (fwd, fwd+bwd; one for the
+    products-only floor), the impls' runs interleaved
     (round-robin; each timed call follows an untimed one of the same program) so that every path
     sees the same machine load; on a shared machine whose load drifts, timing one path after the
     other skews their ratio."""

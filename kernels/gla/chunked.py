@@ -34,6 +34,7 @@ survives into S_{n+1} iff seg[C-1] == 0. Padded rows (k = v = q = g = 0) change 
 from __future__ import annotations
 
 import functools
+import itertools
 from typing import NamedTuple
 
 import jax
@@ -52,18 +53,19 @@ class ChunkOps(NamedTuple):
     # (q, k, v, L, seg, dO, S, dS_next) -> (dq, dk, dv, q⊙dq − k⊙dk_in, k⊙dk_out), dk_in the
     # part of dk from scores inside the chunk, dk_out the part through the chunk-end state
     bwd_grads: callable
-    sub: int = 16               # rows per sub-chunk: L is the cumulative log decay within one
-    # optional cheaper ops valid only where fast_ok(L, sub) (a traced bool) holds; per block
+    sub: int                    # rows per sub-chunk: L is the cumulative log decay within one
+    # optional cheaper ops valid only where fast_ok(γ) holds (γ [.., K]: each chunk's total log
+    # decay; a traced bool); chosen per block
     fast: "ChunkOps | None" = None
     fast_ok: callable = None
     block: int | None = None    # chunks processed at once (None: all); see _blocking
 
 
 def _choose(ops, L, run, *args):
-    """run(ops, *args) with ops.fast when ops.fast_ok(L, sub), else with ops (one lax.cond)."""
+    """run(ops, *args) with ops.fast when ops.fast_ok(γ), else with ops (one lax.cond)."""
     if ops.fast is None:
         return run(ops, *args)
-    return jax.lax.cond(ops.fast_ok(L, ops.sub), functools.partial(run, ops.fast),
+    return jax.lax.cond(ops.fast_ok(chunk_total(L, ops.sub)), functools.partial(run, ops.fast),
                         functools.partial(run, ops), *args)
 
 
@@ -127,17 +129,14 @@ def sub_spans(L: jax.Array, sub: int) -> jax.Array:
 
 def _running(t: jax.Array, reverse: bool) -> jax.Array:
     """Exclusive prefix sums (Σ_{M < J}) or, reverse, inclusive suffix sums (Σ_{M ≥ J}) over the
-    sub-chunk axis of totals [.., n, K], as plain adds XLA fuses (n is small)."""
-    n = t.shape[-2]
-    order = range(n - 1, -1, -1) if reverse else range(n)
-    out, acc = [None] * n, jnp.zeros_like(t[..., 0, :])
-    for m in order:
-        if reverse:
-            acc = acc + t[..., m, :]
-        out[m] = acc
-        if not reverse:
-            acc = acc + t[..., m, :]
-    return jnp.stack(out, axis=-2)
+    sub-chunk axis of totals [.., n, K], as plain adds XLA fuses (n is small; a small matmul here
+    measured ~5% slower on the fast branch)."""
+    parts = [t[..., m, :] for m in range(t.shape[-2])]
+    if reverse:
+        sums = list(itertools.accumulate(parts[::-1]))[::-1]
+    else:
+        sums = list(itertools.accumulate(parts[:-1], initial=jnp.zeros_like(parts[0])))
+    return jnp.stack(sums, axis=-2)
 
 
 def absolute(L: jax.Array, sub: int) -> jax.Array:
@@ -154,9 +153,14 @@ def to_end(L: jax.Array, sub: int) -> jax.Array:
     return (after[..., :, None, :] - L.reshape(*lead, C // sub, sub, K)).reshape(L.shape)
 
 
+def chunk_total(L: jax.Array, sub: int) -> jax.Array:
+    """γ_n [.., K]: each chunk's total log decay."""
+    return jnp.sum(sub_totals(L, sub), axis=-2)
+
+
 def chunk_decay(L: jax.Array, sub: int, seg) -> jax.Array:
-    """exp(γ_n) [N,B,H,K], γ_n the chunk's total log decay; 0 when a document starts inside."""
-    decay = jnp.exp(jnp.sum(sub_totals(L, sub), axis=-2))
+    """exp(γ_n) [N,B,H,K]; 0 when a document starts inside the chunk."""
+    decay = jnp.exp(chunk_total(L, sub))
     if seg is not None:
         decay = decay * (seg[..., -1:] == 0).astype(decay.dtype)
     return decay
@@ -337,11 +341,11 @@ def _whole_call(ops, g, run, *args):
     (XLA fuses across the cumsum, exponentials and layout changes)."""
     if ops.fast is None or ops.block is None:
         return run(ops, *args)
-    # g is token-major [N, B, C, H, K] on the blocked path; γ_n = Σ_C g, as [N, B, H, 1, K]
-    gamma = jnp.sum(g.astype(jnp.float32), axis=2)[..., None, :]
+    # g is token-major [N, B, C, H, K] on the blocked path; γ_n = Σ_C g [N, B, H, K]
+    gamma = jnp.sum(g.astype(jnp.float32), axis=2)
     fast = ops.fast._replace(block=ops.block)
     stable = ops._replace(fast=None, fast_ok=None)
-    return jax.lax.cond(ops.fast_ok(gamma, 1), functools.partial(run, fast),
+    return jax.lax.cond(ops.fast_ok(gamma), functools.partial(run, fast),
                         functools.partial(run, stable), *args)
 
 
