@@ -29,7 +29,7 @@ import jax                      # noqa: E402
 import jax.numpy as jnp         # noqa: E402
 import numpy as np              # noqa: E402
 
-from kernels.gla import chunk_gla   # noqa: E402
+from paxlike.kernels.gla import chunk_gla   # noqa: E402
 
 B, H, K, V, C = 1, 8, 64, 128, 64
 

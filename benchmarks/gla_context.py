@@ -25,7 +25,7 @@ import jax.numpy as jnp         # noqa: E402
 import numpy as np              # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from kernels.gla.context import sequence_sharded_gla  # noqa: E402
+from paxlike.kernels.gla.context import sequence_sharded_gla  # noqa: E402
 
 B, H, K, V = 1, 8, 64, 128
 

@@ -27,8 +27,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 
-from kernels import pararnn  # noqa: E402
-from kernels.pararnn import cells  # noqa: E402
+from paxlike.kernels import pararnn  # noqa: E402
+from paxlike.kernels.pararnn import cells  # noqa: E402
 
 IMPLS = ("sequential", "parallel", "pallas")
 # Rough live fp32 arrays of size B*L*d (inputs are 3 of them), measured loosely from XLA's

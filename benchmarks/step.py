@@ -51,7 +51,7 @@ def main():
     import optax
     from flax import nnx
 
-    from experiments import transformer as experiment
+    from paxlike.experiments import transformer as experiment
     from paxlike.mesh import build_mesh
     from paxlike.trainer import Trainer
 

@@ -10,7 +10,7 @@ training recipe (AdamW, lr 3e-4 cosine to 3e-5, weight decay 0.01, clip 1.0, 0.5
 accelerators and ahead-of-time compiles.
 """
 
-from models import gla
+from paxlike.models import gla
 from paxlike.config import sized_config
 
 TOKENS_PER_STEP = 256 * 2048  # the paper's 0.5M-token batches

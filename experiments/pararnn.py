@@ -8,7 +8,7 @@
 accelerators (bfloat16 compute, BPE vocabulary, Newton with the Pallas scan) and AOT compiles.
 """
 
-from models import pararnn
+from paxlike.models import pararnn
 from paxlike.config import sized_config
 
 # Model shape, then trainer settings that go with it. Mixer-only blocks (mlp_dim=0) with a 2x

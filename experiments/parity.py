@@ -39,7 +39,7 @@ from flax import nnx
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from models import pararnn, transformer  # noqa: E402
+from paxlike.models import pararnn, transformer  # noqa: E402
 
 TRAIN_LEN, TEST_LEN = 64, 256
 

@@ -8,7 +8,7 @@ minute and a quarter (200 steps); loss falls from ~6.9 to ~2.1. `small` is a CPU
 ahead-of-time compiles.
 """
 
-from models import transformer
+from paxlike.models import transformer
 from paxlike.config import sized_config
 
 # Model shape, then trainer settings that go with it.

@@ -29,9 +29,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from kernels import gla as gla_kernels
-from kernels.gla.context import sequence_sharded_gla
-from models import layers
+from paxlike.kernels import gla as gla_kernels
+from paxlike.kernels.gla.context import sequence_sharded_gla
+from paxlike.models import layers
 from paxlike.sharding import active_axes, constrain, per_shard
 
 COMPUTE_DTYPES = layers.COMPUTE_DTYPES
@@ -45,7 +45,7 @@ KERNEL_STATE = ("batch", "heads", None, None)      # the recurrent state in the 
 
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
-        "module": "models.gla",
+        "module": "paxlike.models.gla",
         "vocab_size": 512,
         "d_model": 128,
         "num_layers": 4,

@@ -28,9 +28,9 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from kernels import pararnn
-from kernels.pararnn import cells
-from models import layers
+from paxlike.kernels import pararnn
+from paxlike.kernels.pararnn import cells
+from paxlike.models import layers
 from paxlike.sharding import constrain, per_shard
 
 COMPUTE_DTYPES = layers.COMPUTE_DTYPES
@@ -46,7 +46,7 @@ RECURRENT_CLIP = 0.5
 
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
-        "module": "models.pararnn",
+        "module": "paxlike.models.pararnn",
         "cell": "gru",            # gru | lstm
         "vocab_size": 512,
         "d_model": 128,

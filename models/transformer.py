@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
-from models import layers
+from paxlike.models import layers
 from paxlike.sharding import constrain
 
 COMPUTE_DTYPES = layers.COMPUTE_DTYPES
@@ -25,7 +25,7 @@ COMPUTE_DTYPES = layers.COMPUTE_DTYPES
 
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({
-        "module": "models.transformer",
+        "module": "paxlike.models.transformer",
         "vocab_size": 512,
         "d_model": 128,
         "num_layers": 4,

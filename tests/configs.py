@@ -3,7 +3,7 @@
 import hashlib
 import os
 
-from experiments import transformer
+from paxlike.experiments import transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -20,7 +20,7 @@ pytest.importorskip("libtpu")   # the `tpu` extra; with it installed these must 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 
 from configs import ROOT  # noqa: E402
-from experiments import transformer  # noqa: E402
+from paxlike.experiments import transformer  # noqa: E402
 from paxlike.planner.compiled import compile_plan, topology_devices  # noqa: E402
 from paxlike.planner import cost  # noqa: E402
 

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from hypothesis import given, settings, strategies as st, HealthCheck
 
-from kernels.gla import chunk_gla, gla_step, recurrent_gla
-from kernels.gla.context import sequence_sharded_gla
-from kernels.gla.pallas import pallas_gla
+from paxlike.kernels.gla import chunk_gla, gla_step, recurrent_gla
+from paxlike.kernels.gla.context import sequence_sharded_gla
+from paxlike.kernels.gla.pallas import pallas_gla
 
 # Several processes on one machine may load libtpu (for ahead-of-time compiles) at once.
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")

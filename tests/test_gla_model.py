@@ -10,8 +10,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import shrunk_config
-from experiments import gla as gla_experiment
-from models import gla
+from paxlike.experiments import gla as gla_experiment
+from paxlike.models import gla
 from paxlike import loop
 from paxlike.mesh import build_mesh
 from paxlike.trainer import Trainer

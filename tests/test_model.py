@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from configs import small_test_config
-from models import transformer
+from paxlike.models import transformer
 from paxlike.mesh import build_mesh
 from paxlike.trainer import Trainer
 

@@ -14,9 +14,9 @@ import numpy as np
 import pytest
 from jax import lax
 
-from kernels import pararnn as pr
-from kernels.pararnn import cells, pallas_scan
-from kernels.pararnn import scan as scan_lib
+from paxlike.kernels import pararnn as pr
+from paxlike.kernels.pararnn import cells, pallas_scan
+from paxlike.kernels.pararnn import scan as scan_lib
 
 RNG = np.random.default_rng(0)
 

@@ -11,8 +11,8 @@ from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 from configs import shrunk_config
-from experiments import pararnn as experiment
-from models import pararnn
+from paxlike.experiments import pararnn as experiment
+from paxlike.models import pararnn
 from paxlike import loop
 from paxlike.mesh import build_mesh
 from paxlike.trainer import Trainer

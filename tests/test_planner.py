@@ -12,7 +12,7 @@ import jax
 import pytest
 
 from configs import ROOT, small_test_config
-from experiments import transformer
+from paxlike.experiments import transformer
 from paxlike import loop
 from paxlike.errors import UserError
 from paxlike.mesh import build_mesh

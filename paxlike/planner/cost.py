@@ -255,7 +255,7 @@ def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
 
 
 # --------------------------------------------------------------------------- model families
-ACTIVATION_MODELS = {"models.transformer": TransformerActivations}
+ACTIVATION_MODELS = {"paxlike.models.transformer": TransformerActivations}
 
 
 def activation_model(cfg):
