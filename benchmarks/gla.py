@@ -192,7 +192,7 @@ def main():
                 x, r = rows[("xla", T)], rows[("reference", T)]
                 print(f"  T={T:>5}: fwd {r[0] / x[0]:5.2f}x   fwd+bwd {r[1] / x[1]:5.2f}x")
         # What the forward goal asks, against matmul work at the same-run GEMM rate: every chunked
-        # variant does at least the recurrence's own 4KV FLOPs per token (state writes and reads,
+        # formulation does at least the recurrence's own 4KV FLOPs per token (state writes and reads,
         # as matmuls), and this implementation's C = 64 form does the nominal count.
         print("\nforward 2x goal: time allowed vs matmul work at the 2048^3 GEMM rate:")
         for T in Ts:

@@ -1,10 +1,10 @@
-"""ParaRNN solver timings: sequential vs Newton + associative scan vs Newton + Pallas scan.
+"""ParaRNN solver timings: reference lax.scan vs Newton + associative scan vs Newton + Pallas.
 
 ParaGRU cell (published initialisation, d channels, inputs already projected), batch B = 8.
 Forward and forward+backward (grad of a weighted sum, custom VJP) per impl, median wall time of
 jitted calls after compilation and one warm-up. Prints the machine, the backend, the load average
 (other jobs on the machine distort CPU timings) and what ``impl="auto"`` picks, with its ratio to
-the faster of sequential and parallel.
+the faster of "reference" (lax.scan of the cell) and "xla" (Newton + lax.associative_scan).
 
     .venv/bin/python benchmarks/pararnn.py            # full table (L in 512..32768, d in 256, 1024)
     .venv/bin/python benchmarks/pararnn.py --quick    # L in 512, 2048; d = 256
@@ -30,11 +30,11 @@ import jax.numpy as jnp  # noqa: E402
 from paxlike.kernels import pararnn  # noqa: E402
 from paxlike.kernels.pararnn import cells  # noqa: E402
 
-IMPLS = ("sequential", "parallel", "pallas")
+IMPLS = tuple(i for i in pararnn.IMPLS if i != "auto")   # reference, xla, pallas
 # Rough live fp32 arrays of size B*L*d (inputs are 3 of them), measured loosely from XLA's
 # buffer assignment; only used to skip configurations that would not fit.
-_WORKING_SET = {("sequential", "fwd"): 6, ("sequential", "fwd+bwd"): 14,
-                ("parallel", "fwd"): 16, ("parallel", "fwd+bwd"): 24,
+_WORKING_SET = {("reference", "fwd"): 6, ("reference", "fwd+bwd"): 14,
+                ("xla", "fwd"): 16, ("xla", "fwd+bwd"): 24,
                 ("pallas", "fwd"): 12, ("pallas", "fwd+bwd"): 18}
 
 
@@ -84,7 +84,7 @@ def main():
     ap.add_argument("--widths", type=int, nargs="*", default=None)
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--impls", nargs="*", default=list(IMPLS))
+    ap.add_argument("--impls", nargs="*", default=list(IMPLS), choices=IMPLS)
     ap.add_argument("--max-gib", type=float, default=6.0,
                     help="skip a configuration whose estimated working set exceeds this")
     args = ap.parse_args()
@@ -96,7 +96,7 @@ def main():
     print(f"# ParaGRU, B={args.batch}, fp32, 3 Newton iterations; times in ms (median of <= "
           f"{args.repeats} after warm-up); 'skip' = estimated > {args.max_gib} GiB")
     head = ["L", "d"] + [f"{i} {m}" for m in ("fwd", "fwd+bwd") for i in args.impls]
-    head += ["auto", "auto/best(seq,par) fwd", "fwd+bwd"]
+    head += ["auto", "auto/best(reference,xla) fwd", "fwd+bwd"]
     print("| " + " | ".join(head) + " |")
     print("|" + "---|" * len(head))
     for d in widths:
@@ -122,7 +122,7 @@ def main():
                     for m in ("fwd", "fwd+bwd") for i in args.impls]
             row.append(auto)
             for mode in ("fwd", "fwd+bwd"):
-                cand = [res.get((i, mode)) for i in ("sequential", "parallel")]
+                cand = [res.get((i, mode)) for i in ("reference", "xla")]
                 cand = [c for c in cand if c is not None]
                 mine = res.get((auto, mode))
                 row.append(f"{mine / min(cand):.2f}" if cand and mine is not None else "n/a")

@@ -1,6 +1,6 @@
 """Gated linear attention (GLA) language model (Yang et al., ICML 2024) in Flax NNX.
 
-Layer (KERNELS.md §1, "Gate used by the GLA layer"), with H heads, K = d·expand_k keys and
+Layer (docs/gla.md, "Gate used by the GLA layer"), with H heads, K = d·expand_k keys and
 V = d·expand_v values in total:
 
     q, k = x W_q, x W_k                               [T, H, K/H]
@@ -34,8 +34,7 @@ from paxlike.kernels.gla.context import sequence_sharded_gla
 from paxlike.models import layers
 from paxlike.sharding import active_axes, constrain, per_shard
 
-COMPUTE_DTYPES = layers.COMPUTE_DTYPES
-GLA_IMPLS = ("auto", "xla", "pallas", "reference")
+GLA_IMPLS = gla_kernels.IMPLS    # auto | reference | xla | pallas (paxlike.kernels.platform)
 
 # Activation layouts: heads are sharded over `tensor` exactly like the weights that produce them.
 SEQ = ("batch", "length", "act_embed")
@@ -59,7 +58,7 @@ def default_config() -> ml_collections.ConfigDict:
         "norm_eps": 1e-6,
         "dropout_rate": 0.0,
         "chunk_size": 64,           # kernel chunk (multiple of 16; power of two for pallas)
-        "gla_impl": "auto",         # kernels.gla impl: auto | xla | pallas | reference
+        "gla_impl": "auto",         # kernels.gla impl: auto | reference | xla | pallas
         "compute_dtype": "float32",
         "remat": "none",            # none | full | save_dots
     })

@@ -1,7 +1,7 @@
 """ParaRNN language models: ParaGRU / ParaLSTM blocks trained in parallel over the sequence.
 
 Each layer is a Mamba-style mixer block around a nonlinear RNN cell with diagonal recurrent
-weights (Danieli et al., 2025; KERNELS.md section 2):
+weights (Danieli et al., 2025; docs/pararnn.md, "Cells"):
 
     x -> RMSNorm -> in_proj -> (u, g)
     u -> short causal depthwise conv -> SiLU -> block-diagonal multi-head B u + b   (one GEMM)
@@ -33,10 +33,10 @@ from paxlike.kernels.pararnn import cells
 from paxlike.models import layers
 from paxlike.sharding import constrain, per_shard
 
-COMPUTE_DTYPES = layers.COMPUTE_DTYPES
 CELLS = ("gru", "lstm")
-SOLVER_IMPLS = ("auto", "sequential", "parallel", "pallas")
-FALLBACKS = ("none", "sequential", "damped")
+SOLVER_IMPLS = pararnn.IMPLS     # auto | reference | xla | pallas (paxlike.kernels.platform)
+# solve(fallback=None) is spelled "none" in the config
+FALLBACKS = ("none",) + tuple(f for f in pararnn.FALLBACKS if f is not None)
 # Recurrent (diagonal) weights of each cell, and the gates whose input projection B x + b is
 # computed outside the solver (order = the x[0..2] order of kernels.pararnn.cells).
 RECURRENT = {"gru": ("a_z", "a_r", "a_c"), "lstm": ("a_f", "a_z", "a_o", "p_f", "p_o")}
@@ -60,12 +60,12 @@ def default_config() -> ml_collections.ConfigDict:
         "dropout_rate": 0.0,
         "compute_dtype": "float32",
         "remat": "none",          # none | full | save_dots
-        # The cell solve (kernels.pararnn.solve). "auto" = sequential lax.scan on CPU, Newton
-        # with the Pallas scan on accelerators.
+        # The cell solve (kernels.pararnn.solve): auto | reference | xla | pallas. "auto" = the
+        # reference lax.scan on CPU, Newton with the Pallas scan on accelerators.
         "solver_impl": "auto",
         "newton_iterations": 3,
         "newton_tol": 0.0,        # > 0: stop early under this residual (and judge convergence)
-        "solver_fallback": "none",  # none | sequential | damped, when Newton does not converge
+        "solver_fallback": "none",  # none | reference | damped, when Newton does not converge
         "warn_unconverged": True,
     })
 

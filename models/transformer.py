@@ -20,8 +20,6 @@ from flax import nnx
 from paxlike.models import layers
 from paxlike.sharding import constrain
 
-COMPUTE_DTYPES = layers.COMPUTE_DTYPES
-
 
 def default_config() -> ml_collections.ConfigDict:
     return ml_collections.ConfigDict({

@@ -1,4 +1,4 @@
-"""GLA kernels: chunked (xla, pallas-interpret) against the sequential recurrence.
+"""GLA kernels: chunked (xla, pallas-interpret) against the step-by-step recurrence (reference).
 
 Tolerances are the issue's and are never loosened: fp64 ≤ 1e-12, fp32 relative RMS ≤ 1e-5 against
 an fp64 recurrence, bf16 inputs ≤ 4e-3 (o) / 5e-3 (final state and gradients). Gradients are of
@@ -278,12 +278,12 @@ def _abstract_args(T, K, V, dtype, segments, sharding=None):
             S((B, H, K, V), jnp.float32), S((B, T), jnp.int32) if segments else None]
 
 
-def _train_fn(backend, segments):
+def _train_fn(target, segments):
     """Forward + backward of one kernel configuration with the kernels compiled, not interpreted."""
     def loss(q, k, v, g, h0, seg):
         o, s = pallas_gla(q, k, v, g, scale=0.125, initial_state=h0,
                           segment_ids=seg if segments else None, chunk_size=64, sub=16,
-                          backend=backend, interpret=False)
+                          target=target, interpret=False)
         return jnp.sum(o.astype(jnp.float32)) + jnp.sum(s)
     return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2, 3, 4)))
 
@@ -311,18 +311,19 @@ def test_pallas_lowers_for_cuda_triton(name):
         device_kind="NVIDIA H100", num_cores=None, platform="gpu"))
     with jax.enable_x64(False), jax.sharding.use_abstract_mesh(mesh):
         exported = jax.export.export(
-            _train_fn("triton", segments), platforms=["cuda"],
+            _train_fn("gpu", segments), platforms=["cuda"],
             disabled_checks=[jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")],
         )(*_abstract_args(T, K, V, dtype, segments))
     assert exported.mlir_module().count("__gpu$xla.gpu.triton") == 4
 
 
 def test_pallas_triton_padding_interpreted():
-    """The Triton flavour pads K, V to powers of two; check that path's numbers on CPU."""
+    """The gpu target pads K, V to powers of two (Triton needs them); check that path's numbers
+    on CPU."""
     T, K, V, _, _ = PALLAS_CONFIGS["f32_seg_k100"]
     x, seg = make(T, K, V, "float32", 1.0, segments=True)
     o, s = pallas_gla(x["q"], x["k"], x["v"], x["g"], scale=K ** -0.5, initial_state=x["h0"],
-                      segment_ids=seg, chunk_size=64, sub=16, backend="triton", interpret=True)
+                      segment_ids=seg, chunk_size=64, sub=16, target="gpu", interpret=True)
     ref = run("reference", x, seg, grads=False, precise=True)
     assert rel_rms(o, ref["o"]) <= TOL["float32"] and rel_rms(s, ref["S_T"]) <= TOL["float32"]
 

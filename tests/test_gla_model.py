@@ -158,7 +158,7 @@ def test_train_step_compiles_for_tpu_with_the_mosaic_kernels():
     gla_impl="auto" the kernels are picked by the platform the step is lowered for, so the TPU
     compiler must see the Pallas (Mosaic) kernels, forward and backward, in every layer."""
     pytest.importorskip("libtpu")          # the `tpu` extra; with it installed this must pass
-    from paxlike.planner.compiled import topology_devices
+    from paxlike.compiled import topology_devices
     mesh = {"fsdp": 2, "tensor": 2}
     cfg = _config(**{f"mesh.{k}": v for k, v in mesh.items()}, **{"model.chunk_size": 64,
                                                                    "seq_len": 128})

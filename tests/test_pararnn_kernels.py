@@ -94,22 +94,22 @@ def test_linear_scan_all_impls_match_loop_and_associative(kind, reverse):
     a, b, h0 = _random_scan(kind, (2, 3), 100, 40, seed=1)  # 100: not a multiple of any block
     ref = _loop64(kind, a, b, h0, reverse)
     a32, b32, h32 = (jnp.asarray(x, jnp.float32) for x in (a, b, h0))
-    # "parallel" is lax.associative_scan: the kernel is checked against it and the fp64 loop
-    assoc = jax.jit(lambda *z: pr.linear_scan(*z, reverse=reverse, impl="parallel"))(a32, b32, h32)
+    # "xla" is lax.associative_scan: the kernel is checked against it and the fp64 loop
+    assoc = jax.jit(lambda *z: pr.linear_scan(*z, reverse=reverse, impl="xla"))(a32, b32, h32)
     np.testing.assert_allclose(assoc, ref, atol=2e-5)
-    for impl in ["sequential", "pallas"]:
+    for impl in ["reference", "pallas"]:
         out = jax.jit(lambda *z: pr.linear_scan(*z, reverse=reverse, impl=impl))(a32, b32, h32)
         assert out.shape == b.shape
         np.testing.assert_allclose(out, ref, atol=2e-5, err_msg=impl)
         np.testing.assert_allclose(out, assoc, atol=2e-5, err_msg=impl)
     # both kernel bodies, interpreted, with small tiles so several blocks carry state
-    for variant, opts in [("tpu", dict(block_t=32, block_d=128)), ("gpu", dict(block_d=16)),
-                          ("gpu", dict(block_d=16, chunk=16))]:  # chunked: 3-pass form
-        with pallas_scan.target(variant, interpret=True):
+    for target, opts in [("tpu", dict(block_t=32, block_d=128)), ("gpu", dict(block_d=16)),
+                         ("gpu", dict(block_d=16, chunk=16))]:  # chunked: 3-pass form
+        with pallas_scan.target(target, interpret=True):
             out = jax.jit(lambda *z: scan_lib.scan_raw(
                 kind, *(x.reshape((6,) + x.shape[2:]) for x in z), reverse=reverse,
                 impl="pallas", **opts))(a32, b32, h32)
-        np.testing.assert_allclose(out.reshape(ref.shape), ref, atol=2e-5, err_msg=variant)
+        np.testing.assert_allclose(out.reshape(ref.shape), ref, atol=2e-5, err_msg=target)
 
 
 def _near_unit(kind, length, d, seed):
@@ -129,20 +129,20 @@ def test_linear_scan_near_unit_modulus_long(kind):
     vs an fp64 loop, plus lax.associative_scan (diagonal; for 2x2 it is checked at 2^12 to save
     compile time). The TPU body runs forward at L = 2^12: interpreted, it takes minutes at 2^17 on
     2 cores (its reverse form is checked above; it is compiled for a real TPU below)."""
-    for length, variant, opts in [(2 ** 17, "gpu", {}), (2 ** 12, "tpu", dict(block_t=256))]:
+    for length, target, opts in [(2 ** 17, "gpu", {}), (2 ** 12, "tpu", dict(block_t=256))]:
         a, b, h0 = _near_unit(kind, length, 8, seed=2)
-        for reverse in [False, True] if variant == "gpu" else [False]:
+        for reverse in [False, True] if target == "gpu" else [False]:
             ref = _loop64(kind, a, b, h0, reverse)
             scale = np.max(np.abs(ref))
             a32, b32, h32 = (jnp.asarray(x, jnp.float32) for x in (a, b, h0))
-            with pallas_scan.target(variant, interpret=True):
-                outs = {variant: jax.jit(lambda *z: scan_lib.scan_raw(
+            with pallas_scan.target(target, interpret=True):
+                outs = {target: jax.jit(lambda *z: scan_lib.scan_raw(
                     kind, *z, reverse=reverse, impl="pallas", **opts))(a32, b32, h32)}
             if not reverse and (length == 2 ** 17) == (kind == "diagonal"):  # compile time: doc
-                outs["assoc"] = jax.jit(lambda *z: pr.linear_scan(*z, impl="parallel"))(
+                outs["assoc"] = jax.jit(lambda *z: pr.linear_scan(*z, impl="xla"))(
                     a32, b32, h32)
-                outs["sequential"] = pr.linear_scan(a32, b32, h32, reverse=reverse,
-                                                    impl="sequential")
+                outs["reference"] = pr.linear_scan(a32, b32, h32, reverse=reverse,
+                                                   impl="reference")
             for name, out in outs.items():
                 # fp32 rounding accumulates over near-neutral steps: 1e-4 of the state scale
                 err = float(np.max(np.abs(np.asarray(out) - ref)))
@@ -176,7 +176,7 @@ def test_cell_jacobians_match_jacfwd():
     s = 0.8 * jax.random.normal(jax.random.PRNGKey(3), (2, d))
     cfg = lambda cell, kind: pr.solver._Config(  # noqa: E731
         cell=cell, jac=None, kind=kind, iterations=1, tol=None, threshold=1.0,
-        impl="parallel", fallback=None, fallback_iterations=1, warn=False, with_residual=False)
+        impl="xla", fallback=None, fallback_iterations=1, warn=False, with_residual=False)
     gcell = lambda h, x: cells.paragru_cell(gp, h, x)  # noqa: E731
     full = jax.jit(jax.jacfwd(gcell))(h, x)
     assert float(jnp.max(jnp.abs(full - jnp.diag(jnp.diag(full))))) == 0.0  # truly diagonal
@@ -215,7 +215,7 @@ def _lstm_problem(batch, length, d, fan_in, seed=0):
 
 
 @pytest.mark.parametrize("length,impl,fan_in", [
-    (512, "parallel", 1), (512, "pallas", 1), (8192, "pallas", 1), (8192, "pallas", 256)])
+    (512, "xla", 1), (512, "pallas", 1), (8192, "pallas", 1), (8192, "pallas", 256)])
 def test_newton_paragru_matches_sequential(length, impl, fan_in):
     # fan_in=1 puts |a| at the 0.5 clip (the hardest allowed recurrence); 256 is the init for d=256
     p, x, h0 = _gru_problem(2, length, 256, fan_in)
@@ -245,7 +245,7 @@ def test_linear_cell_exact_after_one_iteration():
     cell = lambda h, x: a * h + jnp.sin(x)  # noqa: E731  (nonlinear in x only)
     ref = _seq_scan(cell, h0, x)
     scale = float(jnp.max(jnp.abs(ref)))  # exact up to fp32 rounding: relative 1e-6
-    for impl in ["parallel", "pallas"]:
+    for impl in ["xla", "pallas"]:
         hs, info = jax.jit(lambda h0, x: pr.solve(cell, h0, x, iterations=1, impl=impl,
                                                   return_info=True))(h0, x)
         assert float(jnp.max(jnp.abs(hs - ref))) <= 1e-6 * scale
@@ -270,7 +270,7 @@ def test_dense_jacobian_newton_and_gradients():
         return jnp.sum(jnp.sin(hs))
     ref_fn = lambda w, x, h0: jnp.sum(jnp.sin(_seq_scan(lambda h, xx: jnp.tanh(w @ h + xx), h0, x)))  # noqa: E731,E501
     grad = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), static_argnums=3)
-    val, g = grad(w, x, h0, "parallel")
+    val, g = grad(w, x, h0, "xla")
     ref_val, ref_g = jax.jit(jax.value_and_grad(ref_fn, argnums=(0, 1, 2)))(w, x, h0)
     assert abs(float(val - ref_val)) <= 1e-4
     for a, b in zip(g, ref_g):
@@ -281,7 +281,7 @@ def test_dense_jacobian_newton_and_gradients():
 # gradients (custom VJP through the adjoint) vs jax.grad through lax.scan
 # ----------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("model,impl", [
-    ("gru", "sequential"), ("gru", "parallel"), ("gru", "pallas"), ("lstm", "pallas")])
+    ("gru", "reference"), ("gru", "xla"), ("gru", "pallas"), ("lstm", "pallas")])
 def test_gradients_match_sequential_autodiff(model, impl):
     length, d = 256, 32
     if model == "gru":
@@ -310,7 +310,7 @@ def test_analytic_jacobian_and_pytree_inputs_and_batch_dims():
     xs = {"z": x[..., 0, :], "rc": x[..., 1:, :]}  # a pytree of inputs
     cell = lambda h, xx: cells.paragru_cell(p, h, jnp.concatenate([xx["z"][None], xx["rc"]]))  # noqa: E731,E501
     jac = lambda h, xx: cells.paragru_jacobian(p, h, jnp.concatenate([xx["z"][None], xx["rc"]]))  # noqa: E731,E501
-    seq = pr.solve(cell, h0, xs, impl="sequential")
+    seq = pr.solve(cell, h0, xs, impl="reference")
     assert seq.shape == (2, 2, 64, 16)
     hs = jax.jit(lambda h0, xs: pr.solve(cell, h0, xs, impl="pallas", jacobian_fn=jac))(h0, xs)
     np.testing.assert_allclose(hs, seq, atol=5e-6)
@@ -349,7 +349,7 @@ def test_divergent_cell_is_reported_and_fallbacks_recover():
     assert not bool(info["converged"]) and float(info["final_residual"]) > 1e-4
     assert len(warned) == 1 and "not a converged solution" in str(warned[0].message)
     assert float(jnp.max(jnp.abs(hs - ref))) > 1e-2  # the answer really is wrong: reported
-    for fb in ["sequential", "damped"]:
+    for fb in ["reference", "damped"]:
         (hs, info), warned = _run_reporting(lambda: solve(h0, x, fb))
         assert bool(info["converged"]) and bool(info["fallback_used"]) and not warned, fb
         assert float(jnp.max(jnp.abs(hs - ref))) <= 1e-4, fb
@@ -404,11 +404,11 @@ def test_bad_arguments_raise_value_errors():
         pr.linear_scan(jnp.zeros((2, 16, 8)), jnp.zeros((2, 16, 8)), impl="fast")
 
 
-def test_auto_is_sequential_on_cpu():
-    """The measured choice on CPU (docs/pararnn.md): the sequential scan wins at every shape."""
+def test_auto_is_reference_on_cpu():
+    """The measured choice on CPU (docs/pararnn.md): the reference lax.scan wins at every shape."""
     assert jax.default_backend() == "cpu"
     for kind in ["diagonal", "block2", "dense"]:
-        assert pr.choose_impl("auto", kind=kind, batch=8, length=32768, width=1024) == "sequential"
+        assert pr.choose_impl("auto", kind=kind, batch=8, length=32768, width=1024) == "reference"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -452,14 +452,12 @@ def _scan_args(kind, sharding=None, dtype=jnp.float32):
 @pytest.fixture(scope="module")
 def tpu_sharding():
     import os
+    pytest.importorskip("libtpu")          # the `tpu` extra; with it installed this must pass
     from jax.experimental import topologies
     # Other processes on the machine may hold libtpu's lock file; AOT compilation needs no chip.
     os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
-    try:
-        topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
-                                            chips_per_host_bounds=(2, 2, 1), num_slices=1)
-    except Exception as e:  # pragma: no cover - libtpu missing
-        pytest.skip(f"no libtpu topology: {e}")
+    topo = topologies.get_topology_desc(platform="tpu", topology_name="v5e:2x2",
+                                        chips_per_host_bounds=(2, 2, 1), num_slices=1)
     mesh = jax.sharding.Mesh(np.array(topo.devices[:1]), ("x",))
     return jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
 

@@ -32,7 +32,7 @@ def model_config(**overrides):
 def test_paragru_lm_same_losses_on_8_devices_as_on_one(tmp_path):
     # Newton + associative scan (not the CPU default, lax.scan): the solver itself under SPMD, with
     # the batch over data x fsdp and the cell's channels over tensor.
-    newton = {"model.solver_impl": "parallel", "model.num_layers": 1}
+    newton = {"model.solver_impl": "xla", "model.num_layers": 1}
     single = loop.run(small_config(**newton), str(tmp_path / "one"), devices=jax.devices()[:1])
     mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
     sharded = loop.run(small_config(**newton, **mesh), str(tmp_path / "eight"))
@@ -49,7 +49,7 @@ def _row(lengths, total):
     return seg, pos
 
 
-@pytest.mark.parametrize("cell,impl", [("gru", "parallel"), ("lstm", "sequential")])
+@pytest.mark.parametrize("cell,impl", [("gru", "xla"), ("lstm", "reference")])
 def test_packed_row_equals_separate_documents(cell, impl):
     model = pararnn.build(model_config(cell=cell, solver_impl=impl, num_layers=1), nnx.Rngs(3))
     lengths, total = (5, 13, 9), 32
@@ -76,7 +76,7 @@ def test_packed_row_equals_separate_documents(cell, impl):
 def test_either_boundary_mark_resets_state():
     # A boundary marked only by the segment id (positions run on), or only by positions restarting
     # at 0 (same segment id), cuts the state and the conv window all the same.
-    model = pararnn.build(model_config(solver_impl="sequential", num_layers=1), nnx.Rngs(0))
+    model = pararnn.build(model_config(solver_impl="reference", num_layers=1), nnx.Rngs(0))
     tokens = np.asarray(jax.random.randint(jax.random.key(1), (1, 16), 0, 512)).repeat(3, 0)
     tokens[2, :10] = tokens[0, 6:]
     seg = np.array([[1] * 6 + [2] * 10, [1] * 16, [1] * 10 + [0] * 6])
@@ -122,8 +122,8 @@ def test_newton_solve_equals_sequential_scan(cell):
         (_, logits), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
         return logits, grads
 
-    seq_logits, seq_grads = loss_and_grads("sequential")
-    newton_logits, newton_grads = loss_and_grads("parallel")
+    seq_logits, seq_grads = loss_and_grads("reference")
+    newton_logits, newton_grads = loss_and_grads("xla")
     np.testing.assert_allclose(newton_logits, seq_logits, atol=1e-5)
     for a, b in zip(jax.tree.leaves(newton_grads), jax.tree.leaves(seq_grads)):
         np.testing.assert_allclose(a, b, atol=1e-5 * max(1.0, float(np.max(np.abs(b)))))
@@ -163,7 +163,7 @@ def test_train_step_compiles_for_tpu_with_the_mosaic_kernels(cell):
     appear as Mosaic kernels: the forward scan in the Newton loop and the reverse adjoint scan, each
     once in the layer scan's body."""
     pytest.importorskip("libtpu")          # the `tpu` extra; with it installed this must pass
-    from paxlike.planner.compiled import topology_devices
+    from paxlike.compiled import topology_devices
     mesh = {"fsdp": 2, "tensor": 2}
     cfg = small_config(**{f"mesh.{k}": v for k, v in mesh.items()}, **{"model.cell": cell})
     assert cfg.model.solver_impl == "auto"

@@ -7,13 +7,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..platform import IMPLS, by_lowering_platform
 from . import reference
 from .chunked import chunked_gla
 from .reference import acc_dtype
 from .xla import xla_ops
 
-IMPLS = ("auto", "reference", "xla", "pallas")
-SUB_CHUNK = 16          # secondary chunk (KERNELS.md §1): bounds every exponent in a matmul
+# Rows per sub-chunk: bounds every exponent inside a matmul (docs/gla.md, "Sub-chunk
+# stabilisation").
+SUB_CHUNK = 16
 
 
 def _check(q, k, v, g, initial_state, segment_ids, scale):
@@ -61,9 +63,10 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     Returns (o [B, T, H, V] in q.dtype, final_state [B, H, K, V] in the accumulation dtype, or
     None unless output_final_state).
 
-    impl: "reference" (sequential recurrence), "xla" (chunked, pure JAX, the CPU fast path),
-    "pallas" (Pallas kernels; interpret mode on CPU), "auto" (pallas when the program is lowered
-    for TPU/GPU, xla when lowered for CPU; xla everywhere for a non-power-of-two chunk_size).
+    impl: "reference" (the step-by-step recurrence, lax.scan; exact), "xla" (the chunked form in
+    plain XLA, the CPU fast path), "pallas" (Pallas kernels; interpret mode on CPU), "auto"
+    (pallas when the program is lowered for TPU/GPU, xla when lowered for CPU; xla everywhere for
+    a non-power-of-two chunk_size).
     chunk_size must be a multiple of 16 (a power of two for pallas). Accumulation is fp32 for
     bf16/fp32 inputs (fp64 for fp64 inputs).
     """
@@ -78,7 +81,7 @@ def chunk_gla(q, k, v, g, *, scale=None, initial_state=None, output_final_state=
     if impl == "auto" and chunk_size & (chunk_size - 1) == 0:
         # Chosen by the platform the program is lowered for, not the host's default backend, so an
         # AOT compile for a TPU topology from a CPU host gets the Mosaic kernels.
-        o, final = jax.lax.platform_dependent(cpu=lambda: run("xla"), default=lambda: run("pallas"))
+        o, final = by_lowering_platform(run, {"cpu": "xla"}, "pallas")
     else:
         o, final = run("xla" if impl == "auto" else impl)
     return o, (final if output_final_state else None)

@@ -1,6 +1,6 @@
 """Chunked GLA driver shared by the XLA and Pallas paths.
 
-Work is split the sequence-parallel way (KERNELS.md §1, "Materialisation"):
+Work is split the sequence-parallel way (docs/gla.md, "Chunked form"):
 
   1. per chunk n, in parallel:   U_n = (K ⊙ exp(γ_n − G))ᵀ V            (`ops.fwd_state`)
   2. a short scan over chunks:   S_{n+1} = diag(exp γ_n) S_n + U_n       (here, in XLA)
@@ -8,8 +8,9 @@ Work is split the sequence-parallel way (KERNELS.md §1, "Materialisation"):
 
 The backward recomputes U (and the chunk-start states) instead of storing per-step states, runs the
 reverse scan dS_n = diag(exp γ_n) dS_{n+1} + W_n, then one parallel pass for dq, dk, dv
-(`ops.bwd_grads`); dg is the closed form of KERNELS.md §1 evaluated chunk-locally, arranged so
-that nothing large cancels (see `_bwd_body`); it needs no extra kernel.
+(`ops.bwd_grads`); dg is the closed form of docs/gla.md ("Backward and the gate gradient")
+evaluated chunk-locally, arranged so that nothing large cancels (see `_bwd_body`); it needs no
+extra kernel.
 
 The log decay reaches `ops` as L, the cumulative sum of g *within each sub-chunk* of `sub` rows,
 not as the chunk-cumulative G = (sums of the earlier sub-chunks) + L. Every exponent is a
@@ -17,7 +18,8 @@ difference G_r − G_j, and in fp32 a difference of two large cumulative sums (|
 chunk's end under strong gates) loses exactly the digits that matter: the pairs of nearby rows,
 whose weights dominate the gate gradient, come out ~3e-5 off in the exponent. From L, the
 difference of rows in one sub-chunk is L_r − L_j, and across sub-chunks it adds the sums of whole
-sub-chunks in between (`sub_spans`), so nothing large is subtracted.
+sub-chunks in between (`sub_spans`), so nothing large is subtracted (docs/gla.md, "Sub-chunk sums
+of the log decay").
 
 Only step 1/3-style chunk-local work lives in `ops`, so the XLA (vectorised einsums) and Pallas
 (one grid point per chunk) paths share this file: layout, padding, segments, scans and custom_vjp.
@@ -129,8 +131,9 @@ def sub_spans(L: jax.Array, sub: int) -> jax.Array:
 
 def _running(t: jax.Array, reverse: bool) -> jax.Array:
     """Exclusive prefix sums (Σ_{M < J}) or, reverse, inclusive suffix sums (Σ_{M ≥ J}) over the
-    sub-chunk axis of totals [.., n, K], as plain adds XLA fuses (n is small; a small matmul here
-    measured ~5% slower on the fast branch)."""
+    sub-chunk axis of totals [.., n, K], as plain adds XLA fuses into the elementwise work around
+    them (n is small, so a matmul would be a separate op for little arithmetic; docs/gla.md,
+    "Design decisions and their measurements")."""
     parts = [t[..., m, :] for m in range(t.shape[-2])]
     if reverse:
         sums = list(itertools.accumulate(parts[::-1]))[::-1]
@@ -202,8 +205,9 @@ def chunk_cumsum(x: jax.Array, reverse: bool = False, exclusive: bool = False) -
     triangular matmul.
 
     XLA:CPU lowers cumsum to a quadratic reduce-window and an unrolled running sum costs seconds
-    of compile time. A two-level (8 x 8) split was 2x faster but added a rounding step that pushed
-    the fp32 gate gradient under strong gates from 9.2e-6 to 1.2e-5 relative RMS (limit 1e-5).
+    of compile time. A two-level split would be faster but adds a rounding step, which the fp32
+    gate gradient under strong gates cannot afford (docs/gla.md, "Design decisions and their
+    measurements").
     """
     C = x.shape[-2]
     shift = -1 if exclusive else 0
@@ -239,7 +243,10 @@ def _fwd_body(ops, q, k, v, L, h0, seg):
     return ops.fwd_out(q, k, v, L, seg, S), final
 
 
-def _core_fwd_impl(ops, q, k, v, g, h0, seg):
+def _core_fwd(ops, q, k, v, g, h0, seg):
+    """Forward and residuals. The fast/stable choice stays per block here (`_choose` inside the
+    block scan), while the backward takes one for the whole call (`_core_bwd`): each is the faster
+    arrangement for its pass (docs/gla.md, "Design decisions and their measurements")."""
     n_blocks, M = _blocking(ops, q.shape[0])
     hm = _head_major if ops.block is not None else (lambda x: x)
 
@@ -291,8 +298,9 @@ def _core_bwd_impl(ops, res, cts):
 
 def _blocking(ops, N):
     """(number of blocks, chunks per block). ops.block bounds the chunks handled at once: on CPU
-    all-chunks-at-once temporaries outgrow the caches (time grew ~5x from T = 1024 to 2048), so
-    the XLA path walks the sequence in cache-sized blocks, carrying the state between them."""
+    all-chunks-at-once temporaries outgrow the caches (docs/gla.md, "Design decisions and their
+    measurements"), so the XLA path walks the sequence in cache-sized blocks, carrying the state
+    between them."""
     if ops.block is None or N <= ops.block:
         return 1, N
     return -(-N // ops.block), ops.block
@@ -326,7 +334,8 @@ def _bwd_body(ops, q, k, v, g, L, h0, seg, do, dST):
     # what of the chunk-end state passed through s: the incoming state's share (`rowsum`) and
     # the keys before s (exclusive cumsum of k⊙dk_out). The textbook form "rowsum(S_{n+1} ⊙
     # dS_{n+1}) − reverse cumsum of k⊙dk_out" is the same sum, but under strong gates it takes
-    # two nearly equal large numbers apart (fp32 dg was off by ~1e-5 relative).
+    # two nearly equal large numbers apart and loses fp32 digits (docs/gla.md, "Backward and the
+    # gate gradient").
     dg = (chunk_cumsum(local, reverse=True) + chunk_cumsum(through, exclusive=True)
           + rowsum[..., None, :])
     dseg = None if seg is None else jnp.zeros_like(seg)
@@ -349,20 +358,14 @@ def _whole_call(ops, g, run, *args):
                         functools.partial(run, stable), *args)
 
 
-def _core_fwd(ops, q, k, v, g, h0, seg):
-    # the forward keeps its per-block choice: hoisting the cond made it ~20% slower (measured
-    # at T = 4096), while the backward gains ~8%
-    return _core_fwd_impl(ops, q, k, v, g, h0, seg)
-
-
 def _core_bwd(ops, res, cts):
     return _whole_call(ops, res[3], _core_bwd_impl, res, cts)
 
 
 _chunked_core.defvjp(_core_fwd, _core_bwd)
 # jit boundary around the core: eager callers compile it once per chunked shape (so T = 1..64 share
-# one executable); inline=True splices it into an outer jit (a nested call measured ~40% slower
-# on XLA:CPU at T = 512).
+# one executable); inline=True splices it into an outer jit, which ran faster on XLA:CPU than a
+# nested call (docs/gla.md, "Design decisions and their measurements").
 _chunked_core_jit = jax.jit(_chunked_core, static_argnums=(0,), inline=True)
 
 

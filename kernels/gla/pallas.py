@@ -1,7 +1,7 @@
 """Pallas GLA kernels (TPU/Mosaic and GPU/Triton share one kernel body per pass).
 
 Three kernels, each with one grid point per (batch, head, chunk) -- every point independent, so
-the grid is fully parallel on both backends and no cross-iteration scratch is needed (Triton has
+the grid is fully parallel on both targets and no cross-iteration scratch is needed (Triton has
 none); the short chunk-to-chunk state scan runs in XLA (see chunked.py):
 
   _state_kernel  U_n = (K ⊙ e^{γ−G})ᵀ V  [and, for the backward, W_n = s (Q ⊙ e^G)ᵀ dO]
@@ -11,14 +11,16 @@ none); the short chunk-to-chunk state scan runs in XLA (see chunked.py):
 
 Blocks are [n_sub, c, D] (sub-chunk c = 16): a sub-chunk is a leading-axis index of a ref, never a
 value slice (Triton cannot slice register tensors), and the last two block dims equal the array's
-(Mosaic's (8, 128) rule is then met for any K, V). Triton needs power-of-two tensor dims, so on that
-backend K and V are zero-padded to a power of two >= 16 (zero q/k/g/v rows change nothing).
+(Mosaic's (8, 128) rule is then met for any K, V). Triton needs power-of-two tensor dims, so for
+the "gpu" target K and V are zero-padded to a power of two >= 16 (zero q/k/g/v rows change
+nothing).
 
-Intra-chunk scores use the sub-chunk stabilisation of KERNELS.md §1 (off-diagonal sub-blocks as
-matmuls with a reference row ζ_I, diagonal sub-blocks elementwise in log space), so no exponent is
-ever positive. The log decay arrives summed within each sub-chunk (L, see chunked.py); `_Chunk`
-turns it into each exponent without subtracting two large cumulative sums. All arithmetic is fp32 (fp64 for fp64 inputs in interpret mode); matmuls run at
-HIGHEST precision so fp32 results do not degrade to bf16/tf32 passes on TPU/GPU.
+Intra-chunk scores use the sub-chunk stabilisation (docs/gla.md, "Sub-chunk stabilisation":
+off-diagonal sub-blocks as matmuls with a reference row ζ_I, diagonal sub-blocks elementwise in log
+space), so no exponent is ever positive. The log decay arrives summed within each sub-chunk (L, see
+chunked.py); `_Chunk` turns it into each exponent without subtracting two large cumulative sums.
+All arithmetic is fp32 (fp64 for fp64 inputs in interpret mode); matmuls run at HIGHEST precision
+so fp32 results do not degrade to bf16/tf32 passes on TPU/GPU.
 """
 from __future__ import annotations
 
@@ -28,11 +30,11 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from ..platform import TARGETS, by_pallas_target
 from .chunked import ChunkOps, chunked_gla
 from .reference import acc_dtype
 
 _HI = jax.lax.Precision.HIGHEST
-BACKENDS = ("tpu", "triton")
 
 
 def _mm(a, b, ta=False, tb=False):
@@ -198,7 +200,7 @@ def _grads_kernel(*refs, names, acc, n, c, scale):
 
 # ----------------------------------------------------------------------------- pallas_call glue
 
-def _call(kernel, ins, out_shapes, *, backend, interpret, name):
+def _call(kernel, ins, out_shapes, *, target, interpret, name):
     """ins: dict name -> (array, kind) with kind 'chunk' [N,B,H,n,c,D], 'seg' [N,B,n,a,b],
     'state' [N,B,H,K,V]; out_shapes: list of (shape, dtype, kind). Grid (N, B, H)."""
     N, B, H = next(x.shape[:3] for x, kind in ins.values() if kind in ("chunk", "state"))
@@ -213,7 +215,7 @@ def _call(kernel, ins, out_shapes, *, backend, interpret, name):
     names = tuple(ins)
     params = {}
     if not interpret:
-        if backend == "tpu":
+        if target == "tpu":
             from jax.experimental.pallas import tpu as pltpu
             params["compiler_params"] = pltpu.CompilerParams(
                 dimension_semantics=("parallel", "parallel", "parallel"))
@@ -244,8 +246,8 @@ def _seg_ins(seg, c):
     return {"seg_c": (s[..., :, None], "seg"), "seg_r": (s[..., None, :], "seg")}
 
 
-def _make_ops(scale, c, acc, backend, interpret):
-    kw = dict(backend=backend, interpret=interpret)
+def _make_ops(scale, c, acc, target, interpret):
+    kw = dict(target=target, interpret=interpret)
     common = dict(acc=acc, c=c, scale=scale)
 
     def fwd_state(k, v, L, seg, q=None, do=None):
@@ -292,14 +294,13 @@ def _make_ops(scale, c, acc, backend, interpret):
 
 
 @functools.lru_cache(maxsize=None)
-def pallas_ops(scale: float, sub: int, acc, backend: str, interpret: bool) -> ChunkOps:
-    return _make_ops(scale, sub, jnp.dtype(acc), backend, interpret)
+def pallas_ops(scale: float, sub: int, acc, target: str, interpret: bool) -> ChunkOps:
+    return _make_ops(scale, sub, jnp.dtype(acc), target, interpret)
 
 
-# Kernel flavour per lowering platform: Mosaic on TPU, Triton on GPUs, and on any other platform
-# (CPU) the TPU flavour in interpret mode (no padding needed).
-_FLAVOURS = {"tpu": ("tpu", False), "cuda": ("triton", False), "rocm": ("triton", False)}
-_OTHER_PLATFORMS = ("tpu", True)
+# The target whose body is interpreted on platforms without a Pallas compiler (CPU): the TPU body,
+# which takes any K and V as they are (the GPU body pads them to powers of two).
+_INTERPRETED_ELSEWHERE = "tpu"
 
 
 def _pow2(n: int) -> int:
@@ -307,39 +308,37 @@ def _pow2(n: int) -> int:
 
 
 def pallas_gla(q, k, v, g, *, scale, initial_state, segment_ids, chunk_size, sub,
-               backend=None, interpret=None):
-    """chunked_gla with Pallas chunk kernels; backend 'tpu' | 'triton'.
+               target=None, interpret=None):
+    """chunked_gla with Pallas chunk kernels; target "tpu" (Mosaic) | "gpu" (Triton).
 
-    backend=None picks the flavour from the platform the program is *lowered for*
-    (`lax.platform_dependent`), not from the host's default backend: an AOT compile for a TPU
-    topology from a CPU host gets the Mosaic kernels, an export for CUDA the Triton ones, a CPU run
-    the interpreter. All flavours are traced; lowering keeps only the platform's own.
+    target=None picks the target from the platform the program is *lowered for*
+    (`paxlike.kernels.platform.by_pallas_target`), not from the host's default backend: an AOT
+    compile for a TPU topology from a CPU host gets the Mosaic kernels, an export for CUDA the
+    Triton ones, a CPU run the TPU body in interpret mode. `interpret`, when given, overrides the
+    platform's choice.
     """
     args = (q, k, v, g, initial_state, segment_ids)
     kw = dict(scale=scale, chunk_size=chunk_size, sub=sub)
-    if backend is not None:
-        return _pallas_gla(*args, backend=backend, interpret=bool(interpret), **kw)
-
-    def flavour(name, interpreted):
-        interpreted = interpreted if interpret is None else bool(interpret)
-        return lambda: _pallas_gla(*args, backend=name, interpret=interpreted, **kw)
-    return jax.lax.platform_dependent(default=flavour(*_OTHER_PLATFORMS),
-                                      **{p: flavour(*f) for p, f in _FLAVOURS.items()})
+    if target is not None:
+        return _pallas_gla(*args, target=target, interpret=bool(interpret), **kw)
+    return by_pallas_target(
+        lambda t, interpreted: _pallas_gla(*args, target=t, interpret=interpreted, **kw),
+        interpreted_elsewhere=_INTERPRETED_ELSEWHERE, interpret=interpret)
 
 
-def _pallas_gla(q, k, v, g, initial_state, segment_ids, *, scale, chunk_size, sub, backend,
+def _pallas_gla(q, k, v, g, initial_state, segment_ids, *, scale, chunk_size, sub, target,
                 interpret):
-    if backend not in BACKENDS:
-        raise ValueError(f"unknown Pallas backend {backend!r}; expected one of {BACKENDS}")
+    if target not in TARGETS:
+        raise ValueError(f"unknown Pallas target {target!r}; expected one of {TARGETS}")
     K, V = q.shape[-1], v.shape[-1]
-    Kp, Vp = (_pow2(K), _pow2(V)) if backend == "triton" else (K, V)
+    Kp, Vp = (_pow2(K), _pow2(V)) if target == "gpu" else (K, V)
     if (Kp, Vp) != (K, V):
         padk = lambda x: jnp.pad(x, ((0, 0),) * 3 + ((0, Kp - K),))
         q, k, g = padk(q), padk(k), padk(g)
         v = jnp.pad(v, ((0, 0),) * 3 + ((0, Vp - V),))
         if initial_state is not None:
             initial_state = jnp.pad(initial_state, ((0, 0), (0, 0), (0, Kp - K), (0, Vp - V)))
-    ops = pallas_ops(scale, sub, acc_dtype(q.dtype), backend, interpret)
+    ops = pallas_ops(scale, sub, acc_dtype(q.dtype), target, interpret)
     o, final = chunked_gla(ops, q, k, v, g, scale=scale, initial_state=initial_state,
                            segment_ids=segment_ids, chunk_size=chunk_size)
     return o[..., :V], final[:, :, :K, :V]

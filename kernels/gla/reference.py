@@ -1,6 +1,7 @@
-"""Sequential GLA recurrence: the ground truth and the decoding path.
+"""The GLA recurrence step by step (impl="reference"): the ground truth and the decoding path.
 
-Row-vector convention (KERNELS.md §1): S_t = diag(exp g_t) S_{t-1} + k_t^T v_t, o_t = s q_t S_t.
+Row-vector convention (docs/gla.md, "The recurrence"): S_t = diag(exp g_t) S_{t-1} + k_t^T v_t,
+o_t = s q_t S_t.
 Everything is accumulated in fp32 (fp64 when the inputs are fp64); gradients come from autodiff of
 the scan, which stores one state per step -- fine for a reference and for short decode chunks.
 """

@@ -1,10 +1,10 @@
 """Chunk-local GLA primitives in plain XLA, vectorised over [N, B, H] (the CPU fast path).
 
 All chunks of a block (see chunked._blocking) are handled at once with batched einsums, so XLA
-sees a few large fused ops instead of a per-chunk loop. Two variants:
+sees a few large fused ops instead of a per-chunk loop. Two sets of ops:
 
 Stable ops (any gate): intra-chunk scores use the secondary (sub-chunk) stabilisation of
-KERNELS.md §1:
+docs/gla.md, "Sub-chunk stabilisation":
 
 * off-diagonal sub-blocks I > J: A_IJ = (Q_I ⊙ e^{G_I − ζ_I}) (K_J ⊙ e^{ζ_I − G_J})ᵀ with ζ_I the
   cumulative decay at the first row of sub-chunk I; both exponents are ≤ 0, so nothing overflows
@@ -44,7 +44,8 @@ def _tmm(a, b):
 
     XLA:CPU only hands dots with the contraction on the lhs's last axis to its fast (YNNPACK)
     kernels; the algebraic simplifier would fold a plain transpose back into the dot, so the
-    transposed operand is pinned with an optimisation barrier (~25% faster measured).
+    transposed operand is pinned with an optimisation barrier (docs/gla.md, "Design decisions and
+    their measurements").
     """
     at = jax.lax.optimization_barrier(jnp.swapaxes(a, -1, -2))
     return _ein("...xc,...cy->...xy", at, b)
@@ -166,8 +167,9 @@ def _with_diagonal(q, k, dq_off, dk_off, dA_diag):
     """Full dq, dk (of the given terms) and the gate-gradient term q⊙dq − k⊙dk.
 
     The pair (t, t) adds dA_tt q_t k_t to both q⊙dq and k⊙dk; it is by far the largest term under
-    strong gates, and subtracting it numerically left fp32 dg at ~1e-5 relative error. Leaving it
-    out of the difference (it cancels exactly) gives the same dg without that cancellation.
+    strong gates, and subtracting it numerically costs fp32 dg its digits. Leaving it out of the
+    difference (it cancels exactly) gives the same dg without that cancellation (docs/gla.md,
+    "Backward and the gate gradient").
     """
     q, k = q.astype(dq_off.dtype), k.astype(dq_off.dtype)
     local = q * dq_off - k * dk_off
@@ -245,8 +247,8 @@ def _fast_grads(q, k, v, L, seg, do, S, dSn, *, acc, scale, sub):
 def xla_ops(scale: float, sub: int, acc, block: int | None = 4) -> ChunkOps:
     """ChunkOps for the vectorised XLA path (cached so identical calls share one object).
 
-    block: chunks vectorised at once; 4 x 64 tokens was fastest at T = 4096 (2, 8, 16 and "all"
-    were 10-100% slower fwd+bwd on the 2-core CPU)."""
+    block: chunks vectorised at once; 4 keeps each block's temporaries cache-sized on CPU and was
+    the fastest setting measured (docs/gla.md, "Design decisions and their measurements")."""
     acc = jnp.dtype(acc)
     fast = ChunkOps(
         fwd_state=functools.partial(_fast_state, acc=acc, sub=sub),

@@ -1,4 +1,4 @@
-"""ParaGRU and ParaLSTM cells (KERNELS.md section 2) as pure functions of (params, h, x).
+"""ParaGRU and ParaLSTM cells (docs/pararnn.md, "Cells") as pure functions of (params, h, x).
 
 ``x`` is the already-projected input, B x + b, stacked per gate ([3, d]): the projection is one
 GEMM over the whole sequence outside the solver, so the cell only holds the diagonal recurrent

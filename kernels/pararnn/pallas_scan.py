@@ -31,6 +31,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from ..platform import TARGETS, by_pallas_target
+
 # Per-kind element algebra on tuples of planes. ``compose(later, earlier)`` is the scan combine.
 _N_A = {"diagonal": 1, "block2": 4}
 _N_B = {"diagonal": 1, "block2": 2}
@@ -215,28 +217,27 @@ def _gpu_call(a, b, h0, *, kind, reverse, block_d, chunk, unroll, interpret, num
 # ----------------------------------------------------------------------------------------------
 # Entry point on planes: padding and tile choice
 # ----------------------------------------------------------------------------------------------
-_FORCED = []  # stack of (variant, interpret) set by ``target``
+_FORCED = []  # stack of (target, interpret) set by ``target``
 
 
 @contextlib.contextmanager
-def target(variant, interpret=False):
-    """Force the kernel body (and interpret mode) whatever the platform; by default the body
-    follows the platform the program is lowered for."""
-    if variant not in ("tpu", "gpu"):
-        raise ValueError(f"unknown Pallas variant {variant!r} (expected 'tpu' or 'gpu')")
-    _FORCED.append((variant, bool(interpret)))
+def target(target, interpret=False):
+    """Force the kernel body, target "tpu" | "gpu" (and interpret mode), whatever the platform; by
+    default the body follows the platform the program is lowered for."""
+    if target not in TARGETS:
+        raise ValueError(f"unknown Pallas target {target!r}; expected one of {TARGETS}")
+    _FORCED.append((target, bool(interpret)))
     try:
         yield
     finally:
         _FORCED.pop()
 
 
-# Kernel body per lowering platform. Elsewhere (CPU) the GPU body is interpreted: in interpret
-# mode its per-row loop over wide channel tiles compiles and runs faster than the TPU body's
-# block-wise Hillis-Steele scan (measured: block2, L=8192, d=256: 0.9 s compile + 0.5 s run vs
-# 2.4 s + 2.6 s).
-_VARIANTS = {"tpu": ("tpu", False), "cuda": ("gpu", False), "rocm": ("gpu", False)}
-_OTHER_PLATFORMS = ("gpu", True)
+# The target whose body is interpreted on platforms without a Pallas compiler (CPU): the GPU body,
+# because in interpret mode its per-row loop over wide channel tiles compiles and runs faster than
+# the TPU body's block-wise Hillis-Steele scan (docs/pararnn.md, "Design decisions and their
+# measurements").
+_INTERPRETED_ELSEWHERE = "gpu"
 
 
 def _pad_to(x, axis, size, value):
@@ -248,35 +249,36 @@ def _pad_to(x, axis, size, value):
     return jnp.pad(x, pad, constant_values=value)
 
 
-def scan_planes(a, b, h0, *, kind, reverse=False, variant=None, interpret=None,
+def scan_planes(a, b, h0, *, kind, reverse=False, target=None, interpret=None,
                 block_t=None, block_d=None, unroll=8, chunk=None):
     """Run the kernel on plane tuples: a (1 or 4 planes) and b (1 or 2) [B, L, d]; h0 planes [B, d].
 
     Returns the tuple of output planes [B, L, d]. L and d are padded to whole blocks: time padding
     is identity elements (A = I, b = 0) appended at the end, which leave every real output alone in
     both directions (reverse starts from the padded end, where identities just carry h0 through).
+
+    target: "tpu" | "gpu", or None for the innermost ``target`` context, else the platform the
+    program is lowered for (``paxlike.kernels.platform.by_pallas_target``).
     """
-    if variant is None and not _FORCED:
+    if target is None and not _FORCED:
         # chosen for the platform the program is lowered for, not the host's default backend
-        def body(v, interpreted):
-            return lambda: scan_planes(a, b, h0, kind=kind, reverse=reverse, variant=v,
-                                       interpret=interpreted if interpret is None else interpret,
-                                       block_t=block_t, block_d=block_d, unroll=unroll,
-                                       chunk=chunk)
-        return jax.lax.platform_dependent(default=body(*_OTHER_PLATFORMS),
-                                          **{p: body(*v) for p, v in _VARIANTS.items()})
-    if variant is None:
-        variant, forced_interpret = _FORCED[-1]
+        return by_pallas_target(
+            lambda t, interpreted: scan_planes(a, b, h0, kind=kind, reverse=reverse, target=t,
+                                               interpret=interpreted, block_t=block_t,
+                                               block_d=block_d, unroll=unroll, chunk=chunk),
+            interpreted_elsewhere=_INTERPRETED_ELSEWHERE, interpret=interpret)
+    if target is None:
+        target, forced_interpret = _FORCED[-1]
         interpret = forced_interpret if interpret is None else interpret
     interpret = bool(interpret)
     bsz, length, d = b[0].shape
-    if variant == "tpu":
+    if target == "tpu":
         if block_d is None:  # lanes: 128 on hardware; wide tiles in interpret mean fewer grid steps
             block_d = min(1024, -(-d // 128) * 128) if interpret else 128
         if block_t is None:
             block_t = 256 if length >= 256 else max(8, 1 << (length - 1).bit_length())
         t_mult, d_mult = block_t, block_d
-    elif variant == "gpu":
+    elif target == "gpu":
         if block_d is None and interpret:  # one program per sequence: fewest interpreted steps
             block_d = d
         elif block_d is None:  # Triton tiles are powers of two; 32 lanes = one warp per program
@@ -287,12 +289,12 @@ def scan_planes(a, b, h0, *, kind, reverse=False, variant=None, interpret=None,
             raise ValueError(f"chunk={chunk} must be a power of two and a multiple of unroll")
         t_mult, d_mult = chunk or unroll, block_d
     else:
-        raise ValueError(f"unknown Pallas variant {variant!r} (expected 'tpu' or 'gpu')")
+        raise ValueError(f"unknown Pallas target {target!r}; expected one of {TARGETS}")
     lp, dp = -(-length // t_mult) * t_mult, -(-d // d_mult) * d_mult
     a = tuple(_pad_to(_pad_to(x, 2, dp, 0.0), 1, lp, i) for x, i in zip(a, _IDENT_A[kind]))
     b = tuple(_pad_to(_pad_to(x, 2, dp, 0.0), 1, lp, 0.0) for x in b)
     h0 = tuple(_pad_to(x, 1, dp, 0.0)[:, None, :] for x in h0)
-    if variant == "tpu":
+    if target == "tpu":
         out = _tpu_call(a, b, h0, kind=kind, reverse=reverse, block_t=block_t, block_d=block_d,
                         interpret=interpret)
     else:

@@ -1,4 +1,7 @@
-"""Linear recurrences h_l = A_l h_{l-1} + b_l: reference loop, associative scan, Pallas kernel.
+"""Linear recurrences h_l = A_l h_{l-1} + b_l: lax.scan, associative scan, Pallas kernel.
+
+``impl`` (the words of ``paxlike.kernels.platform``): "reference" is the ``lax.scan`` step by
+step, "xla" the ``lax.associative_scan``, "pallas" the kernel of ``pallas_scan``.
 
 Structures (``kind``), with any number of leading batch dims ``...``:
 
@@ -21,9 +24,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from ..platform import IMPLS, by_lowering_platform
 from . import pallas_scan
 
-IMPLS = ("sequential", "parallel", "pallas")
 KINDS = ("diagonal", "block2", "dense")
 _A_EXTRA = {"diagonal": 0, "block2": 1, "dense": 1}  # a.ndim - b.ndim
 _STATE_NDIM = {"diagonal": 1, "block2": 2, "dense": 1}
@@ -57,7 +60,7 @@ def transpose(kind, a):
 # ----------------------------------------------------------------------------------------------
 # Raw implementations on a single batch dim: a [B, L, ...], b [B, L, ...], h0 [B, ...].
 # ----------------------------------------------------------------------------------------------
-def _sequential(kind, a, b, h0, reverse):
+def _reference(kind, a, b, h0, reverse):
     def step(h, ab):
         h = _matvec(kind, ab[0], h) + ab[1]
         return h, h
@@ -66,7 +69,7 @@ def _sequential(kind, a, b, h0, reverse):
     return jnp.moveaxis(hs, 0, 1)
 
 
-def _parallel(kind, a, b, h0, reverse):
+def _associative(kind, a, b, h0, reverse):
     # Fold h0 into the first element processed, then the b-part of the prefix composition is h.
     first = -1 if reverse else 0
     b = b.at[:, first].add(_matvec(kind, a[:, first], h0))
@@ -91,17 +94,18 @@ def _pallas(kind, a, b, h0, reverse, **kernel_opts):
     return jnp.stack(out, axis=2)
 
 
-def scan_raw(kind, a, b, h0, *, reverse=False, impl="sequential", **kernel_opts):
-    """Dispatch without a custom VJP (the solver differentiates at its own level)."""
+def scan_raw(kind, a, b, h0, *, reverse=False, impl="reference", **kernel_opts):
+    """Dispatch without a custom VJP (the solver differentiates at its own level); ``impl`` is a
+    resolved one ("reference", "xla" or "pallas", not "auto")."""
     dtype = jnp.result_type(a, b, h0)
     a, b, h0 = a.astype(dtype), b.astype(dtype), h0.astype(dtype)
-    if impl == "sequential":
-        return _sequential(kind, a, b, h0, reverse)
-    if impl == "parallel":
-        return _parallel(kind, a, b, h0, reverse)
+    if impl == "reference":
+        return _reference(kind, a, b, h0, reverse)
+    if impl == "xla":
+        return _associative(kind, a, b, h0, reverse)
     if impl == "pallas":
         return _pallas(kind, a, b, h0, reverse, **kernel_opts)
-    raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS + ('auto',)}")
+    raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
 
 
 def shift_in(h0, hs, reverse):
@@ -170,7 +174,7 @@ def linear_scan(a, b, h0=None, *, reverse=False, impl="auto"):
 
     a, b, h0 as in the module docstring (diagonal or 2x2 per-channel blocks; structure inferred
     from the shapes). h0 defaults to zeros. Returns h [..., L, d] (or [..., L, 2, d]).
-    ``impl``: "sequential" (lax.scan), "parallel" (lax.associative_scan), "pallas" (the Pallas
+    ``impl``: "reference" (lax.scan), "xla" (lax.associative_scan), "pallas" (the Pallas
     kernel; interpreted on CPU) or "auto" (see ``choose_impl``). Differentiable in a, b and h0.
     """
     a, b = jnp.asarray(a), jnp.asarray(b)
@@ -195,31 +199,29 @@ def linear_scan(a, b, h0=None, *, reverse=False, impl="auto"):
 
 def by_platform(impl, kind, run, **shape):
     """run(impl) with impl="auto" resolved for the platform the program is *lowered for*
-    (`lax.platform_dependent`), not the host's default backend: an AOT compile for a TPU topology
-    from a CPU host gets the Pallas kernel, a CPU run the sequential scan. Every candidate is
-    traced; lowering keeps only the platform's own."""
+    (``paxlike.kernels.platform.by_lowering_platform``), not the host's default backend: an AOT
+    compile for a TPU topology from a CPU host gets the Pallas kernel, a CPU run the reference
+    scan."""
     if impl != "auto":
         return run(choose_impl(impl, kind=kind, **shape))
     cpu = choose_impl(impl, kind=kind, platform="cpu", **shape)
     accelerator = choose_impl(impl, kind=kind, platform="tpu", **shape)
-    if cpu == accelerator:
-        return run(cpu)
-    return jax.lax.platform_dependent(cpu=lambda: run(cpu), default=lambda: run(accelerator))
+    return by_lowering_platform(run, {"cpu": cpu}, accelerator)
 
 
 def choose_impl(impl, *, kind, batch, length, width, platform=None):
     """Resolve impl="auto" for `platform` (default: the host's default backend).
 
-    Measured (docs/pararnn.md, benchmarks/pararnn.py) on the 2-core CPU: the sequential lax.scan
-    is fastest at every benchmarked shape, so CPU picks "sequential". No GPU or TPU was available
-    to measure on; there "auto" picks "pallas" (the design point of the kernel, and the
-    published ParaRNN result), except for dense Jacobians, which only the XLA paths support.
+    On CPU "auto" is "reference": the lax.scan was the fastest at every benchmarked shape
+    (docs/pararnn.md, "Benchmarks"; benchmarks/pararnn.py). On GPU/TPU it is "pallas" (the design
+    point of the kernel, and the published ParaRNN result; not measured here), except for dense
+    Jacobians, which only the XLA paths support ("xla").
     """
     del batch, length, width  # the CPU choice did not depend on shape in the measured range
     if impl != "auto":
         if impl not in IMPLS:
-            raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS + ('auto',)}")
+            raise ValueError(f"unknown impl {impl!r}; expected one of {IMPLS}")
         return impl
     if (platform or jax.default_backend()) == "cpu":
-        return "sequential"
-    return "parallel" if kind == "dense" else "pallas"
+        return "reference"
+    return "xla" if kind == "dense" else "pallas"

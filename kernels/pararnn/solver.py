@@ -9,7 +9,10 @@ of the batched cell f(shift(H), X) with cotangent lambda. Only (xs, H, h0, param
 
 A Newton result that misses the tolerance is reported, never silently returned as converged: the
 per-iteration residuals are in ``info``, a ``ConvergenceWarning`` is emitted from the device
-program, and ``fallback`` ("sequential" or "damped") can recover the answer.
+program, and ``fallback`` ("reference" or "damped") can recover the answer.
+
+The mathematics: docs/pararnn.md, "Newton over the sequence" and "Backward by implicit
+differentiation".
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from jax import lax
 from . import scan as scan_lib
 
 JACOBIANS = ("diagonal", "block2", "dense")
-FALLBACKS = (None, "sequential", "damped")
+FALLBACKS = (None, "reference", "damped")  # reference: rerun as the lax.scan of the cell
 
 
 class ConvergenceWarning(RuntimeWarning):
@@ -57,7 +60,7 @@ class _Config:
     fallback: str | None
     fallback_iterations: int
     warn: bool
-    with_residual: bool  # sequential impl: compute the (tiny) residual only when asked for
+    with_residual: bool  # reference impl: compute the (tiny) residual only when asked for
 
 
 # ----------------------------------------------------------------------------------------------
@@ -113,7 +116,7 @@ def _damp(kind, J):
 # ----------------------------------------------------------------------------------------------
 # Forward solvers
 # ----------------------------------------------------------------------------------------------
-def _sequential_solve(cfg, consts, h0, xs):
+def _reference_solve(cfg, consts, h0, xs):
     def step(h, x):
         h = jax.vmap(lambda hh, xx: cfg.cell(hh, xx, *consts).astype(hh.dtype))(h, x)
         return h, h
@@ -165,12 +168,12 @@ def _report(final_res, threshold, converged, fallback_used):
             f"pararnn.solve: final residual {float(final_res):.3e} is above the tolerance "
             f"{float(threshold):.1e}" + (" even after the fallback" if bool(fallback_used) else "")
             + "; the returned states are not a converged solution. Use more iterations or "
-            "fallback='sequential'.", ConvergenceWarning, stacklevel=2)
+            "fallback='reference'.", ConvergenceWarning, stacklevel=2)
 
 
 def _forward(cfg, consts, jconsts, h0, xs):
-    if cfg.impl == "sequential":
-        H = _sequential_solve(cfg, consts, h0, xs)
+    if cfg.impl == "reference":
+        H = _reference_solve(cfg, consts, h0, xs)
         if cfg.with_residual:
             res = _max_abs(_cell_all(cfg, consts, scan_lib.shift_in(h0, H, False), xs) - H)
         else:
@@ -186,8 +189,8 @@ def _forward(cfg, consts, jconsts, h0, xs):
     fallback_used = jnp.bool_(False)
     if cfg.fallback is not None:
         def recover(H):
-            if cfg.fallback == "sequential":
-                H = _sequential_solve(cfg, consts, h0, xs)
+            if cfg.fallback == "reference":
+                H = _reference_solve(cfg, consts, h0, xs)
                 return H, _max_abs(_cell_all(cfg, consts, scan_lib.shift_in(h0, H, False), xs) - H)
             # Damped: continue from the Newton iterate per sequence when it is finite, else
             # restart from the initial guess (a diverged Newton iterate is no starting point).
@@ -235,7 +238,7 @@ def _solve_bwd(cfg, saved, cts):
     g = cts[0]
     hprev = scan_lib.shift_in(h0, H, False)
     _, J = _f_and_jac(cfg, consts, jconsts, hprev, xs)
-    # sequential impl: the adjoint is a lax.scan too; otherwise the same kernel, reversed
+    # reference impl: the adjoint is a lax.scan too; otherwise the same kernel, reversed
     lam = scan_lib.scan_raw(cfg.kind, scan_lib.adjoint_coefficients(cfg.kind, J, False),
                             g.astype(H.dtype), jnp.zeros_like(h0), reverse=True, impl=cfg.impl)
     _, vjp = jax.vjp(lambda c, x, hp: _cell_all(cfg, c, hp, x), consts, xs, hprev)
@@ -270,13 +273,14 @@ def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations
       iterations: Newton iterations (fixed count), or the maximum count when ``tol`` is set.
       tol: stop early once max_l |h_l - f(h_{l-1}, x_l)| <= tol; also the convergence threshold
         (default ``default_tol(dtype)``: 1e-4 in fp32).
-      impl: "sequential" (lax.scan of the cell, exact), "parallel" (Newton + associative scan),
-        "pallas" (Newton + Pallas scan kernel) or "auto" (``scan.choose_impl`` for the platform
-        the program is lowered for, ``scan.by_platform``; with ``return_info`` for the host's
-        default backend, because the info of the two choices differs in shape).
+      impl: "reference" (lax.scan of the cell, exact; on CPU also the fastest), "xla" (Newton +
+        lax.associative_scan), "pallas" (Newton + Pallas scan kernel) or "auto"
+        (``scan.choose_impl`` for the platform the program is lowered for, ``scan.by_platform``:
+        "reference" on CPU, "pallas" on TPU/GPU; with ``return_info`` for the host's default
+        backend, because the info of the two choices differs in shape).
       return_info: also return a dict: residuals [iterations] (max-abs residual after each
         iteration), iterations (run), final_residual, converged, fallback_used.
-      fallback: None, "sequential" (rerun with lax.scan when not converged) or "damped"
+      fallback: None, "reference" (rerun with lax.scan when not converged) or "damped"
         (further quasi-Newton steps with Jacobian blocks scaled to norm <= 1).
       fallback_iterations: damped steps at most (default max(4 * iterations, 16)).
       warn: emit a ``ConvergenceWarning`` from the program when the result is not converged.
@@ -310,7 +314,7 @@ def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations
         raise ValueError(f"xs leaves disagree on the sequence length: {sorted(lengths)}")
     (length,) = lengths
     shape = dict(batch=math.prod(batch), length=length, width=state[-1])
-    if return_info:  # the info of a sequential and a Newton solve differ in shape: one impl
+    if return_info:  # the info of a reference and a Newton solve differ in shape: one impl
         impl = scan_lib.choose_impl(impl, kind=jacobian, **shape)
     if impl == "pallas" and jacobian == "dense":
         raise ValueError("impl='pallas' supports jacobian 'diagonal' and 'block2', not 'dense'")
