@@ -24,8 +24,8 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
 
+from paxlike.compiled import compile_plan, topology_devices  # noqa: E402
 from paxlike.experiments import transformer  # noqa: E402
-from paxlike.planner.compiled import compile_plan, topology_devices  # noqa: E402
 from paxlike.planner import fleets, search  # noqa: E402
 
 GIB = 1024 ** 3

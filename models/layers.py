@@ -8,8 +8,10 @@ from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import optax
 from flax import nnx
 
+from paxlike.family import ModelLoss
 from paxlike.sharding import constrain
 
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -91,7 +93,7 @@ class SwiGLU(nnx.Module):
 
 class DecoderLM:
     """The frame shared by the decoder LMs: config check, token embedding, stacked blocks, final
-    RMSNorm and output head (tied or not).
+    RMSNorm, output head (tied or not) and the training loss.
 
     A mixin rather than a sub-module so that the parameters keep their top-level names
     (`embed`, `layers`, `final_norm`, `unembed`) in every model's state and checkpoints.
@@ -112,6 +114,16 @@ class DecoderLM:
             self.unembed = param(rngs, scaled_normal(cfg.d_model), (cfg.d_model, cfg.vocab_size),
                                  ("embed", "vocab"))
         self.layers = stack_layers(make_block, cfg.num_layers, rngs)
+
+    def loss(self, batch: dict, *, dropout_key: jax.Array | None = None, stats=None) -> ModelLoss:
+        """The family contract's loss (paxlike/family.py): weighted token NLL sums of the
+        logits `self(...)` returns; these families have no auxiliary losses or metrics."""
+        del stats  # nothing of theirs needs global-batch statistics
+        logits = self(batch["inputs"], batch["positions"], batch["segment_ids"],
+                      dropout_key=dropout_key)
+        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+        return ModelLoss(nll_sum=jnp.sum(nll * batch["weights"]),
+                         weight_sum=jnp.sum(batch["weights"]))
 
     def embed_tokens(self, tokens: jax.Array, dtype) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)

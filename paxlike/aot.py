@@ -24,7 +24,7 @@ from absl import flags  # noqa: E402
 
 from paxlike import cli  # noqa: E402
 from paxlike.errors import UserError  # noqa: E402
-from paxlike.planner.compiled import compile_plan, topology_devices  # noqa: E402
+from paxlike.compiled import compile_plan, topology_devices  # noqa: E402
 
 _TOPOLOGY = flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:4x4, v5p:4x4x4, "
                                 "v6e:16x16, v4:4x4x4.")

@@ -1,27 +1,89 @@
 """Command-line plumbing shared by paxlike's tools (train, plan, aot).
 
 Each tool takes `--config=experiments/<family>.py:<size>` plus `--config.KEY=VALUE` overrides
-(ml_collections config flags on absl), and reports every problem with the user's input as one
-line, `paxlike: error: ...`, with exit status 2 instead of a traceback.
+(ml_collections config flags on absl), in any order, and reports every problem with the user's
+input as one line, `paxlike: error: ...`, with exit status 2 instead of a traceback. A config
+path `experiments/<file>.py` that does not exist relative to the current directory is the
+experiment file bundled with paxlike (the `paxlike.experiments` package), so the tools run from
+any directory.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from paxlike import experiments
 from paxlike.errors import UserError
 
-DEFAULT_CONFIG = os.path.join(os.path.dirname(experiments.__file__), "transformer.py") + ":tiny"
+_EXPERIMENTS = "experiments"
+
+
+def _experiment_dirs() -> list[str]:
+    """Folders of the bundled experiment files. `find_spec` imports only the parent package
+    (`paxlike`), not the experiments themselves."""
+    spec = importlib.util.find_spec(f"paxlike.{_EXPERIMENTS}")
+    return list(spec.submodule_search_locations or []) if spec is not None else []
+
+
+def bundled_config(path: str) -> str:
+    """A config file path as given when it exists; else, for `experiments/<file>.py`, the bundled
+    experiment file of that name when there is one (else the path as given)."""
+    if os.path.exists(path):
+        return path
+    parts = os.path.normpath(path).split(os.sep)
+    if len(parts) < 2 or parts[0] != _EXPERIMENTS:
+        return path
+    for folder in _experiment_dirs():
+        candidate = os.path.join(folder, *parts[1:])
+        if os.path.isfile(candidate):
+            return candidate
+    return path
+
+
+DEFAULT_CONFIG = bundled_config(os.path.join(_EXPERIMENTS, "transformer.py")) + ":tiny"
+
+_CONFIG_ARG = re.compile(r"^(-{1,2}config)(=|$)")   # --config=VALUE or --config VALUE
+_given_config: str | None = None                    # the --config value as typed, for names
+
+
+def config_first(argv: list[str]) -> tuple[list[str], str | None]:
+    """argv with every `--config=FILE:SIZE` (or `--config FILE:SIZE`) moved in front of the other
+    flags, as `--config=...` with FILE resolved by `bundled_config`: ml_collections refuses a
+    `--config.KEY` override placed before the config it overrides. Arguments after `--` stay.
+    Also returns the (last) --config value as given, or None."""
+    head, configs, rest = list(argv[:1]), [], []
+    given = None
+    i = 1
+    while i < len(argv):
+        arg = argv[i]
+        if arg == "--":
+            rest += argv[i:]
+            break
+        m = _CONFIG_ARG.match(arg)
+        if m is None or (not m.group(2) and i + 1 == len(argv)):  # not ours, or lacks a value
+            rest.append(arg)
+            i += 1
+            continue
+        if m.group(2):
+            value, i = arg[m.end():], i + 1
+        else:
+            value, i = argv[i + 1], i + 2
+        given = value
+        path, colon, size = value.partition(":")
+        configs.append(f"{m.group(1)}={bundled_config(path)}{colon}{size}")
+    return head + configs + rest, given
 
 
 def fail(message: str) -> None:
+    """Prints `paxlike: error: <message>` as one line on stderr and exits with status 2."""
     logging.flush()
-    print(f"paxlike: error: {message}", file=sys.stderr)
+    line = "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
+    print(f"paxlike: error: {line}", file=sys.stderr)
     sys.exit(2)
 
 
@@ -46,11 +108,13 @@ def parse_flags_with_config(argv, default: str = DEFAULT_CONFIG):
 
     Returns (remaining argv, the config flag holder: `.value` is the locked, overridden config).
     """
+    global _given_config
+    argv, _given_config = config_first(argv)
     try:
         holder = config_flags.DEFINE_config_file(
             "config", default, "Experiment config file and size, e.g. "
             "experiments/transformer.py:tiny. Override any key with --config.KEY=VALUE.",
-            lock_config=True)
+            lock_config=True, sys_argv=argv)  # the overrides are read from this argv
         parsed = flags.FLAGS(argv)
         holder.value.to_dict()  # the config file loads lazily; make a broken one fail here
         return parsed, holder
@@ -63,12 +127,14 @@ def parse_flags_with_config(argv, default: str = DEFAULT_CONFIG):
 
 def config_argument(default: str = DEFAULT_CONFIG) -> str:
     """The --config value as given (file:size), for names and messages."""
+    if _given_config is not None:
+        return _given_config
     return flags.FLAGS["config"].serialize().partition("=")[2] or default
 
 
 def run(main, default: str = DEFAULT_CONFIG) -> None:
     """Runs a tool: absl flags plus --config, then `main(config)` with the loaded, overridden
-    config. Positional arguments are a usage error; a UserError from main becomes the one-line
+    config. Positional arguments, and a UserError from main, become the one-line
     `paxlike: error: ...` with exit status 2."""
     holder = None
 
@@ -79,7 +145,7 @@ def run(main, default: str = DEFAULT_CONFIG) -> None:
 
     def checked_main(argv):
         if len(argv) > 1:
-            raise app.UsageError(f"unexpected arguments {argv[1:]}; flags look like --name=value")
+            fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
         try:
             main(holder.value)
         except UserError as e:

@@ -7,11 +7,12 @@ overrides are applied, so a mistyped `--config.KEY=VALUE` fails before any work 
 
 from __future__ import annotations
 
-import importlib
 import json
 
 import ml_collections
 
+from paxlike import family
+from paxlike.data.pipeline import default_config as data_defaults
 from paxlike.errors import UserError
 from paxlike.mesh import MESH_AXES
 from paxlike.sharding import PRESETS
@@ -49,15 +50,7 @@ def base_config() -> ml_collections.ConfigDict:
         "eps": 1e-8,
         "clip_norm": 1.0,       # global-norm gradient clipping; 0 disables
     })
-    c.data = ml_collections.ConfigDict({
-        "source": "stdlib",     # stdlib | text | jsonl
-        "paths": "",            # comma-separated files or globs for text / jsonl
-        "jsonl_field": "text",
-        "val_fraction": 0.05,
-        "tokenizer": "byte",    # byte | bpe
-        "bpe_vocab_size": 4096,
-        "eval_batches": 4,
-    })
+    c.data = data_defaults()   # one source: paxlike/data/pipeline.py
     c.model = ml_collections.ConfigDict()  # filled in by the experiment file
     return c
 
@@ -86,17 +79,6 @@ def sized_config(family: str, sizes: dict, size: str, model_defaults) -> ml_coll
     return cfg
 
 
-def model_module(cfg):
-    """The models/ module that builds this config's model (named by `model.module`)."""
-    name = cfg.model.get("module")
-    if not name:
-        raise UserError("config has no model.module; an experiment file must name the model module")
-    try:
-        return importlib.import_module(name)
-    except ImportError as e:
-        raise UserError(f"model.module={name!r} cannot be imported: {e}") from e
-
-
 def validate(cfg) -> None:
     """Raises UserError listing every problem found in the config."""
     problems = []
@@ -115,11 +97,11 @@ def validate(cfg) -> None:
         problems.append(f"optimizer.learning_rate={opt.learning_rate} must be > 0")
     if opt.warmup_steps < 0 or not 0 <= opt.min_lr_ratio <= 1:
         problems.append("optimizer.warmup_steps must be >= 0 and optimizer.min_lr_ratio in [0, 1]")
-    module = model_module(cfg)
-    problems += module.validate(cfg.model) if hasattr(module, "validate") else []
+    problems += family.validate(cfg.model)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
 
 
 def to_json(cfg) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
+

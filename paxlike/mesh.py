@@ -16,6 +16,7 @@ import numpy as np
 from jax.experimental import mesh_utils
 from jax.sharding import AxisType, Mesh
 
+from paxlike.devices import dcn_granules
 from paxlike.errors import UserError
 
 MESH_AXES = ("data", "pipeline", "fsdp", "expert", "context", "tensor")
@@ -55,14 +56,6 @@ def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
     return resolved
 
 
-def _granules(devices: Sequence[jax.Device]) -> tuple[int, bool]:
-    """Number of slow-network granules (TPU slices, else processes) and whether they are processes."""
-    slices = {getattr(d, "slice_index", None) for d in devices}
-    if None not in slices and len(slices) > 1:
-        return len(slices), False
-    return len({d.process_index for d in devices}), True
-
-
 def build_mesh(sizes: Mapping[str, int], dcn: Mapping[str, int] | None = None,
                devices: Sequence[jax.Device] | None = None) -> Mesh:
     """Builds the device mesh with Auto axis types (GSPMD propagation plus our constraints).
@@ -82,7 +75,7 @@ def build_mesh(sizes: Mapping[str, int], dcn: Mapping[str, int] | None = None,
     if num_dcn == 1:
         device_array = mesh_utils.create_device_mesh(shape, devices, allow_split_physical_axes=True)
     else:
-        granules, by_process = _granules(devices)
+        granules, by_process = dcn_granules(devices)
         if granules != num_dcn:
             raise UserError(
                 f"mesh.dcn sizes multiply to {num_dcn} but the devices form {granules} "

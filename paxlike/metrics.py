@@ -4,8 +4,9 @@ Everything a run records lives in its workdir:
 
 - ``metrics.jsonl``: one JSON object per line, appended and flushed on every write so a killed run
   keeps its lines. Training records carry ``step, loss, learning_rate, grad_norm, tokens_per_sec,
-  step_time_s, mfu``; eval records carry ``step, split ("val"), eval_loss, bits_per_byte``
-  (schema: DESIGN_NOTES.md, "Running an experiment"; keep the names stable).
+  step_time_s, mfu`` plus the model family's auxiliary losses and metrics under their own names;
+  eval records carry ``step, split ("val"), eval_loss, bits_per_byte`` (the schema in README.md,
+  "What a run produces"; tools parse these names, so keep them stable).
 - ``tensorboard/``: tensorboardX event files, scalars ``train/<key>`` and ``eval/<key>``.
 - ``loss.png``: train and eval loss against step, drawn from the whole metrics.jsonl at ``close()``.
 
@@ -200,6 +201,9 @@ class MetricsWriter:
             parts.append(f"lr {num('learning_rate'):.1e}")
         if num("grad_norm") is not None:
             parts.append(f"grad {num('grad_norm'):.2f}")
+        for key in sorted(set(record) - set(TRAIN_KEYS) - {"step"}):  # the model's own parts
+            if num(key) is not None:
+                parts.append(f"{key} {num(key):.4g}")
         if num("tokens_per_sec") is not None:
             parts.append(f"{_format_count(num('tokens_per_sec'))} tok/s")
         if num("step_time_s") is not None:

@@ -39,7 +39,7 @@ _VERIFY = flags.DEFINE_integer("verify", 0, "TPU fleets: compile up to this many
 def verify(cfg, fleet, plans, n: int) -> dict[int, dict]:
     """Compiles plans[:n] for the fleet's real TPU topology, best first, until one fits HBM.
     Returns {rank index: {"bytes_per_device", "fits", "compile_s"}} for the plans compiled."""
-    from paxlike.planner.compiled import compile_plan, topology_devices
+    from paxlike.compiled import compile_plan, topology_devices  # the trainer: only to compile
     if not fleet.aot_topology:
         raise UserError(f"--verify compiles with the TPU compiler; {fleet.name} is not a TPU fleet")
     devices = topology_devices(fleet.aot_topology, fleet.granules)

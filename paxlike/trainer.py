@@ -1,44 +1,39 @@
-"""The train step, the eval step, and a train state born sharded.
+"""Shardings and compiled programs for one (config, mesh): the train step, the eval step and a
+train state born sharded.
 
-`Trainer` owns the compiled programs for one (config, mesh): parameters and optimizer state are
-created by a jitted init whose `out_shardings` come from the logical-axis rules, so no host ever
-holds a full copy; the train step has explicit in/out shardings and donates the old state.
+The step itself is in paxlike/step.py (model loss, gradient schedule, update rule); here it gets
+its shardings. Parameters and optimizer state are created by a jitted init whose `out_shardings`
+come from the logical-axis rules, so no host ever holds a full copy; the train step has explicit
+in/out shardings and donates the old state.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+import functools
 
-import flax.struct
 import jax
 import jax.numpy as jnp
-import optax
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from paxlike import optim, sharding
-from paxlike.config import model_module
+from paxlike import family, optim, sharding, step
+from paxlike.data import BATCH_KEYS
+from paxlike.step import TrainState
 
-BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
-
-
-@flax.struct.dataclass
-class TrainState:
-    step: jax.Array      # int32 scalar: number of completed optimizer steps
-    params: Any          # nested dict of float32 arrays, as `nnx.to_pure_dict(nnx.state(model))`
-    opt_state: Any
-    rng: jax.Array       # uint32[2]; the dropout key of step s is fold_in(rng, s)
+# Keys of a training record the trainer writes itself; model metrics may not reuse them.
+RECORD_KEYS = ("step", "loss", "grad_norm", "learning_rate", "tokens_per_sec", "step_time_s",
+               "mfu", "split", "eval_loss", "bits_per_byte")
 
 
 @dataclasses.dataclass
 class Trainer:
-    cfg: Any
+    cfg: object
     mesh: Mesh
 
     def __post_init__(self):
         cfg = self.cfg
-        self.module = model_module(cfg)
+        self.module = family.load(cfg.model)
         self.rules = sharding.get_rules(cfg.sharding, self.mesh)
         abstract_model = nnx.eval_shape(lambda: self.module.build(cfg.model, nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract_model)
@@ -48,28 +43,47 @@ class Trainer:
         decay_mask = jax.tree.map(
             lambda v: len([n for n in sharding.variable_names(v) if n != "layers"]) > 1,
             abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
-        decay_mask = nnx.to_pure_dict(decay_mask)
-        self.tx, self.schedule = optim.make_optimizer(cfg.optimizer, cfg.steps, decay_mask)
+        self.update = optim.make_update_rule(cfg.optimizer, cfg.steps, nnx.to_pure_dict(decay_mask))
+        aux_weights = family.aux_loss_weights(cfg.model)
+        self.schedule = step.Accumulate(cfg.microbatches, aux_weights)
 
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.param_shardings = nnx.to_pure_dict(param_shardings)
         abstract_pure = nnx.to_pure_dict(abstract_params)
-        abstract_opt = jax.eval_shape(self.tx.init, abstract_pure)
         self.state_shardings = TrainState(
             step=self.replicated, params=self.param_shardings,
-            opt_state=optim.state_shardings(self.tx, abstract_opt, self.param_shardings,
-                                            self.replicated),
+            opt_state=self.update.state_shardings(jax.eval_shape(self.update.init, abstract_pure),
+                                                  self.param_shardings, self.replicated),
             rng=self.replicated)
         self.batch_sharding = NamedSharding(
             self.mesh, sharding.batch_spec(self.rules, self.mesh,
                                            (cfg.batch_size // cfg.microbatches, cfg.seq_len)))
+        # The model's loss parts, traced abstractly on a microbatch: their names are checked
+        # now, before a run writes anything.
+        microbatch = {k: jax.ShapeDtypeStruct((cfg.batch_size // cfg.microbatches, cfg.seq_len),
+                                              v.dtype) for k, v in self.abstract_batch().items()}
+        parts = jax.eval_shape(self.loss, abstract_pure, microbatch, None, None)
+        family.check_loss_names(parts, aux_weights, RECORD_KEYS)
+
         self._train_step = jax.jit(
             self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
         self._eval_step = jax.jit(
-            self._eval_step_impl, in_shardings=(self.param_shardings, self.batch_sharding,
-                                                self.replicated),
+            functools.partial(step.eval_sums, self.loss),
+            in_shardings=(self.param_shardings, self.batch_sharding, self.replicated),
             out_shardings=self.replicated)
+
+    def loss(self, params, batch, dropout_key, stats) -> family.ModelLoss:
+        """The model family's loss on a batch, with activations sharded by the rules."""
+        model = nnx.merge(self.graphdef, params)
+        with sharding.use_rules(self.mesh, self.rules):
+            return model.loss(batch, dropout_key=dropout_key, stats=stats)
+
+    def _train_step_impl(self, state: TrainState, batch: dict):
+        # Traced under the rules: the schedule's microbatch constraints shard by them too.
+        with sharding.use_rules(self.mesh, self.rules):
+            return step.train_step(state, batch, loss_fn=self.loss, schedule=self.schedule,
+                                   update=self.update)
 
     # ----------------------------------------------------------------------------- state
     def abstract_state(self) -> TrainState:
@@ -93,55 +107,9 @@ class Trainer:
             model = self.module.build(self.cfg.model, nnx.Rngs(params=init_key))
         params = nnx.to_pure_dict(nnx.state(model))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.tx.init(params), rng=rng)
+                          opt_state=self.update.init(params), rng=rng)
 
     # ----------------------------------------------------------------------------- steps
-    def _loss_sums(self, params, batch, dropout_key):
-        """(Σ weight · token NLL, Σ weight) over a batch, in float32."""
-        model = nnx.merge(self.graphdef, params)
-        with sharding.use_rules(self.mesh, self.rules):
-            logits = model(batch["inputs"], batch["positions"], batch["segment_ids"],
-                           dropout_key=dropout_key)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        return jnp.sum(nll * batch["weights"]), jnp.sum(batch["weights"])
-
-    def _train_step_impl(self, state: TrainState, batch):
-        """One optimizer step over the global batch, accumulated over `microbatches` parts.
-
-        The loss is the mean NLL over all weighted tokens of the global batch, so splitting the
-        batch into microbatches changes nothing but the order of float additions.
-        """
-        m = self.cfg.microbatches
-        # Microbatch i takes rows i, i+m, i+2m…: every device keeps its own rows (no resharding).
-        split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
-        micro = {k: split(batch[k]) for k in BATCH_KEYS}
-        total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
-        dropout_key = jax.random.fold_in(state.rng, state.step)
-
-        def accumulate(grads_and_loss, inputs):
-            grads, loss = grads_and_loss
-            mb, index = inputs
-            mb = {k: sharding.constrain(v, ("batch", "length")) for k, v in mb.items()}
-            scaled = lambda p: self._loss_sums(p, mb, jax.random.fold_in(dropout_key, index))[0] / total_weight
-            mb_loss, mb_grads = jax.value_and_grad(scaled)(state.params)
-            return (jax.tree.map(jnp.add, grads, mb_grads), loss + mb_loss), None
-
-        with sharding.use_rules(self.mesh, self.rules):
-            zeros = jax.tree.map(jnp.zeros_like, state.params)
-            (grads, loss), _ = jax.lax.scan(accumulate, (zeros, jnp.zeros((), jnp.float32)),
-                                            (micro, jnp.arange(m)))
-        updates, opt_state = self.tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {"loss": loss, "grad_norm": optax.tree.norm(grads),
-                   "learning_rate": self.schedule(state.step)}
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
-        return new_state, metrics
-
-    def _eval_step_impl(self, params, batch, token_bytes):
-        nll, weight = self._loss_sums(params, batch, None)
-        num_bytes = jnp.sum(jnp.take(token_bytes, batch["targets"]) * batch["weights"])
-        return {"nll": nll, "tokens": weight, "bytes": num_bytes}
-
     def abstract_batch(self) -> dict:
         shape = (self.cfg.batch_size, self.cfg.seq_len)
         return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
@@ -154,8 +122,8 @@ class Trainer:
         return self._compiled_train_step
 
     def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-        step = getattr(self, "_compiled_train_step", None) or self._train_step
-        return step(state, {k: batch[k] for k in BATCH_KEYS})
+        compiled = getattr(self, "_compiled_train_step", None) or self._train_step
+        return compiled(state, {k: batch[k] for k in BATCH_KEYS})
 
     def eval_step(self, params, batch, token_bytes: jax.Array) -> dict:
         return self._eval_step(params, {k: batch[k] for k in BATCH_KEYS}, token_bytes)

@@ -1,7 +1,9 @@
-"""Small configs for tests: the tiny experiment shrunk so a step takes milliseconds."""
+"""Small configs for tests (the tiny experiment shrunk so a step takes milliseconds), and helpers
+for the tests that run the command-line tools."""
 
 import hashlib
 import os
+import re
 
 from paxlike.experiments import transformer
 
@@ -63,3 +65,16 @@ def cli_overrides(**overrides) -> list[str]:
                 "optimizer.warmup_steps": 2, **overrides}
     flags += [f"--config.{k}={v}" for k, v in settings.items()]
     return flags
+
+
+def assert_one_line_error(result, message: str = "") -> str:
+    """A command refused bad input the documented way: exit status 2, and the error is ONE line:
+    exactly one stderr line starts with `paxlike: error:`, it is the last line, it matches the
+    regular expression `message`, and there is no traceback. Returns that line."""
+    lines = result.stderr.strip().splitlines()
+    errors = [line for line in lines if line.startswith("paxlike: error:")]
+    assert result.returncode == 2, (result.returncode, result.stderr[-3000:])
+    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr[-3000:]
+    assert re.search(message, errors[0]), errors[0]
+    assert "Traceback" not in result.stderr, result.stderr[-3000:]
+    return errors[0]

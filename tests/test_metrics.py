@@ -181,3 +181,12 @@ def test_progress_and_eval_lines(tmp_path, capsys):
     assert "mfu 31.2%" in train_line and "eta 0:00:36" in train_line  # 180 steps x 0.2 s
     assert eval_line.startswith("eval step 120") and "loss 2.1000" in eval_line
     assert "bpb 3.050" in eval_line
+
+
+def test_progress_line_shows_the_models_own_losses_and_metrics(tmp_path, capsys):
+    w = metrics.MetricsWriter(str(tmp_path), total_steps=10)
+    w.write_train(5, {"loss": 2.0, "grad_norm": 0.5, "load_balance": 1.0123456, "accuracy": 0.25})
+    w.close()
+    line = capsys.readouterr().out.strip()
+    assert line.index("grad 0.50") < line.index("accuracy 0.25") < line.index("load_balance 1.012")
+    assert metrics.read_records(str(tmp_path / "metrics.jsonl"))[0]["load_balance"] == 1.0123456

@@ -11,9 +11,9 @@ import sys
 import jax
 import pytest
 
-from configs import ROOT, small_test_config
+from configs import ROOT, assert_one_line_error, small_test_config
 from paxlike.experiments import transformer
-from paxlike import loop
+from paxlike import devices, loop
 from paxlike.errors import UserError
 from paxlike.mesh import build_mesh
 from paxlike.planner import cost, fleets, hlo, search
@@ -59,9 +59,35 @@ def test_malformed_fleet_names_are_clear_errors(name, message):
 
 
 def test_device_specs_are_the_mfu_table():
-    assert fleets.device_for_kind("TPU v5 lite").name == "v5e"
-    assert fleets.device_for_kind("NVIDIA H100 80GB HBM3").peak_flops == 989e12
-    assert fleets.device_for_kind("some new chip") is None
+    assert devices.device_for_kind("TPU v5 lite").name == "v5e"
+    assert devices.device_for_kind("NVIDIA H100 80GB HBM3").peak_flops == 989e12
+    assert devices.device_for_kind("some new chip") is None
+    assert fleets.parse_fleet("v5e-16").device is devices.DEVICES["v5e"]
+    h100 = [_FakeDevice("NVIDIA H100 80GB HBM3", "gpu")] * 8
+    assert devices.peak_flops(h100, None) == 8 * 989e12
+    assert devices.peak_flops(h100, None, override_tflops_per_device=100) == 8 * 100e12
+
+
+@dataclasses.dataclass(frozen=True)
+class _FakeDevice:
+    device_kind: str
+    platform: str
+    process_index: int = 0
+    slice_index: int | None = None
+
+
+@pytest.mark.parametrize("kind,platform,layout,granules,fleet", [
+    ("TPU v5p", "tpu", [(0, 0)] * 4 + [(1, 1)] * 4, (2, False), "2xv5p-8"),   # 2 slices
+    ("TPU v5p", "tpu", [(0, 0)] * 4 + [(1, 0)] * 4, (2, True), "v5p-16"),     # 1 slice, 2 hosts
+    ("TPU v5 lite", "tpu", [(0, None)] * 4, (1, True), "v5e-4"),              # no slice_index
+    ("NVIDIA H100 80GB HBM3", "gpu", [(0, None)] * 8 + [(1, None)] * 8, (2, True), "2x8xH100"),
+])
+def test_fleet_for_devices_finds_the_granules(kind, platform, layout, granules, fleet):
+    """The slow-network granules are slices (slice_index), else processes (what the mesh's ICI /
+    DCN split uses); a fleet counts one TPU slice's hosts as one granule (they share its ICI)."""
+    devs = [_FakeDevice(kind, platform, p, s) for p, s in layout]
+    assert devices.dcn_granules(devs) == granules
+    assert fleets.fleet_for_devices(devs).name == fleet
 
 
 # --------------------------------------------------------------- cost model vs the CPU compiler
@@ -154,7 +180,7 @@ def test_hlo_reader_counts_loop_trips():
 
 # ------------------------------------------------------------------- the search vs brute force
 def _small_fleet(hbm_bytes, granules=1, per_granule=8):
-    device = dataclasses.replace(fleets.DEVICES["v5e"], hbm_bytes=hbm_bytes)
+    device = dataclasses.replace(devices.DEVICES["v5e"], hbm_bytes=hbm_bytes)
     return fleets.Fleet(f"test-{granules}x{per_granule}", device, granules, per_granule)
 
 
@@ -223,8 +249,7 @@ def test_plan_cli_json_format():
 
 def test_plan_cli_errors():
     bad = _cli("--fleet=v5p-100")
-    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(
-        "paxlike: error: fleet 'v5p-100'")
+    assert_one_line_error(bad, "^paxlike: error: fleet 'v5p-100'")
     infeasible = _cli("--config=experiments/transformer.py:7b", "--fleet=v5e-4")
     assert infeasible.returncode == 1
     assert "no plan fits on v5e-4" in infeasible.stderr and "that fits is v5e-" in infeasible.stderr

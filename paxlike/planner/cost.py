@@ -60,7 +60,6 @@ def calibration(device_name: str) -> dict[str, float]:
     return CALIBRATION.get(device_name, CALIBRATION["v5p"])
 
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
 # The TPU compiler all-gathers the f32 cotangent of a microbatch's embeddings whole (to scatter
 # the vocabulary-sharded table's gradient) when that buffer is small: it did at 268 MB (1b-class
 # fsdp 16 x tensor 4 and fsdp 32 x tensor 2, 7b fsdp 4 x tensor 4), and did not at 2.1 and
@@ -130,10 +129,9 @@ def _param_infos(model_key: str) -> tuple[ParamInfo, ...]:
     import ml_collections
     from flax import nnx
 
-    from paxlike.config import model_module
+    from paxlike import family
     model_cfg = ml_collections.ConfigDict(json.loads(model_key))
-    module = model_module(ml_collections.ConfigDict({"model": model_cfg}))
-    abstract = nnx.eval_shape(lambda: module.build(model_cfg, nnx.Rngs(0)))
+    abstract = nnx.eval_shape(lambda: family.load(model_cfg).build(model_cfg, nnx.Rngs(0)))
     _, state = nnx.split(abstract)
     infos = []
     for path, var in jax_leaves_with_path(state):
@@ -199,24 +197,24 @@ def _residuals(model_key: str, remat: str, seq_len: int) -> tuple[tuple[tuple[in
     import jax
     import jax.numpy as jnp
     import ml_collections
-    import optax
     from flax import nnx
     from jax._src.ad_checkpoint import saved_residuals
 
-    from paxlike.config import model_module
+    from paxlike import family
+    from paxlike.data import BATCH_KEYS
     model_cfg = ml_collections.ConfigDict(json.loads(model_key))
     model_cfg.remat = remat
-    module = model_module(ml_collections.ConfigDict({"model": model_cfg}))
-    graphdef, params = nnx.split(nnx.eval_shape(lambda: module.build(model_cfg, nnx.Rngs(0))))
+    model = nnx.eval_shape(lambda: family.load(model_cfg).build(model_cfg, nnx.Rngs(0)))
+    graphdef, params = nnx.split(model)
 
-    def loss(p, tokens):
-        positions = jnp.broadcast_to(jnp.arange(seq_len), tokens.shape)
-        logits = nnx.merge(graphdef, p)(tokens, positions, jnp.ones_like(tokens))
-        return optax.softmax_cross_entropy_with_integer_labels(logits, tokens).sum()
+    def loss(p, batch):   # the family's own training loss (paxlike/family.py)
+        return nnx.merge(graphdef, p).loss(batch).nll_sum
 
-    tokens = jax.ShapeDtypeStruct((_PROBE_BATCH, seq_len), jnp.int32)
+    batch = {k: jax.ShapeDtypeStruct((_PROBE_BATCH, seq_len),
+                                     jnp.float32 if k == "weights" else jnp.int32)
+             for k in BATCH_KEYS}
     out = []
-    for aval, source in saved_residuals(loss, params, tokens):
+    for aval, source in saved_residuals(loss, params, batch):
         if "from the argument" in source:   # parameters and inputs: counted elsewhere
             continue
         out.append((tuple(aval.shape), aval.dtype.itemsize))

@@ -1,9 +1,9 @@
-"""Devices and fleets as data: what the planner plans for and the trainer's MFU denominator.
+"""Fleets as data: what the planner plans for.
 
 A *device* is one accelerator chip (or one emulated CPU device): its memory, dense bf16 peak and
-links. A *fleet* is a number of identical devices, grouped into *granules* (TPU slices or GPU nodes)
-joined by the slow data-centre network (DCN); inside a granule devices talk over ICI (TPU) or
-NVLink (GPU).
+links (`paxlike.devices`, also the trainer's MFU denominator). A *fleet* is a number of identical
+devices, grouped into *granules* (TPU slices or GPU nodes) joined by the slow data-centre network
+(DCN); inside a granule devices talk over ICI (TPU) or NVLink (GPU).
 
 Fleet names:
   v5p-128, v4-64      TPU v4 / v5p: the number counts TensorCores, two per chip (Google's naming),
@@ -17,44 +17,10 @@ Fleet names:
 from __future__ import annotations
 
 import dataclasses
-import functools
-import os
 import re
 
+from paxlike.devices import DEVICES, DeviceSpec, cpu_device, dcn_granules, device_for_kind
 from paxlike.errors import UserError
-
-GiB = 1024 ** 3
-
-
-@dataclasses.dataclass(frozen=True)
-class DeviceSpec:
-    name: str                 # fleet-name prefix, e.g. "v5p", "H100", "cpu"
-    kinds: tuple[str, ...]    # prefixes of jax `device.device_kind` that mean this device
-    hbm_bytes: float          # memory per device usable by a program
-    peak_flops: float         # dense bf16 FLOP/s per device
-    ici_bytes_per_s: float    # one direction, per link (TPU ICI) or per GPU (NVLink)
-    dcn_bytes_per_s: float    # one direction, per device, across slices / nodes
-    torus_dims: int = 0       # TPU: 2 or 3 (torus / twisted torus); 0 = switch (GPU) or host
-    cores_per_chip: int = 1   # TPU naming: v4-8 / v5p-8 count TensorCores
-    max_granule: int = 0      # largest slice (chips) or node (GPUs)
-    aot_name: str = ""        # libtpu topology prefix, e.g. "v5p" in "v5p:4x4x4"
-
-
-# Data-sheet figures (Google Cloud TPU system architecture pages; NVIDIA H100/H200/A100 data
-# sheets). ICI: one direction of one link; a TPU chip has 2 links per torus axis (wraparound), so
-# a ring collective along one axis moves 2 x this. GPU "ici" is NVLink per GPU (one direction),
-# GPU "dcn" the node's InfiniBand per GPU (one 400 Gb/s NIC per H100/H200, 200 Gb/s per A100).
-DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
-    DeviceSpec("v4", ("TPU v4",), 32 * GiB, 275e12, 45e9, 6.25e9, 3, 2, 4096, "v4"),
-    DeviceSpec("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GiB, 197e12, 45e9, 3.125e9, 2, 1, 256,
-               "v5e"),
-    DeviceSpec("v5p", ("TPU v5p", "TPU v5"), 95 * GiB, 459e12, 90e9, 6.25e9, 3, 2, 8960, "v5p"),
-    DeviceSpec("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GiB, 918e12, 90e9, 12.5e9, 2, 1, 256,
-               "v6e"),
-    DeviceSpec("H100", ("NVIDIA H100",), 80e9, 989e12, 450e9, 50e9, 0, 1, 8),
-    DeviceSpec("H200", ("NVIDIA H200",), 141e9, 989e12, 450e9, 50e9, 0, 1, 8),
-    DeviceSpec("A100", ("NVIDIA A100",), 80e9, 312e12, 300e9, 25e9, 0, 1, 8),
-)}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -166,45 +132,18 @@ def larger_fleets(fleet: Fleet, limit: int = 65536):
         yield Fleet(fleet_name(device, granules, per), device, granules, per)
 
 
-# ----------------------------------------------------------------------------------- the host CPU
-@functools.cache
-def cpu_device(num_devices: int) -> DeviceSpec:
-    """Emulated CPU devices share the host: memory split evenly, GEMM rate measured once."""
-    from paxlike.hardware import measure_gemm_flops  # jax import deferred until a CPU fleet is used
-    import jax.numpy as jnp
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    flops = measure_gemm_flops(jnp.float32, n=1024, repeats=2)
-    # Emulated devices run collectives through shared memory; ~5 GB/s is the copy rate of one core.
-    return DeviceSpec("cpu", ("cpu",), memory / num_devices, flops / num_devices, 5e9, 5e9, 0, 1,
-                      num_devices)
-
-
-def device_for_kind(device_kind: str) -> DeviceSpec | None:
-    """The spec of a jax device kind ('TPU v5 lite', 'NVIDIA H100 80GB HBM3'), None if unknown."""
-    best = None
-    for spec in DEVICES.values():
-        for kind in spec.kinds:
-            if device_kind.startswith(kind) and (best is None or len(kind) > best[0]):
-                best = (len(kind), spec)
-    return best[1] if best else None
-
-
 def fleet_for_devices(devices) -> Fleet:
     """The fleet that a list of jax devices forms (slices detected from `slice_index`)."""
     devices = list(devices)
     kind = devices[0].device_kind
-    slices = {getattr(d, "slice_index", None) for d in devices}
     if devices[0].platform == "cpu":
         return Fleet(f"cpu-{len(devices)}", cpu_device(len(devices)), 1, len(devices))
     spec = device_for_kind(kind)
     if spec is None:
         raise UserError(f"no fleet spec for device kind {kind!r}; known: "
                         f"{', '.join(k for d in DEVICES.values() for k in d.kinds)}")
-    if None not in slices and len(slices) > 1:
-        granules = len(slices)
-    elif spec.torus_dims:
-        granules = 1
-    else:
-        granules = len({d.process_index for d in devices})
+    granules, by_process = dcn_granules(devices)
+    if by_process and spec.torus_dims:
+        granules = 1   # the hosts of one TPU slice share its ICI: one granule
     per = len(devices) // granules
     return Fleet(fleet_name(spec, granules, per), spec, granules, per)

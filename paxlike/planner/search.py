@@ -19,6 +19,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from paxlike import sharding
 from paxlike.errors import UserError
 from paxlike.planner import cost
 from paxlike.planner.fleets import Fleet, larger_fleets
@@ -52,7 +53,6 @@ def _presets(sizes) -> list[str]:
 
 
 def _microbatch_options(cfg, sizes, preset) -> list[int]:
-    from paxlike import sharding
     rules = sharding.get_rules(preset)
     ways = math.prod(sizes.get(a, 1) for a in rules["batch"])
     if cfg.batch_size % ways:

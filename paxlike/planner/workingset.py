@@ -1,6 +1,6 @@
 """The working set of the Llama-style Transformer (models/transformer.py): what XLA keeps live at
 the peak of a train step beyond the parameters, optimizer state, gradients, batch and the saved
-activations (`cost.saved_parts`, traced), derived from the model's shapes.
+activations (`cost.saved_bytes`, traced), derived from the model's shapes.
 
 Where the peak is, and what is live there, was read from the compiler's own buffer assignment
 (`XLA_FLAGS=--xla_dump_to=DIR`: `*-buffer-assignment.txt` gives every value's offset and size in
@@ -82,9 +82,9 @@ class TransformerActivations:
 
     @staticmethod
     def flops_per_step(cfg) -> float:
-        from paxlike.config import model_module
+        from paxlike import family
         tokens = cfg.batch_size * cfg.seq_len
-        return model_module(cfg).flops_per_token(cfg.model, cfg.seq_len) * tokens
+        return family.load(cfg.model).flops_per_token(cfg.model, cfg.seq_len) * tokens
 
     def flops_per_token_extra(self, remat: str, seq_len: int) -> float:
         """Recomputation FLOPs per token added by remat (beyond the 6N model FLOPs)."""

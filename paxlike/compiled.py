@@ -1,15 +1,23 @@
 """Compiling a plan's train step for a real TPU topology on this CPU machine (libtpu, no TPU
 attached), and reading back per-chip memory and collectives beside the cost model's prediction.
-Used by the `paxlike.aot` and `paxlike.plan --verify` command lines and by the tests."""
+Used by the `paxlike.aot` and `paxlike.plan --verify` command lines and by the tests.
+
+This is the compiler's side of the planner: it builds the trainer. The planner itself
+(`paxlike.planner`) is arithmetic and imports no trainer."""
 
 from __future__ import annotations
 
+import copy
 import os
+import re
 import time
 
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # several compiles may share a machine
 
 from paxlike.errors import UserError  # noqa: E402
+from paxlike.mesh import MESH_AXES, build_mesh  # noqa: E402
+from paxlike.planner import cost, fleets, hlo  # noqa: E402
+from paxlike.trainer import Trainer  # noqa: E402
 
 
 def topology_devices(name: str, num_slices: int = 1):
@@ -43,7 +51,6 @@ def _memory(compiled) -> dict:
 
 def _bytes_in(message: str) -> int:
     """The 'required' figure of an XLA out-of-memory message, e.g. '... temporaries (2.06T)'."""
-    import re
     m = re.search(r"required[^(]*\(([\d.]+)([KMGT]?)\)", message)
     if not m:
         return 0
@@ -54,12 +61,6 @@ def compile_plan(cfg, devices, plan=None) -> dict:
     """Compiles the train step for `plan` (None: the config as it is) on `devices`.
 
     Returns the report: memory analysis, collectives, prediction, compile time."""
-    import copy
-
-    from paxlike.mesh import MESH_AXES, build_mesh
-    from paxlike.planner import cost, fleets, hlo
-    from paxlike.trainer import Trainer
-
     cfg = copy.deepcopy(cfg)
     if plan is not None:
         plan.apply(cfg)

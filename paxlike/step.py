@@ -1,0 +1,156 @@
+"""The train step, in three parts that later features replace one at a time:
+
+    train_step(state, batch) = update rule ∘ gradient schedule ∘ model loss
+
+1. **Model loss** (`paxlike.family.ModelLoss`): the model family computes its weighted token NLL
+   sums, auxiliary losses, metrics and global-batch statistics for a (micro)batch.
+2. **Gradient schedule**: how the global batch becomes gradients. `Accumulate` (below) splits it
+   into microbatches and sums their gradients in a `lax.scan`; a pipeline schedule is the next.
+   A schedule receives `loss_fn(params, microbatch, dropout_key, stats) -> ModelLoss`.
+3. **Update rule** (`paxlike.optim`): gradients → new parameters and optimizer state (optax
+   today; an outer optimizer wraps it there).
+
+The functions are pure; `paxlike.trainer.Trainer` gives them shardings and compiles them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import optax
+
+from paxlike import sharding
+from paxlike.family import ModelLoss
+
+LossFn = Callable[[Any, dict, "jax.Array | None", Any], ModelLoss]
+
+
+@flax.struct.dataclass
+class TrainState:
+    step: jax.Array      # int32 scalar: number of completed optimizer steps
+    params: Any          # nested dict of float32 arrays, as `nnx.to_pure_dict(nnx.state(model))`
+    opt_state: Any       # the update rule's state (optax's for `OptaxUpdate`)
+    rng: jax.Array       # uint32[2]; the dropout key of step s is fold_in(rng, s)
+
+
+@flax.struct.dataclass
+class Gradients:
+    """What a gradient schedule returns for one global batch."""
+    grads: Any                  # d objective / d params, like the params
+    loss: jax.Array             # mean token NLL over the global batch
+    aux: dict                   # {name: auxiliary loss over the global batch}
+    metrics: dict               # {name: metric averaged over the global batch}
+
+
+class GradientSchedule(Protocol):
+    """Global batch -> gradients of the objective, the mean token NLL and the model's parts."""
+    def __call__(self, loss_fn: LossFn, params, batch: dict, key: jax.Array) -> Gradients: ...
+
+
+class UpdateRule(Protocol):
+    """Gradients -> (new params, new state, metrics such as the learning rate); paxlike/optim.py."""
+    def init(self, params): ...
+    def apply(self, grads, opt_state, params, step) -> tuple[Any, Any, dict]: ...
+
+
+def _add(a, b):
+    return jax.tree.map(jnp.add, a, b)
+
+
+def split_microbatches(batch: dict, m: int) -> dict:
+    """[B, ...] arrays -> [m, B/m, ...]. Microbatch i takes rows i, i+m, i+2m…: every device keeps
+    its own rows, so no resharding happens."""
+    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
+    return {k: split(v) for k, v in batch.items()}
+
+
+@dataclasses.dataclass(frozen=True)
+class Accumulate:
+    """Gradient accumulation: the global batch in `microbatches` parts, gradients summed.
+
+    The objective is  mean token NLL over every weighted token of the global batch
+                      + Σ_name weight · (auxiliary loss averaged over the microbatches),
+    so splitting the batch changes nothing but the order of float additions. Statistics a loss
+    needs over the whole global batch (`ModelLoss.stats`) are gathered first, by a forward pass
+    over every microbatch (only when the model returns any and there is more than one
+    microbatch), and every microbatch's loss then sees the totals.
+    """
+    microbatches: int
+    aux_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    def __call__(self, loss_fn: LossFn, params, batch: dict, key: jax.Array) -> Gradients:
+        m = self.microbatches
+        micro = split_microbatches(batch, m)
+        total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        # The shapes of the model's parts (traced abstractly, no FLOPs): what the scan carries.
+        shapes = jax.eval_shape(loss_fn, params, jax.tree.map(lambda x: x[0], micro), key, None)
+        stats = self._global_stats(loss_fn, params, micro, key, shapes.stats)
+
+        def one(carry, inputs):
+            grads, sums = carry
+            mb, index = inputs
+            mb = _constrain(mb)
+
+            def objective(p):
+                out = loss_fn(p, mb, jax.random.fold_in(key, index), stats)
+                nll = out.nll_sum / total_weight
+                aux = {name: value / m for name, value in out.aux.items()}
+                value = nll
+                for name, part in aux.items():
+                    value = value + self.aux_weights[name] * part
+                return value, (nll, aux, out.metrics)
+
+            (_, parts), mb_grads = jax.value_and_grad(objective, has_aux=True)(params)
+            return (_add(grads, mb_grads), _add(sums, parts)), None
+
+        zeros = jax.tree.map(jnp.zeros_like, (params, (shapes.nll_sum, shapes.aux, shapes.metrics)))
+        (grads, (loss, aux, metric_sums)), _ = jax.lax.scan(one, zeros, (micro, jnp.arange(m)))
+        metrics = {name: total / jnp.maximum(count, 1e-30)
+                   for name, (total, count) in metric_sums.items()}
+        return Gradients(grads=grads, loss=loss, aux=aux, metrics=metrics)
+
+    def _global_stats(self, loss_fn: LossFn, params, micro: dict, key: jax.Array, shapes):
+        """Σ over microbatches of `ModelLoss.stats`; None (the model uses its own batch's) when
+        there is one microbatch or the model keeps no statistics."""
+        if self.microbatches == 1 or not jax.tree.leaves(shapes):
+            return None
+
+        def add_stats(total, inputs):
+            mb, index = inputs
+            out = loss_fn(params, _constrain(mb), jax.random.fold_in(key, index), None)
+            return _add(total, out.stats), None
+
+        zeros = jax.tree.map(jnp.zeros_like, shapes)
+        total, _ = jax.lax.scan(add_stats, zeros, (micro, jnp.arange(self.microbatches)))
+        return jax.lax.stop_gradient(total)
+
+
+def _constrain(microbatch: dict) -> dict:
+    return {k: sharding.constrain(v, ("batch", "length")) for k, v in microbatch.items()}
+
+
+def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, schedule: GradientSchedule,
+               update: UpdateRule) -> tuple[TrainState, dict]:
+    """One optimizer step over the global batch. Returns the new state and the step's metrics:
+    loss (mean token NLL), grad_norm, the update rule's (learning_rate), every auxiliary loss and
+    every model metric under its name."""
+    dropout_key = jax.random.fold_in(state.rng, state.step)
+    result = schedule(loss_fn, state.params, batch, dropout_key)
+    params, opt_state, update_metrics = update.apply(result.grads, state.opt_state, state.params,
+                                                     state.step)
+    metrics = {"loss": result.loss, "grad_norm": optax.tree.norm(result.grads), **update_metrics,
+               **result.aux, **result.metrics}
+    new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+    return new_state, metrics
+
+
+def eval_sums(loss_fn: LossFn, params, batch: dict, token_bytes: jax.Array) -> dict:
+    """Σ NLL, Σ target tokens and Σ target bytes of one eval batch (for loss and bits per byte)."""
+    out = loss_fn(params, batch, None, None)
+    num_bytes = jnp.sum(jnp.take(token_bytes, batch["targets"]) * batch["weights"])
+    return {"nll": out.nll_sum, "tokens": out.weight_sum, "bytes": num_bytes}
