@@ -42,6 +42,11 @@ def shrunk_config(experiment, model: dict, *, steps: int = 5, **overrides):
                checkpoint_every=0, async_checkpoints=False)
     cfg.optimizer.warmup_steps = 2
     cfg.data.eval_batches = 1
+    return set_keys(cfg, overrides)
+
+
+def set_keys(cfg, overrides: dict):
+    """cfg with dotted keys ("mesh.fsdp", "model.remat", ...) set to the given values."""
     for key, value in overrides.items():
         node = cfg
         *parents, leaf = key.split(".")

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 import family_bigram
-from configs import ROOT, subprocess_env
+from configs import ROOT, set_keys, subprocess_env
 from paxlike import config as config_lib
 from paxlike import loop, sharding, step
 from paxlike.errors import UserError
@@ -31,13 +31,7 @@ def bigram_config(**overrides):
     cfg.update(batch_size=32, seq_len=16, steps=3, log_every=1, eval_every=0, checkpoint_every=0,
                async_checkpoints=False)
     cfg.optimizer.warmup_steps = 1
-    for key, value in overrides.items():
-        *parents, leaf = key.split(".")
-        node = cfg
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return cfg
+    return set_keys(cfg, overrides)
 
 
 @pytest.fixture(scope="module")
