@@ -105,6 +105,11 @@ def check_loss_names(out: ModelLoss, weights: dict[str, float], reserved) -> Non
     if clashes:
         problems.append(f"auxiliary loss or metric name(s) {sorted(clashes)} clash with the "
                         f"trainer's own record keys; rename them in the model")
+    pairs = [n for n, v in out.metrics.items()
+             if not (isinstance(v, (tuple, list)) and len(v) == 2)]
+    if pairs:
+        problems.append(f"metric(s) {sorted(pairs)} must be (sum, count) pairs, so that the "
+                        f"trainer can average them over the whole global batch")
     both = returned & set(out.metrics)
     if both:
         problems.append(f"{sorted(both)} named both an auxiliary loss and a metric")

@@ -28,8 +28,9 @@ import numpy as np
 from absl import logging
 
 from paxlike import config as config_lib
-from paxlike import data, devices, metrics
+from paxlike import data, metrics
 from paxlike.checkpoint import Checkpoints, param_shapes
+from paxlike.devices import peak_flops
 from paxlike.errors import UserError
 from paxlike.mesh import MESH_AXES, build_mesh, describe
 from paxlike.step import TrainState
@@ -121,11 +122,11 @@ def _write_json_atomically(path: str, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _apply_top_plan(cfg, devices_) -> None:
+def _apply_top_plan(cfg, devices) -> None:
     """mesh.auto: the planner's best plan for these devices replaces the config's mesh sizes,
     sharding preset, microbatches and remat policy (logged, and saved in config.json)."""
     from paxlike.planner import fleets, search
-    fleet = fleets.fleet_for_devices(jax.devices() if devices_ is None else devices_)
+    fleet = fleets.fleet_for_devices(jax.devices() if devices is None else devices)
     result = search.search(cfg, fleet)
     if not result.plans:
         raise UserError(search.infeasible_message(cfg, result))
@@ -138,16 +139,16 @@ def _apply_top_plan(cfg, devices_) -> None:
 
 
 # ------------------------------------------------------------------------------------ phases
-def prepare(cfg, workdir: str, devices_=None) -> Run:
+def prepare(cfg, workdir: str, devices=None) -> Run:
     """Every check that could refuse the run, in the order a user would fix them. Writes
     nothing (the checkpoint manager is opened read-only here)."""
     config_lib.validate(cfg)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a directory; choose another path")
     if cfg.mesh.get("auto"):
-        _apply_top_plan(cfg, devices_)
+        _apply_top_plan(cfg, devices)
     mesh = build_mesh({axis: cfg.mesh[axis] for axis in MESH_AXES}, cfg.mesh.dcn.to_dict(),
-                      devices_)
+                      devices)
     trainer = Trainer(cfg, mesh)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                               async_save=cfg.async_checkpoints)
@@ -205,7 +206,7 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = DEFAULT_HOOKS,
     token_bytes = jnp.asarray(np.asarray(run.dataset.tokenizer.token_bytes, np.float32))
     num_params = sum(math.prod(s) for s in run.param_shapes.values())
     flops_per_step = trainer.flops_per_step()
-    peak = devices.peak_flops(trainer.mesh.devices.flat,
+    peak = peak_flops(trainer.mesh.devices.flat,
                               jnp.dtype(cfg.model.get("compute_dtype", "float32")),
                               cfg.peak_tflops_per_device)
     logging.info("mesh %s; %.2fM parameters; %d tokens/step; %.3g FLOPs/step; peak %.3g FLOP/s",

@@ -129,6 +129,18 @@ def test_auxiliary_loss_names_are_checked_before_anything_is_written(tmp_path, w
     assert not (tmp_path / "run").exists()
 
 
+def test_a_metric_that_is_not_a_sum_and_count_is_refused(tmp_path, monkeypatch):
+    original = family_bigram.BigramLM.loss
+
+    def scalar_metric(self, batch, **kw):
+        out = original(self, batch, **kw)
+        return out.replace(metrics={"accuracy": out.metrics["accuracy"][0]})
+    monkeypatch.setattr(family_bigram.BigramLM, "loss", scalar_metric)
+    with pytest.raises(UserError, match=r"metric\(s\) \['accuracy'\] must be \(sum, count\)"):
+        loop.run(bigram_config(), str(tmp_path / "run"))
+    assert not (tmp_path / "run").exists()
+
+
 def test_a_module_that_is_not_a_family_is_refused(tmp_path):
     cfg = bigram_config()
     cfg.model.module = "json"   # importable, but no build / flops_per_token
