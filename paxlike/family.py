@@ -101,6 +101,10 @@ def check_loss_names(out: ModelLoss, weights: dict[str, float], reserved) -> Non
     if set(weights) - returned:
         problems.append(f"model.aux_loss_weights names {sorted(set(weights) - returned)}, which "
                         f"the model does not return (it returns {sorted(returned) or 'none'})")
+    negative = sorted(name for name, w in weights.items() if w < 0)
+    if negative:
+        problems.append(f"model.aux_loss_weights {negative} must be >= 0 (0 turns a loss off "
+                        f"while still logging it)")
     clashes = (returned | set(out.metrics)) & set(reserved)
     if clashes:
         problems.append(f"auxiliary loss or metric name(s) {sorted(clashes)} clash with the "

@@ -30,6 +30,8 @@ TENSORBOARD_DIR = "tensorboard"
 PLOT_FILE = "loss.png"
 TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s", "mfu")
 EVAL_KEYS = ("eval_loss", "bits_per_byte")
+# Every key the trainer writes itself: a model family may not name a loss or metric after one.
+RESERVED_KEYS = ("step", "split") + TRAIN_KEYS + EVAL_KEYS
 
 
 def _to_python(value: Any) -> Any:

@@ -18,13 +18,9 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from paxlike import family, optim, sharding, step
+from paxlike.metrics import RESERVED_KEYS
 from paxlike.data import BATCH_KEYS
 from paxlike.step import TrainState
-
-# Keys of a training record the trainer writes itself; model metrics may not reuse them.
-RECORD_KEYS = ("step", "loss", "grad_norm", "learning_rate", "tokens_per_sec", "step_time_s",
-               "mfu", "split", "eval_loss", "bits_per_byte")
-
 
 @dataclasses.dataclass
 class Trainer:
@@ -63,7 +59,7 @@ class Trainer:
         microbatch = {k: jax.ShapeDtypeStruct((cfg.batch_size // cfg.microbatches, cfg.seq_len),
                                               v.dtype) for k, v in self.abstract_batch().items()}
         parts = jax.eval_shape(self.loss, abstract_pure, microbatch, None, None)
-        family.check_loss_names(parts, aux_weights, RECORD_KEYS)
+        family.check_loss_names(parts, aux_weights, RESERVED_KEYS)
 
         self._train_step = jax.jit(
             self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),

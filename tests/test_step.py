@@ -120,6 +120,7 @@ def test_metrics_and_loss_are_global_batch_averages_with_padding(one_device):
 @pytest.mark.parametrize("weights,message", [
     ({"z_loss": 1e-3}, r"auxiliary loss\(es\) \['balance'\] with no weight"),
     ({"z_loss": 1e-3, "balance": 1e-2, "router_z": 1.0}, r"names \['router_z'\], which the model"),
+    ({"z_loss": 1e-3, "balance": -1e-2}, r"aux_loss_weights \['balance'\] must be >= 0"),
 ])
 def test_auxiliary_loss_names_are_checked_before_anything_is_written(tmp_path, weights, message):
     cfg = bigram_config()
