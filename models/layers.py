@@ -100,8 +100,9 @@ class DecoderLM:
     """
 
     def init_decoder(self, cfg, rngs: nnx.Rngs, problems: list[str],
-                     make_block: Callable[[nnx.Rngs], nnx.Module]) -> None:
-        """`problems`: the model family's validate(cfg); any of them is a ValueError."""
+                     make_block: Callable[[nnx.Rngs], nnx.Module], num_blocks: int = 0) -> None:
+        """`problems`: the model family's validate(cfg); any of them is a ValueError.
+        `num_blocks` stacked blocks (default: `cfg.num_layers`; a block may hold several layers)."""
         if problems:
             raise ValueError("; ".join(problems))
         self.cfg = cfg
@@ -113,7 +114,7 @@ class DecoderLM:
         if not cfg.tie_embeddings:
             self.unembed = param(rngs, scaled_normal(cfg.d_model), (cfg.d_model, cfg.vocab_size),
                                  ("embed", "vocab"))
-        self.layers = stack_layers(make_block, cfg.num_layers, rngs)
+        self.layers = stack_layers(make_block, num_blocks or cfg.num_layers, rngs)
 
     def loss(self, batch: dict, *, dropout_key: jax.Array | None = None, stats=None) -> ModelLoss:
         """The family contract's loss (paxlike/family.py): weighted token NLL sums of the
@@ -121,9 +122,7 @@ class DecoderLM:
         del stats  # nothing of theirs needs global-batch statistics
         logits = self(batch["inputs"], batch["positions"], batch["segment_ids"],
                       dropout_key=dropout_key)
-        nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
-        return ModelLoss(nll_sum=jnp.sum(nll * batch["weights"]),
-                         weight_sum=jnp.sum(batch["weights"]))
+        return token_nll(logits, batch)
 
     def embed_tokens(self, tokens: jax.Array, dtype) -> jax.Array:
         x = jnp.take(self.embed[...], tokens, axis=0).astype(dtype)
@@ -139,6 +138,14 @@ class DecoderLM:
         else:
             logits = x @ self.unembed[...].astype(dt)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+
+def token_nll(logits: jax.Array, batch: dict, **parts) -> ModelLoss:
+    """ModelLoss with the weighted token NLL sums of float32 `logits` [B, T, vocab] (and `parts`:
+    the family's aux, metrics and stats)."""
+    nll = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+    return ModelLoss(nll_sum=jnp.sum(nll * batch["weights"]), weight_sum=jnp.sum(batch["weights"]),
+                     **parts)
 
 
 def dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -159,10 +166,14 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
 
 
 def scan_layers(layers: nnx.Module, x: jax.Array, apply: Callable, *, remat: str,
-                key: jax.Array | None = None) -> jax.Array:
+                key: jax.Array | None = None, per_layer=None):
     """Applies stacked layers in a `lax.scan`, so compile time does not grow with depth.
 
     `apply(layer, x, key)` runs one layer; `key` (if given) is folded with the layer index.
+    With `per_layer` (a pytree whose arrays have a leading layer dimension, possibly empty),
+    `apply(layer, x, key, inputs) -> (x, outputs)` gets its layer's slice of it and the result is
+    `(x, outputs stacked over the layers)`: how layers take and report per-layer quantities (a
+    mixture-of-experts router's global token counts and its load statistics).
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}")
@@ -170,11 +181,14 @@ def scan_layers(layers: nnx.Module, x: jax.Array, apply: Callable, *, remat: str
     num_layers = jax.tree.leaves(state)[0].shape[0]
 
     def body(carry, inputs):
-        layer_state, index = inputs
+        layer_state, index, extra = inputs
         layer_key = None if key is None else jax.random.fold_in(key, index)
-        return apply(nnx.merge(graphdef, layer_state), carry, layer_key), None
+        layer = nnx.merge(graphdef, layer_state)
+        if per_layer is None:
+            return apply(layer, carry, layer_key), None
+        return apply(layer, carry, layer_key, extra)
 
     if remat != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    x, _ = jax.lax.scan(body, x, (state, jnp.arange(num_layers)))
-    return x
+    x, outputs = jax.lax.scan(body, x, (state, jnp.arange(num_layers), per_layer))
+    return x if per_layer is None else (x, outputs)

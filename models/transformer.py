@@ -86,17 +86,29 @@ class Attention(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg, rngs: nnx.Rngs):
+    """Pre-norm attention and feed-forward with residuals. `make_mlp(rngs)` builds the
+    feed-forward part (default: the dense SwiGLU); the mixture-of-experts family passes its own."""
+
+    def __init__(self, cfg, rngs: nnx.Rngs, make_mlp=None):
         self.dropout_rate = cfg.dropout_rate
         self.attn_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
         self.attn = Attention(cfg, rngs)
         self.mlp_norm = layers.RMSNorm(cfg.d_model, eps=cfg.norm_eps, rngs=rngs)
-        self.mlp = layers.SwiGLU(cfg.d_model, cfg.mlp_dim, num_layers=cfg.num_layers, rngs=rngs)
+        self.mlp = (make_mlp or (lambda r: layers.SwiGLU(cfg.d_model, cfg.mlp_dim,
+                                                         num_layers=cfg.num_layers, rngs=r)))(rngs)
 
     def __call__(self, x, positions, mask, key=None):
+        x, mlp_key = self.attend(x, positions, mask, key)
+        return self.add_residual(x, self.mlp(self.mlp_norm(x)), mlp_key)
+
+    def attend(self, x, positions, mask, key):
+        """The attention half: (x after its residual, the dropout key left for the MLP half)."""
         keys = (None, None) if key is None else jax.random.split(key)
         x = x + layers.dropout(self.attn(self.attn_norm(x), positions, mask), self.dropout_rate, keys[0])
-        x = x + layers.dropout(self.mlp(self.mlp_norm(x)), self.dropout_rate, keys[1])
+        return x, keys[1]
+
+    def add_residual(self, x, mlp_out, key):
+        x = x + layers.dropout(mlp_out, self.dropout_rate, key)
         return constrain(x, ("batch", "length", "act_embed"))
 
 

@@ -17,6 +17,14 @@ and the model that `build` returns has
 
     model.loss(batch, *, dropout_key=None, stats=None) -> ModelLoss
 
+and optionally
+
+    model.update_buffers(stats) -> None  changes the model's non-trainable variables (declared
+                                         as an `nnx.Variable` that is not an `nnx.Param`, used
+                                         under `stop_gradient`) after each optimizer step, from
+                                         `ModelLoss.stats` summed over the global batch; e.g. a
+                                         router's auxiliary-loss-free balancing bias
+
 where `batch` holds [B, T] arrays under `paxlike.data.BATCH_KEYS` and `dropout_key` is None when
 evaluating. The loss comes back in parts (`ModelLoss`) so that the gradient schedule
 (paxlike/step.py) can combine microbatches exactly. Auxiliary losses enter the objective with the

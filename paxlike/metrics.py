@@ -204,7 +204,8 @@ class MetricsWriter:
         if num("grad_norm") is not None:
             parts.append(f"grad {num('grad_norm'):.2f}")
         for key in sorted(set(record) - set(TRAIN_KEYS) - {"step"}):  # the model's own parts
-            if num(key) is not None:
+            # Per-layer detail ("name/layerN") goes to metrics.jsonl and TensorBoard only.
+            if num(key) is not None and "/" not in key:
                 parts.append(f"{key} {num(key):.4g}")
         if num("tokens_per_sec") is not None:
             parts.append(f"{_format_count(num('tokens_per_sec'))} tok/s")

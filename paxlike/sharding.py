@@ -39,6 +39,16 @@ PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     "fsdp_tp": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": ("context",),
                 "embed": ("fsdp",), "vocab": ("tensor",), "heads": ("tensor",),
                 "kv_heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",)},
+    # MoE parallel folding (docs/moe.md): one set of devices, two layouts. Outside the MoE block
+    # `tensor` splits attention heads and dense MLPs; inside it, `expert` and `tensor` together
+    # split the experts (each device takes its own slice of the tokens there).
+    "fold_tensor": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": ("context",),
+                    "embed": ("fsdp",), "vocab": ("tensor",), "heads": ("tensor",),
+                    "kv_heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert", "tensor")},
+    # Outside the MoE block `expert` splits the sequence (context parallelism); inside it, experts.
+    "fold_context": {**_COMMON, "batch": ("data", "fsdp"), "length": ("context", "expert"),
+                     "embed": ("fsdp",), "vocab": ("tensor",), "heads": ("tensor",),
+                     "kv_heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",)},
     # ZeRO-3 style: every weight sharded over fsdp only; batch over every data-like axis.
     "fsdp": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": ("context",),
              "embed": ("fsdp",), "vocab": (), "heads": (), "kv_heads": (), "mlp": (),
@@ -142,6 +152,11 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
 def batch_spec(rules: Rules, mesh: Mesh, shape: Sequence[int]) -> PartitionSpec:
     """Sharding of a [batch, length] input array."""
     return logical_to_spec(("batch", "length"), shape, rules, mesh, "input batch")
+
+
+def active_rules() -> tuple[Mesh, Rules] | None:
+    """The (mesh, rules) of the enclosing `use_rules`, or None outside it."""
+    return _ACTIVE.get()
 
 
 def active_axes(name: str) -> tuple[str, ...]:

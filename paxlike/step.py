@@ -45,6 +45,7 @@ class Gradients:
     loss: jax.Array             # mean token NLL over the global batch
     aux: dict                   # {name: auxiliary loss over the global batch}
     metrics: dict               # {name: metric averaged over the global batch}
+    stats: Any = None           # the model's `ModelLoss.stats` summed over the global batch
 
 
 class GradientSchedule(Protocol):
@@ -103,16 +104,19 @@ class Accumulate:
                 value = nll
                 for name, part in aux.items():
                     value = value + self.aux_weights[name] * part
-                return value, (nll, aux, out.metrics)
+                return value, (nll, aux, out.metrics, out.stats)
 
             (_, parts), mb_grads = jax.value_and_grad(objective, has_aux=True)(params)
             return (_add(grads, mb_grads), _add(sums, parts)), None
 
-        zeros = jax.tree.map(jnp.zeros_like, (params, (shapes.nll_sum, shapes.aux, shapes.metrics)))
-        (grads, (loss, aux, metric_sums)), _ = jax.lax.scan(one, zeros, (micro, jnp.arange(m)))
+        zeros = jax.tree.map(jnp.zeros_like, (params, (shapes.nll_sum, shapes.aux, shapes.metrics,
+                                                       shapes.stats)))
+        (grads, (loss, aux, metric_sums, stat_sums)), _ = jax.lax.scan(
+            one, zeros, (micro, jnp.arange(m)))
         metrics = {name: total / jnp.maximum(count, 1e-30)
                    for name, (total, count) in metric_sums.items()}
-        return Gradients(grads=grads, loss=loss, aux=aux, metrics=metrics)
+        return Gradients(grads=grads, loss=loss, aux=aux, metrics=metrics,
+                         stats=jax.lax.stop_gradient(stat_sums))
 
     def _global_stats(self, loss_fn: LossFn, params, micro: dict, key: jax.Array, shapes):
         """Σ over microbatches of `ModelLoss.stats`; None (the model uses its own batch's) when
@@ -135,14 +139,21 @@ def _constrain(microbatch: dict) -> dict:
 
 
 def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, schedule: GradientSchedule,
-               update: UpdateRule) -> tuple[TrainState, dict]:
+               update: UpdateRule, update_buffers: Callable | None = None
+               ) -> tuple[TrainState, dict]:
     """One optimizer step over the global batch. Returns the new state and the step's metrics:
     loss (mean token NLL), grad_norm, the update rule's (learning_rate), every auxiliary loss and
-    every model metric under its name."""
+    every model metric under its name.
+
+    `update_buffers(params, stats) -> params`, when given, then changes the model's non-trainable
+    variables from the step's global-batch statistics (a router's load-balancing bias); their
+    gradients are zero, so the update rule leaves them as they were."""
     dropout_key = jax.random.fold_in(state.rng, state.step)
     result = schedule(loss_fn, state.params, batch, dropout_key)
     params, opt_state, update_metrics = update.apply(result.grads, state.opt_state, state.params,
                                                      state.step)
+    if update_buffers is not None:
+        params = update_buffers(params, result.stats)
     metrics = {"loss": result.loss, "grad_norm": optax.tree.norm(result.grads), **update_metrics,
                **result.aux, **result.metrics}
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)

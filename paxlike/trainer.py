@@ -33,6 +33,7 @@ class Trainer:
         self.rules = sharding.get_rules(cfg.sharding, self.mesh)
         abstract_model = nnx.eval_shape(lambda: self.module.build(cfg.model, nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract_model)
+        self.model_type = type(abstract_model)
         with sharding.use_rules(self.mesh, self.rules):
             param_shardings = sharding.param_shardings(abstract_params, self.mesh, self.rules)
         # Weight decay on matrices only: norm scales carry a single logical axis besides 'layers'.
@@ -75,11 +76,23 @@ class Trainer:
         with sharding.use_rules(self.mesh, self.rules):
             return model.loss(batch, dropout_key=dropout_key, stats=stats)
 
+    @property
+    def _update_buffers(self):
+        """The model's `update_buffers(stats)` as params -> params, or None when it has none."""
+        if not hasattr(self.model_type, "update_buffers"):
+            return None
+
+        def apply(params, stats):
+            model = nnx.merge(self.graphdef, params)
+            model.update_buffers(stats)
+            return nnx.to_pure_dict(nnx.state(model))
+        return apply
+
     def _train_step_impl(self, state: TrainState, batch: dict):
         # Traced under the rules: the schedule's microbatch constraints shard by them too.
         with sharding.use_rules(self.mesh, self.rules):
             return step.train_step(state, batch, loss_fn=self.loss, schedule=self.schedule,
-                                   update=self.update)
+                                   update=self.update, update_buffers=self._update_buffers)
 
     # ----------------------------------------------------------------------------- state
     def abstract_state(self) -> TrainState:

@@ -12,6 +12,8 @@ backend-specific. Two figures are reported per kind:
           checked against;
   bytes   what each device sends on a ring: all-gather and reduce-scatter volume × (g-1)/g,
           all-reduce 2 × volume × (g-1)/g, all-to-all volume × (g-1)/g, permute its operand;
+          a ragged all-to-all (TPU expert parallelism) the smaller of its input and output
+          buffers × (g-1)/g (its traffic depends on the routing: this is the average);
 
 where g is the replica-group size. Ops inside loops are multiplied by the loop's trip count (the
 CPU backend states it; on TPU it is read from the condition `i < N` and the counter's step), and
@@ -24,7 +26,8 @@ import collections
 import math
 import re
 
-KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "collective-permute")
+KINDS = ("all-gather", "all-reduce", "reduce-scatter", "all-to-all", "ragged-all-to-all",
+         "collective-permute")
 
 _DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4,
                 "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16,
@@ -59,6 +62,15 @@ def _group_size(attrs: str, num_devices: int) -> int:
     if "source_target_pairs" in attrs:
         return 2
     return num_devices  # empty groups: all devices
+
+
+def group_axes(attrs: str) -> tuple[str, ...] | None:
+    """The mesh axes of a collective's replica groups when the compiler prints them by name
+    (XLA:CPU's `replica_groups=mesh[...] {'expert'}`); None in the iota / list forms."""
+    if m := re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs):
+        sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        return tuple(n for n in re.findall(r"'(\w+)'", m.group(2)) if int(sizes[n]) > 1)
+    return None
 
 
 def _parse(text: str):
@@ -128,8 +140,11 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
     device per execution, and the jax op it came from."""
     comps, entry = _parse(hlo_text)
     edges = collections.defaultdict(list)  # caller -> [(callee, times per call)]
+    fused = set()                          # computations that are the body of a fusion
     for comp, instrs in comps.items():
         for name, typ, op, rest in instrs:
+            if op == "fusion" and (called := re.search(r"calls=%?([\w.\-]+)", rest)):
+                fused.add(called.group(1))
             trips = 1
             if op == "while":
                 cond = re.search(r"condition=%?([\w.\-]+)", rest)
@@ -156,6 +171,7 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
                 ready.append(target)
 
     ops = []
+    types = {comp: {name: typ for name, typ, op, rest in instrs} for comp, instrs in comps.items()}
     for comp, instrs in comps.items():
         if not runs[comp]:
             continue
@@ -168,8 +184,20 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
             if not sizes:
                 continue
             g = _group_size(rest, num_devices)
+            if g <= 1:   # a group of one device (e.g. a shard_map psum over size-1 axes): no traffic
+                continue
             # `full`: the whole buffer (gathered output, unreduced input, permuted operand).
-            if m.group(2):  # async start: a tuple of (operands, outputs[, scratch])
+            if kind == "ragged-all-to-all":
+                # Operands (input, output buffer, 4 offset / size vectors) and the output buffer
+                # are both sized for the worst case on one side: the input holds every row this
+                # device may send, the output every row it may receive. Rows sent = rows
+                # received over the group, so the smaller buffer is what a device moves on
+                # average: exact for the sender of a dispatch (it sends all its rows) and for
+                # the receiver of the return trip.
+                names = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+                operand = _shapes(types[comp].get(names[0], "")) if names else []
+                full = min(sizes[-1], operand[0]) if operand else sizes[-1]
+            elif m.group(2):  # async start: a tuple of (operands, outputs[, scratch])
                 full = sizes[0] if kind == "collective-permute" else (
                     max(sizes) if kind in ("all-gather", "reduce-scatter") else sum(sizes) / 2)
             else:
@@ -182,17 +210,30 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
                 sent = full * (g - 1) / g
             source = re.search(r'op_name="([^"]*)"', rest)
             channel = re.search(r"channel_id=(\d+)", rest)
-            ops.append({"kind": kind, "group": g, "runs": runs[comp], "bytes": sent, "volume": full,
+            ops.append({"kind": kind, "group": g, "axes": group_axes(rest), "runs": runs[comp],
+                        "bytes": sent, "volume": full,
                         "shape": typ.split("{")[0], "op_name": source.group(1) if source else "",
-                        "channel": int(channel.group(1)) if channel else None})
+                        "channel": int(channel.group(1)) if channel and comp in fused else None})
     # TPU splits one collective into several "async collective fusion" pieces that share its
-    # channel id: they are one transfer, counted once.
+    # channel id: they are one transfer, counted once. Only pieces inside fusions are merged:
+    # XLA:CPU gives distinct collectives of one kind the same channel id (every all-to-all of
+    # an expert-parallel step has channel_id=1).
     merged: dict = {}
     for op in ops:
         key = (op["kind"], op["channel"]) if op["channel"] is not None else id(op)
         if key not in merged or op["runs"] > merged[key]["runs"]:
             merged[key] = op
     return list(merged.values())
+
+
+def volume_by_axes(hlo_text: str, num_devices: int) -> dict[str, float]:
+    """Full-buffer volume per step by the mesh axes of the replica group, "data+expert" style
+    (in mesh order, as the compiler prints them; "?" where the groups are not named)."""
+    out: dict[str, float] = collections.defaultdict(float)
+    for op in collective_ops(hlo_text, num_devices):
+        key = "?" if op["axes"] is None else "+".join(op["axes"])
+        out[key] += op["runs"] * op["volume"]
+    return dict(out)
 
 
 def collectives(hlo_text: str, num_devices: int) -> dict:
