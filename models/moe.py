@@ -9,9 +9,9 @@ Optional shared experts run on every token. Expert weights are stacked `[experts
 so the sharding rules place them (`experts` -> the `expert` mesh axis in the presets).
 
 Dispatch (paxlike/kernels/moe, docs/moe.md): `capacity_factor > 0` drops assignments past each
-expert's capacity in position order (GShard); `0` is dropless: a grouped matmul, or, when the
-rules shard `experts` over mesh axes, expert parallelism in a `shard_map` that exchanges tokens
-with all-to-all. `moe_dispatch="reference"` runs every expert on every token (the oracle).
+expert's capacity per sequence, in position order (GShard groups; experts sharded by GSPMD with
+an all-to-all); `0` is dropless: a grouped matmul, or, when the rules shard `experts` over mesh
+axes, expert parallelism in a `shard_map` that exchanges tokens with all-to-all. `moe_dispatch="reference"` runs every expert on every token (the oracle).
 
 Losses (aux, weighted by `model.aux_loss_weights`): the load-balancing loss E · Σ_i f_i · P_i
 (f_i: share of the routed assignments that went to expert i, no gradient; P_i: mean router
@@ -165,12 +165,13 @@ class MoEFFN(nnx.Module):
         if cfg.moe_dispatch == "reference":
             return kernels.reference_ffn(flat(x), w, flat(ids), flat(weights)).reshape(x.shape), all_kept
         if cfg.capacity_factor > 0:
-            capacity = kernels.capacity(b * t, cfg.experts_per_token, cfg.num_experts,
+            # GShard groups: each sequence has its own capacity, so the drop rule does not
+            # depend on the mesh, and sequences stay where their tokens are.
+            capacity = kernels.capacity(t, cfg.experts_per_token, cfg.num_experts,
                                         cfg.capacity_factor)
-            pin = lambda buf: constrain(buf, ("experts", None, "act_embed"))
-            y, kept = kernels.capacity_ffn(flat(x), w, flat(ids), flat(weights), capacity,
-                                           constrain_buffer=pin)
-            return y.reshape(x.shape), kept.reshape(ids.shape)
+            y, kept = kernels.capacity_ffn(x, w, ids, weights, capacity,
+                                           constrain_buffer=_pin_expert_buffer)
+            return y, kept
         if sharding.active_axes("experts"):
             return expert_parallel(x, w, ids, weights), all_kept
         # Per device on its own tokens with the experts gathered whole: the grouped matmul is a
@@ -180,6 +181,19 @@ class MoEFFN(nnx.Module):
         tokens, whole = ("batch", "length", None), (None, None, None)
         y = sharding.per_shard(local, (x, w, ids, weights), (tokens, whole, tokens, tokens), tokens)
         return y, all_kept
+
+
+def _pin_expert_buffer(buffer):
+    """[groups, E, C, d] capacity buffer: groups over the batch axes that do not hold experts,
+    E over the expert axes (GSPMD then moves tokens to their experts with an all-to-all)."""
+    active = sharding.active_rules()
+    if active is None:
+        return buffer
+    mesh, _ = active
+    experts = sharding.active_axes("experts")
+    groups = tuple(a for a in sharding.active_axes("batch") if a not in experts)
+    spec = jax.sharding.PartitionSpec(groups or None, experts or None, None, None)
+    return jax.lax.with_sharding_constraint(buffer, jax.sharding.NamedSharding(mesh, spec))
 
 
 def expert_parallel(x, w, ids, weights):

@@ -87,11 +87,13 @@ def compile_plan(cfg, devices, plan=None) -> dict:
     if compiled is None:
         # The TPU compiler refuses programs that exceed HBM; its message has the figure.
         memory = {"error": oom, "temp": _bytes_in(oom)}
-        per_device, found = memory["temp"], {}
+        per_device, found, kernels = memory["temp"], {}, 0
     else:
         memory = _memory(compiled)
         per_device = (memory["argument"] + memory["output"] + memory["temp"] - memory["alias"])
         found = hlo.collectives(compiled.as_text(), len(devices))
+        # Pallas kernels compiled by Mosaic (TPU): custom calls in the program text.
+        kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     return {
         "fleet": fleet.name,
         "plan": {"mesh": dict(resolved.mesh), "dcn": dict(resolved.dcn), "preset": plan.preset,
@@ -108,5 +110,6 @@ def compile_plan(cfg, devices, plan=None) -> dict:
             "collective_volume": {k: int(v) for k, v in predicted.comm_by_kind.items()},
             "comm_bytes": {k: int(v) for k, v in predicted.comm.items()},
             "step_time_s": predicted.step_time_s, "mfu": predicted.mfu},
+        "mosaic_kernels": kernels,
         "compile_s": seconds,
     }

@@ -138,3 +138,21 @@ def test_plan_verify_compiles_the_best_plans_with_the_tpu_compiler():
     assert "compiling plan 1/2" in ok.stderr
     gpu = plan("--fleet=8xH100", "--verify=1")
     assert_one_line_error(gpu, "not a TPU fleet")
+
+
+def test_expert_parallel_moe_train_step_compiles_for_v5p_4x4x4():
+    """The MoE train step with experts over `expert` (8) and FSDP (8) on 64 v5p chips: tokens
+    move with the ragged all-to-all and experts run as megablox grouped matmuls (Mosaic kernels),
+    neither of which XLA:CPU can run. A 2-layer MoE with 128-multiple widths (megablox tiles)."""
+    from paxlike.experiments import moe
+    cfg = moe.get_config("8x7b")
+    cfg.model.update(num_layers=2, d_model=256, num_heads=2, num_kv_heads=2, mlp_dim=256,
+                     vocab_size=1024, remat="none")
+    cfg.batch_size, cfg.seq_len = 64, 512
+    plan = cost.Plan.make({"expert": 8, "fsdp": 8}, {}, "fsdp_tp", 1, "none")
+    report = compile_plan(cfg, topology_devices("v5p:4x4x4"), plan)
+    assert report["fits"] and 0 < report["bytes_per_device"] < report["hbm_bytes"]
+    collectives = report["collectives"]
+    # Dispatch and return, forward and backward, per MoE layer (the scan body holds one layer).
+    assert collectives["ragged-all-to-all"]["count"] >= 4, collectives
+    assert report["mosaic_kernels"] >= 6, report["mosaic_kernels"]   # 3 gmm forward, 3 backward

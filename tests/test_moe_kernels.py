@@ -153,7 +153,23 @@ def test_capacity_ffn_constrain_hook_sees_expert_buffers(problem):
         seen.append(a.shape)
         return a
     capacity_ffn(p["x"], p["w"], p["ids"], p["combine"], 5, constrain_buffer=hook)
-    assert seen == [(E, 5, D), (E, 5, D)]
+    assert seen == [(1, E, 5, D), (1, E, 5, D)]
+
+
+def test_grouped_capacity_is_each_group_on_its_own(problem):
+    """[G, N, d] inputs: every group has its own capacity and position order, exactly as if each
+    group were dispatched alone (GShard's groups)."""
+    p = problem
+    groups = 4
+    split = lambda a: a.reshape(groups, N // groups, *a.shape[1:])
+    cap = capacity(N // groups, K, E, 1.0)
+    args = (split(p["x"]), p["w"], split(p["skewed"]), split(p["combine"]))
+    y, kept = jax.jit(capacity_ffn, static_argnums=4)(*args, cap)
+    for g in range(groups):
+        y_g, kept_g = capacity_ffn(args[0][g], p["w"], args[2][g], args[3][g], cap)
+        np.testing.assert_array_equal(np.asarray(kept[g]), np.asarray(kept_g))
+        np.testing.assert_allclose(np.asarray(y[g]), np.asarray(y_g), rtol=1e-6, atol=1e-6)
+    assert 0 < int(kept.sum()) < kept.size
 
 
 def test_grouped_matmul_pallas_matches_ragged_dot():

@@ -17,9 +17,10 @@ the compiler's buffer assignment at the peak; on TPU a fitted multiple of the sa
 
 Communication is counted per step, per mesh axis and link (ICI / DCN), as the full buffer each
 collective gathers / reduces / permutes (the figure `paxlike.planner.hlo` reads from compiled
-programs, comparable across backends), and converted to bytes on the wire for timing. Pipeline,
-expert and context axes plug in as further `send(...)` terms in `estimate` when those
-parallelisms land; today the planner keeps them at 1.
+programs, comparable across backends), and converted to bytes on the wire for timing. The
+mixture-of-experts family adds its expert-parallel exchanges, routed buffers and FLOPs
+(`paxlike.planner.moe`); pipeline and context axes plug in as further `send(...)` terms in
+`estimate` when those parallelisms land; today the planner keeps them at 1.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from paxlike import sharding
 from paxlike.errors import UserError
 from paxlike.mesh import MESH_AXES
 from paxlike.planner.fleets import Fleet
+from paxlike.planner.moe import MoEActivations
 from paxlike.planner.workingset import TransformerActivations
 
 REMATS = ("none", "save_dots", "full")
@@ -185,12 +187,14 @@ class Cost:
 
 # ------------------------------------------------------------------- saved activations, traced
 _PROBE_BATCH = 3   # traced batch size: a prime no model dimension is likely to equal
+_ROUTED_PROBE = 5  # a second batch size, to tell routed (flattened) arrays from weights
 
 
 @functools.lru_cache(maxsize=64)
-def _residuals(model_key: str, remat: str, seq_len: int) -> tuple[tuple[tuple[int, ...], int], ...]:
+def _residuals(model_key: str, remat: str, seq_len: int, probe: int = _PROBE_BATCH
+               ) -> tuple[tuple[tuple[int, ...], int], ...]:
     """(shape, itemsize) of every array autodiff saves for the backward pass of the training
-    loss, for a global batch of `_PROBE_BATCH` sequences. Traced abstractly (no FLOPs, no memory):
+    loss, for a global batch of `probe` sequences. Traced abstractly (no FLOPs, no memory):
     this is the model's own remat policy, not a formula that could drift from it."""
     import json
 
@@ -210,7 +214,7 @@ def _residuals(model_key: str, remat: str, seq_len: int) -> tuple[tuple[tuple[in
     def loss(p, batch):   # the family's own training loss (paxlike/family.py)
         return nnx.merge(graphdef, p).loss(batch).nll_sum
 
-    batch = {k: jax.ShapeDtypeStruct((_PROBE_BATCH, seq_len),
+    batch = {k: jax.ShapeDtypeStruct((probe, seq_len),
                                      jnp.float32 if k == "weights" else jnp.int32)
              for k in BATCH_KEYS}
     out = []
@@ -222,19 +226,34 @@ def _residuals(model_key: str, remat: str, seq_len: int) -> tuple[tuple[tuple[in
 
 
 def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
-                vocab_ways: int = 1) -> float:
+                vocab_ways: int = 1, routed: bool = False) -> float:
     """Per-device bytes of saved activations for `b` local sequences of `t` tokens, with heads /
     MLP dimensions split `tp` ways and the output head's vocabulary dimension `vocab_ways` (for
     arrays that carry the batch dimension). Arrays without a batch dimension are weights cast to
-    the compute dtype: sharded like the weights, `weight_ways` ways."""
+    the compute dtype: sharded like the weights, `weight_ways` ways.
+
+    routed: leave out the arrays that grow with the batch but carry no batch dimension (a
+    mixture-of-experts layer's flattened [tokens·k, ...] rows, told apart by a second trace with
+    another batch size): their per-device size depends on the dispatch layout, and the family's
+    activation model counts them (`paxlike.planner.moe`)."""
     import json
     m = cfg.model
+    key = json.dumps(m.to_dict(), sort_keys=True)
     split = {m.num_heads, m.num_kv_heads, m.mlp_dim} if tp > 1 else set()
+    found = _residuals(key, remat, t)
+    grows = [False] * len(found)
+    if routed:
+        other = _residuals(key, remat, t, _ROUTED_PROBE)
+        if len(other) != len(found):
+            raise UserError("the model saves a different set of arrays at another batch size; "
+                            "the planner cannot tell its routed arrays apart")
+        grows = [a[0] != o[0] for a, o in zip(found, other)]
     total = 0.0
-    for shape, itemsize in _residuals(json.dumps(m.to_dict(), sort_keys=True), remat, t):
+    for (shape, itemsize), grown in zip(found, grows):
         size = math.prod(shape) * itemsize
-        if _PROBE_BATCH not in shape:      # a weight in the compute dtype
-            total += size / weight_ways
+        if _PROBE_BATCH not in shape:
+            if not grown:                  # a weight in the compute dtype
+                total += size / weight_ways
             continue
         size = size / _PROBE_BATCH * b
         rest = list(shape)
@@ -253,7 +272,8 @@ def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
 
 
 # --------------------------------------------------------------------------- model families
-ACTIVATION_MODELS = {"paxlike.models.transformer": TransformerActivations}
+ACTIVATION_MODELS = {"paxlike.models.transformer": TransformerActivations,
+                     "paxlike.models.moe": MoEActivations}
 
 
 def activation_model(cfg):
@@ -303,6 +323,11 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     tp = sizes["tensor"] if "tensor" in rules["heads"] else 1
     vocab_ways = sizes["tensor"] if "tensor" in rules["vocab"] else 1
     dt = acts.dt
+    moe = isinstance(acts, MoEActivations)
+    if moe:
+        acts.configure(rules, sizes, cfg.batch_size, b, t, mb)
+    # The model's global-batch statistics take one more forward pass with microbatches.
+    stats = 1 if moe and mb > 1 and acts.stats_pass else 0
 
     memory = dict.fromkeys(("params", "grads", "optimizer", "batch", "activations",
                             "temporaries"), 0.0)
@@ -335,6 +360,9 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     for p in param_infos(cfg):
         ways = _ways(p.names, p.shape, rules, sizes)
         shard_axes = {a for w in ways for a in w}
+        # Axes that split the experts hold different weights, not shards to gather: the tokens
+        # travel to them instead (paxlike/planner/moe.py).
+        expert_axes = {a for n, w in zip(p.names, ways) if n == "experts" for a in w}
         local = math.prod(d // math.prod(sizes[a] for a in w) for d, w in zip(p.shape, ways))
         memory["params"] += 4 * local
         memory["optimizer"] += 8 * local
@@ -342,8 +370,9 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         scanned = "layers" in p.names
         depth = p.shape[p.names.index("layers")] if scanned else 1
         matrix = len([n for n in p.names if n != "layers"]) > 1
-        use_bytes = (dt if matrix else 4) * local          # the shard, in the dtype it is used
-        fsdp_axes = [a for a in batch_axes if a in shard_axes]
+        f32 = moe and p.path.endswith(acts.float32_params)
+        use_bytes = (dt if matrix and not f32 else 4) * local   # the shard, in the dtype it is used
+        fsdp_axes = [a for a in batch_axes if a in shard_axes and a not in expert_axes]
         gathered = use_bytes * math.prod(sizes[a] for a in fsdp_axes)
         if scanned and matrix:
             layer_weights += gathered / depth
@@ -352,7 +381,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         if p.path in acts.lookup_params and fsdp_axes:
             # The table is gathered row-wise by token: XLA moves activations, not weights.
             tokens = b * t
-            send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * dt, mb)
+            send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * dt, mb + stats * mb)
             ways = math.prod(sizes[a] for a in fsdp_axes)
             whole = tokens * ways * acts.d * 4
             if backend != "cpu" and vocab_ways > 1 and whole <= EMBED_GATHER_LIMIT:
@@ -363,7 +392,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             else:
                 send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * 4, mb)
         elif fsdp_axes:
-            send("all-gather", fsdp_axes, gathered, mb * (2 if scanned else 1))
+            send("all-gather", fsdp_axes, gathered, mb * ((2 + stats) if scanned else 1))
             send("reduce-scatter", fsdp_axes, gathered, mb)
         replicated = [a for a in batch_axes if a not in shard_axes]
         send("all-reduce", replicated, use_bytes, mb)
@@ -379,13 +408,20 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             per_layer = 7 + (2 if plan.remat == "full" else 0)
         else:
             per_layer = 4 + (1 if plan.remat == "full" else 0)
+        if moe:   # the MoE block's sums are the expert-parallel ones (acts.collectives)
+            per_layer = acts.tensor_sums_per_layer(per_layer, backend, plan.remat)
+        per_layer += 2 * stats
         tokens = b * t
         send("all-reduce", ["tensor"], tokens * acts.d * dt, mb * acts.layers * per_layer)
-        send("all-reduce", ["tensor"], tokens * acts.d * 4, mb * 2)   # embedding lookup, head dx
+        send("all-reduce", ["tensor"], tokens * acts.d * 4, mb * (2 + stats))   # lookup, head dx
+    if moe:
+        acts.collectives(send, mb, plan.remat, backend, batch_axes)
 
     memory["batch"] = 5 * 4 * cfg.batch_size * cfg.seq_len / (batch_ways * ctx)
     weight_ways = math.prod(sizes[a] for a in set(rules["embed"]) | set(rules["vocab"]))
-    saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways)
+    saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways, routed=moe)
+    if moe:
+        saved += acts.routed_saved(plan.remat)
     units = dict(acts.units(b, t, tp, vocab_ways), gathered=layer_weights, saved=saved)
     microbatch_grads = memory["grads"] if mb > 1 else 0.0   # the accumulator's partner
     if backend == "cpu":
@@ -410,7 +446,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     n = math.prod(sizes.values())
     model_flops = acts.flops_per_step(cfg)
     tokens = cfg.batch_size * cfg.seq_len
-    flops = model_flops + acts.flops_per_token_extra(plan.remat, cfg.seq_len) * tokens
+    flops = model_flops + acts.flops_per_token_extra(plan.remat, cfg.seq_len, mb) * tokens
     peak = fleet.device.peak_flops * n
     compute_s = flops / peak
     comm_s = {"ici": 0.0, "dcn": 0.0}

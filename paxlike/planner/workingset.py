@@ -86,7 +86,7 @@ class TransformerActivations:
         tokens = cfg.batch_size * cfg.seq_len
         return family.load(cfg.model).flops_per_token(cfg.model, cfg.seq_len) * tokens
 
-    def flops_per_token_extra(self, remat: str, seq_len: int) -> float:
+    def flops_per_token_extra(self, remat: str, seq_len: int, microbatches: int = 1) -> float:
         """Recomputation FLOPs per token added by remat (beyond the 6N model FLOPs)."""
         d, hd, L = self.d, self.hd, self.layers
         matmul = L * (d * hd * (2 * self.h + 2 * self.kv) + 3 * d * self.mlp)
