@@ -1,15 +1,20 @@
-"""Grouped matmul (ragged_dot / megablox) and the single-device dropless MoE built on it.
+"""Grouped matmul (tiled XLA / ragged_dot / megablox) and the single-device dropless MoE built
+on it.
 
 `grouped_matmul(lhs [m, k], rhs [g, k, n], group_sizes [g])`: rows are consecutive groups,
 group i of size group_sizes[i] is multiplied by rhs[i]; rows past sum(group_sizes) come out zero.
 
-impl (a subset of `paxlike.kernels.platform.IMPLS`):
-* "xla": `jax.lax.ragged_dot`, every platform;
+impl:
+* "xla": tiles in plain XLA: each group's rows are padded to whole tiles of `XLA_TILE` rows and a
+  `lax.map` over the tiles multiplies each by its group's matrix, so the work is the rows actually
+  routed (plus at most one partial tile per group), on every platform;
+* "ragged_dot": `jax.lax.ragged_dot`. A native grouped matmul where the backend has one; XLA:CPU
+  lowers it to a masked dense product over every group (g times the FLOPs and memory);
 * "pallas": the megablox kernel shipped with JAX (`jax.experimental.pallas.ops.tpu.megablox`,
   its custom-VJP `ops.gmm`), compiled by Mosaic when the program is lowered for TPU and run in
   Pallas interpret mode on any other platform (slow; for tests);
-* "auto": "pallas" when lowered for TPU, "xla" elsewhere (chosen at lowering time,
-  `platform.by_lowering_platform`).
+* "auto": "pallas" when lowered for TPU, "ragged_dot" for GPUs, "xla" elsewhere (chosen at
+  lowering time, `platform.by_lowering_platform`).
 """
 from __future__ import annotations
 
@@ -22,7 +27,10 @@ from jax.experimental.pallas.ops.tpu.megablox import ops as megablox
 from ..platform import by_lowering_platform
 from .reference import ACC, ExpertWeights, check_routed, combine_rows, swiglu
 
-GMM_IMPLS = ("auto", "xla", "pallas")
+GMM_IMPLS = ("auto", "xla", "ragged_dot", "pallas")
+# Rows per tile of the "xla" path: large enough for an efficient matmul per tile, small enough
+# that padding each group to whole tiles adds little.
+XLA_TILE = 128
 # Megablox's largest tile per dimension; 128 is the TPU lane width, so any d, f that are
 # multiples of 128 tile exactly in the forward and in the transposed backward matmuls.
 MAX_TILE = 128
@@ -67,13 +75,40 @@ def _megablox(lhs, rhs, group_sizes, *, tiling, interpret: bool, out_dtype):
     return out[:m]
 
 
+def _tiled(lhs, rhs, group_sizes, *, out_dtype):
+    """The "xla" grouped matmul: groups padded to whole tiles, one matmul per tile."""
+    m, g = lhs.shape[0], rhs.shape[0]
+    tile = min(XLA_TILE, _round_up(m, 8))
+    num_tiles = -(-m // tile) + g           # every group may end in a partial tile
+    padded = -(-group_sizes // tile) * tile
+    padded_ends = jnp.cumsum(padded)
+    ends = jnp.cumsum(group_sizes)
+    row = jnp.arange(m)
+    group = jnp.searchsorted(ends, row, side="right")          # g for rows past the last group
+    in_group = group < g
+    safe = jnp.minimum(group, g - 1)
+    dest = jnp.where(in_group, padded_ends[safe] - padded[safe] + row - (ends[safe] - group_sizes[safe]),
+                     num_tiles * tile)                          # one past the end: dropped
+    tiles = jnp.zeros((num_tiles * tile, lhs.shape[1]), lhs.dtype).at[dest].set(lhs, mode="drop")
+    # A tile past every group computes garbage-free zeros: its rows are zero and none reads it.
+    tile_group = jnp.minimum(jnp.searchsorted(padded_ends, jnp.arange(num_tiles) * tile,
+                                              side="right"), g - 1)
+
+    def one(args):
+        rows, index = args
+        return jnp.dot(rows, rhs[index], preferred_element_type=out_dtype)
+
+    out = jax.lax.map(one, (tiles.reshape(num_tiles, tile, -1), tile_group))
+    return jnp.take(out.reshape(num_tiles * tile, -1), dest, axis=0, mode="fill", fill_value=0)
+
+
 def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", preferred_element_type=ACC,
                    tiling: tuple[int, int, int] | None = None, interpret: bool | None = None):
     """out[r] = lhs[r] @ rhs[group of r]; lhs [m, k], rhs [g, k, n], group_sizes [g] int with
     sum <= m. Returns [m, n] in preferred_element_type (float32 accumulation); rows past the
     last group are zero, and their lhs rows get zero gradient (whatever they hold).
 
-    impl: "auto" | "xla" | "pallas" (module docstring). tiling (pallas only): megablox tiles
+    impl: "auto" | "xla" | "ragged_dot" | "pallas" (module docstring). tiling (pallas only): megablox tiles
     (tm, tk, tn), default `default_tiling`. interpret (pallas only): None = Mosaic when lowered
     for TPU and interpret mode elsewhere; True/False force it.
     """
@@ -93,18 +128,22 @@ def grouped_matmul(lhs, rhs, group_sizes, *, impl: str = "auto", preferred_eleme
 
     def run(choice):
         if choice == "xla":
+            return _tiled(lhs, rhs, group_sizes, out_dtype=preferred_element_type)
+        if choice == "ragged_dot":
             return jax.lax.ragged_dot(lhs, rhs, group_sizes,
                                       preferred_element_type=preferred_element_type)
         return _megablox(lhs, rhs, group_sizes, tiling=tiling, interpret=choice == "interpret",
                          out_dtype=preferred_element_type)
 
-    if impl == "xla":
-        out = run("xla")
+    if impl in ("xla", "ragged_dot"):
+        out = run(impl)
     elif impl == "pallas" and interpret is not None:
         out = run("interpret" if interpret else "mosaic")
+    elif impl == "pallas":
+        out = by_lowering_platform(run, {"tpu": "mosaic"}, "interpret")
     else:
-        out = by_lowering_platform(run, {"tpu": "mosaic"},
-                                   "interpret" if impl == "pallas" else "xla")
+        out = by_lowering_platform(run, {"tpu": "mosaic", "cuda": "ragged_dot",
+                                         "rocm": "ragged_dot"}, "xla")
     return jnp.where(valid, out, jnp.zeros((), out.dtype))
 
 
@@ -124,7 +163,7 @@ def dropless_ffn(x, w: ExpertWeights, expert_ids, combine, *, impl: str = "auto"
 
     Sorts the assignments by expert (stable), gathers their rows, runs the experts as grouped
     matmuls, unsorts and combines. x [N, d], expert_ids [N, k] in [0, E), combine [N, k] ->
-    y [N, d] in x.dtype. impl: the grouped matmul's ("auto" | "xla" | "pallas")."""
+    y [N, d] in x.dtype. impl: the grouped matmul's (`GMM_IMPLS`)."""
     N, k, E, _ = check_routed(x, w, expert_ids, combine)
     order, inverse, sizes = sort_by_expert(expert_ids.reshape(-1), E)
     out = grouped_swiglu(x[order // k], sizes, w, impl=impl).astype(x.dtype)

@@ -332,7 +332,8 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     memory = dict.fromkeys(("params", "grads", "optimizer", "batch", "activations",
                             "temporaries"), 0.0)
     comm: dict[str, float] = {}
-    kinds = dict.fromkeys(("all-gather", "reduce-scatter", "all-reduce", "all-to-all"), 0.0)
+    kinds = dict.fromkeys(("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+                           "ragged-all-to-all"), 0.0)
     launches = {"ici": 0.0, "dcn": 0.0}   # collectives per step, for their fixed latency
 
     def send(kind: str, axes: list[str], full_bytes: float, times: float = 1.0):

@@ -71,7 +71,7 @@ from paxlike.planner.workingset import STREAM_ARRAYS, TransformerActivations
 # pass (f32 [R, f], f32 [R, d], byte masks [R, f], [R, d], int32 [R]) and live at the layer's
 # backward peak beyond them (f32 [R, f], 4-byte [R, d]).
 EP_SAVED = {"none": (6, 2, 3, 6, 6), "save_dots": (0, 0, 0, 0, 0), "full": (0, 0, 0, 0, 0)}
-EP_WORKING = {"none": (2, 6), "save_dots": (4, 6), "full": (4, 6)}
+EP_WORKING = {"none": (5, 5), "save_dots": (6, 5), "full": (6, 5)}
 CAPACITY_SAVED = {"none": (6, 1), "save_dots": (0, 0), "full": (0, 0)}
 
 
@@ -131,29 +131,34 @@ class MoEActivations(TransformerActivations):
         n = tokens_full // split
         f_local = self.f // math.prod(sizes[a] for a in reduce_axes)
         experts_local = self.experts // ep
-        global_tokens = batch // mb * t * math.prod(sizes[a] for a in big(rules["length"]))
+        global_tokens = batch // mb * t
         capacity = 0
         if self.reference:
             raise UserError("moe_dispatch='reference' runs every expert on every token; the "
                             "planner prices the routed dispatch paths only")
+        if big(rules["length"]):
+            raise UserError("the planner does not price a sequence split over mesh axes "
+                            "(context parallelism, the fold_context preset)")
         if self.capacity_factor > 0:
+            # GShard groups: one per sequence, C slots per expert and sequence; the [B, E, C, d]
+            # buffer keeps B on the batch axes without experts and E on the expert axes.
             mode = "capacity"
-            capacity = math.ceil(global_tokens * self.k / self.experts * self.capacity_factor)
-            if token_axes and ep == 1:
-                raise UserError("capacity dispatch with the tokens sharded but not the experts "
-                                "computes every expert's buffer on every device; the planner "
-                                "does not price it (shard `experts`: mesh.expert > 1)")
-            rows = experts_local * capacity
+            capacity = math.ceil(t * self.k / self.experts * self.capacity_factor)
+            if replicated:
+                raise UserError("capacity dispatch with experts over axes the batch is not "
+                                "split over (fold_tensor) is not priced by the planner")
+            rows = b * self.experts * capacity
         elif ep > 1:
             mode, rows = "ep", n * self.k * ep
-        elif token_axes:
-            raise UserError(
-                f"dropless MoE with the tokens sharded over {'x'.join(token_axes)} but the "
-                f"experts not sharded: GSPMD partitions the sort of every token's assignment "
-                f"by replicating it, which the planner does not price; shard `experts` "
-                f"(mesh.expert > 1 with sharding fsdp_tp or fold_tensor)")
         else:
-            mode, rows = "local", n * self.k
+            # Each device runs its own tokens through every expert, gathered whole
+            # (sharding.per_shard): FSDP-like gathers, priced with the other weights.
+            if reduce_axes:
+                raise UserError(f"dropless MoE without expert parallelism gathers the experts "
+                                f"whole, also over {'x'.join(reduce_axes)} where the tokens "
+                                f"are replicated (every device of it repeats the experts' "
+                                f"work); the planner does not price it")
+            mode, rows, experts_local = "local", n * self.k, self.experts
         self.layout = Layout(mode, ep_axes, token_axes, replicated, reduce_axes, grad_axes, ep,
                              n, tokens_full, global_tokens, experts_local, f_local, rows,
                              capacity)
@@ -184,13 +189,17 @@ class MoEActivations(TransformerActivations):
             send("all-gather", list(lay.replicated_axes), full, forward)
             send("reduce-scatter", list(lay.replicated_axes), full, backward)
             send("all-reduce", list(lay.grad_axes), full + lay.tokens_full * k * 4, backward)
-        elif lay.mode == "capacity":
-            axes = list(lay.token_axes)
-            n = lay.global_tokens
-            send("all-gather", axes, n * d * cx, forward)            # the tokens, whole
-            send("all-reduce", axes, n * k * d * cx, forward)        # the combined rows
-            send("all-gather", axes, n * k * d * cx, backward)       # the rows' cotangent
-            send("all-reduce", axes, n * d * cx, backward)           # the tokens' cotangent
+        elif lay.mode == "capacity" and lay.ep > 1:
+            ep = list(lay.ep_axes)
+            # The [b, E, C, d] buffer to the experts' devices and back (the buffer's gather and
+            # the transposed scatter); the combine gathers the rows [b·t·P, k, d] of the tokens
+            # of the EP group masked on each device and all-reduces them (backward: all-gathers
+            # their cotangent), with int32 slot indices gathered alongside.
+            send("all-to-all", ep, lay.rows * d * cx, forward + backward)
+            rows = lay.tokens_full * lay.ep * k
+            send("all-reduce", ep, rows * d * cx, forward)
+            send("all-gather", ep, rows * d * cx, backward)
+            send("all-gather", ep, rows * 4, forward + backward)
 
     def tensor_sums_per_layer(self, dense: float, backend: str, remat: str) -> float:
         """Tensor-parallel all-reduces of the residual stream per layer, averaged over the
@@ -223,7 +232,7 @@ class MoEActivations(TransformerActivations):
         common = u["scores"] + STREAM_ARRAYS * u["stream"] + u["embed_grad"]
         weights = (2 * self.dt + 4) * 3 * lay.experts_local * d * lay.f_local
         if lay.mode == "capacity":
-            n = lay.global_tokens
+            n = lay.tokens_full * lay.ep          # the EP group's tokens, gathered
             rows = n * self.k * d * 4
             moe = rows + lay.rows * d * 4 if remat == "none" else 2 * rows + 2 * n * d * 4
         else:

@@ -10,8 +10,10 @@ Within one (mesh, preset, remat) more microbatches only add FSDP traffic and nev
 up, so the planner keeps the fewest microbatches that fit; `enumerate_all` lists every
 combination (the brute force the tests compare against).
 
-Axes not yet implemented by the trainer (pipeline; expert and context have no model users yet)
-stay at 1; they enter here as more factors of the device count when they land.
+For mixture-of-experts configs (`model.num_experts` > 0) the `expert` axis is split too, inside
+one slice / node, by the divisors of the expert count, with the presets that shard experts over
+it (`fsdp_tp`; `fold_tensor` when `tensor` > 1 as well: experts over expert x tensor); dense
+configs plan exactly as before. Pipeline and context stay at 1.
 """
 
 from __future__ import annotations
@@ -31,22 +33,35 @@ def _divisors(n: int) -> list[int]:
     return [d for d in range(1, n + 1) if n % d == 0]
 
 
-def meshes(fleet: Fleet, allow_dcn_fsdp: bool = False):
-    """(sizes, dcn) for every split of the fleet over data, fsdp and tensor."""
+def num_experts(cfg) -> int:
+    """Routed experts of a mixture-of-experts config (0: a dense model)."""
+    return int(cfg.model.get("num_experts", 0) or 0)
+
+
+def meshes(fleet: Fleet, allow_dcn_fsdp: bool = False, experts: int = 0):
+    """(sizes, dcn) for every split of the fleet over data, fsdp and tensor, and over expert
+    (dividing `experts`, inside a slice / node) when `experts` > 0."""
     per, granules = fleet.per_granule, fleet.granules
     for tensor in _divisors(per):
-        for fsdp_ici in _divisors(per // tensor):
-            data_ici = per // (tensor * fsdp_ici)
-            for dcn_fsdp in (_divisors(granules) if allow_dcn_fsdp else [1]):
-                dcn_data = granules // dcn_fsdp
-                sizes = {"data": data_ici * dcn_data, "fsdp": fsdp_ici * dcn_fsdp,
-                         "tensor": tensor}
-                yield sizes, {"data": dcn_data, "fsdp": dcn_fsdp}
+        for expert in ([e for e in _divisors(per // tensor) if experts % e == 0]
+                       if experts else [1]):
+            for fsdp_ici in _divisors(per // (tensor * expert)):
+                data_ici = per // (tensor * expert * fsdp_ici)
+                for dcn_fsdp in (_divisors(granules) if allow_dcn_fsdp else [1]):
+                    dcn_data = granules // dcn_fsdp
+                    sizes = {"data": data_ici * dcn_data, "fsdp": fsdp_ici * dcn_fsdp,
+                             "tensor": tensor}
+                    if experts:
+                        sizes["expert"] = expert
+                    yield sizes, {"data": dcn_data, "fsdp": dcn_fsdp}
 
 
 def _presets(sizes) -> list[str]:
     # Equivalent rule tables are listed once: with tensor=1 'fsdp_tp' is 'fsdp', and with
-    # fsdp=1 as well it is plain 'data'.
+    # fsdp=1 as well it is plain 'data'. With expert > 1 only the presets that shard experts
+    # over it: 'fsdp_tp', and 'fold_tensor' (experts over expert x tensor) when tensor > 1.
+    if sizes.get("expert", 1) > 1:
+        return ["fsdp_tp", "fold_tensor"] if sizes["tensor"] > 1 else ["fsdp_tp"]
     if sizes["tensor"] > 1:
         return ["fsdp_tp"]
     return ["data"] if sizes["fsdp"] == 1 else ["fsdp"]
@@ -75,7 +90,7 @@ def enumerate_all(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp:
                   remats=cost.REMATS):
     """Every valid plan with every microbatch count (brute force; for tests and --all)."""
     cost.activation_model(cfg)
-    for sizes, dcn in meshes(fleet, allow_dcn_fsdp):
+    for sizes, dcn in meshes(fleet, allow_dcn_fsdp, num_experts(cfg)):
         for preset in _presets(sizes):
             for mb in _microbatch_options(cfg, sizes, preset):
                 for remat in remats:
@@ -107,7 +122,7 @@ def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool =
     microbatches, less memory)."""
     cost.activation_model(cfg)   # a family the planner cannot model is said as such, up front
     plans, closest, considered = [], None, 0
-    for sizes, dcn in meshes(fleet, allow_dcn_fsdp):
+    for sizes, dcn in meshes(fleet, allow_dcn_fsdp, num_experts(cfg)):
         for preset in _presets(sizes):
             for remat in cost.REMATS:
                 for mb in _microbatch_options(cfg, sizes, preset):
