@@ -74,8 +74,12 @@ def compile_plan(cfg, devices, plan=None) -> dict:
     backend = devices[0].platform
     # A model family the planner does not describe (GLA, ParaRNN) is still compiled and measured,
     # just without a prediction beside it.
-    predicted = (cost.estimate(cfg, resolved, fleet, backend)
-                 if cfg.model.get("module") in cost.ACTIVATION_MODELS else None)
+    predicted = None
+    if cfg.model.get("module") in cost.ACTIVATION_MODELS:
+        try:
+            predicted = cost.estimate(cfg, resolved, fleet, backend)
+        except UserError:   # a layout the cost model does not price (e.g. some MoE dispatch)
+            predicted = None
     start = time.perf_counter()
     try:
         compiled = Trainer(cfg, mesh).compile()
@@ -87,11 +91,12 @@ def compile_plan(cfg, devices, plan=None) -> dict:
     if compiled is None:
         # The TPU compiler refuses programs that exceed HBM; its message has the figure.
         memory = {"error": oom, "temp": _bytes_in(oom)}
-        per_device, found, kernels = memory["temp"], {}, 0
+        per_device, found, kernels, by_axes = memory["temp"], {}, 0, {}
     else:
         memory = _memory(compiled)
         per_device = (memory["argument"] + memory["output"] + memory["temp"] - memory["alias"])
         found = hlo.collectives(compiled.as_text(), len(devices))
+        by_axes = hlo.volume_by_axes(compiled.as_text(), len(devices))
         # Pallas kernels compiled by Mosaic (TPU): custom calls in the program text.
         kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
     return {
@@ -104,11 +109,15 @@ def compile_plan(cfg, devices, plan=None) -> dict:
         "memory_analysis": memory,
         "collectives": {k: {"count": v["count"], "bytes": int(v["bytes"]),
                             "volume": int(v["volume"])} for k, v in found.items() if v["count"]},
+        # full-buffer volume by the mesh axes of the group ("?" where the compiler prints the
+        # groups unnamed: TPU, and some XLA:CPU loops)
+        "collective_axes": {k: int(v) for k, v in by_axes.items()},
         "predicted": None if predicted is None else {
             "bytes_per_device": int(predicted.bytes_per_device),
             "memory": {k: int(v) for k, v in predicted.memory.items()},
             "collective_volume": {k: int(v) for k, v in predicted.comm_by_kind.items()},
             "comm_bytes": {k: int(v) for k, v in predicted.comm.items()},
+            "volume_by_axes": {k: int(v) for k, v in predicted.volume_by_axes.items()},
             "step_time_s": predicted.step_time_s, "mfu": predicted.mfu},
         "mosaic_kernels": kernels,
         "compile_s": seconds,

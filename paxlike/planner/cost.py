@@ -179,6 +179,9 @@ class Cost:
     fits: bool
     hbm_bytes: float
     units: dict[str, float] = dataclasses.field(default_factory=dict)  # memory-model inputs
+    # full-buffer volume per step by the mesh axes of the group ("data+expert", mesh order), the
+    # figure `hlo.volume_by_axes` reads where the compiler names the groups (XLA:CPU)
+    volume_by_axes: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def bytes_per_device(self) -> float:
@@ -226,23 +229,24 @@ def _residuals(model_key: str, remat: str, seq_len: int, probe: int = _PROBE_BAT
 
 
 def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
-                vocab_ways: int = 1, routed: bool = False) -> float:
+                vocab_ways: int = 1, routed=None) -> float:
     """Per-device bytes of saved activations for `b` local sequences of `t` tokens, with heads /
     MLP dimensions split `tp` ways and the output head's vocabulary dimension `vocab_ways` (for
     arrays that carry the batch dimension). Arrays without a batch dimension are weights cast to
     the compute dtype: sharded like the weights, `weight_ways` ways.
 
-    routed: leave out the arrays that grow with the batch but carry no batch dimension (a
-    mixture-of-experts layer's flattened [tokens·k, ...] rows, told apart by a second trace with
-    another batch size): their per-device size depends on the dispatch layout, and the family's
-    activation model counts them (`paxlike.planner.moe`)."""
+    routed: for a mixture-of-experts model, a predicate on shapes: leave out the arrays that grow
+    with the batch but carry no batch dimension (its flattened [tokens·k, ...] rows, told apart by
+    a second trace with another batch size) and the batch-carrying arrays the predicate names:
+    their per-device size depends on the dispatch layout, and the family's activation model counts
+    them (`paxlike.planner.moe`)."""
     import json
     m = cfg.model
     key = json.dumps(m.to_dict(), sort_keys=True)
     split = {m.num_heads, m.num_kv_heads, m.mlp_dim} if tp > 1 else set()
     found = _residuals(key, remat, t)
     grows = [False] * len(found)
-    if routed:
+    if routed is not None:
         other = _residuals(key, remat, t, _ROUTED_PROBE)
         if len(other) != len(found):
             raise UserError("the model saves a different set of arrays at another batch size; "
@@ -254,6 +258,8 @@ def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
         if _PROBE_BATCH not in shape:
             if not grown:                  # a weight in the compute dtype
                 total += size / weight_ways
+            continue
+        if routed is not None and routed(shape):
             continue
         size = size / _PROBE_BATCH * b
         rest = list(shape)
@@ -335,6 +341,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     kinds = dict.fromkeys(("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                            "ragged-all-to-all"), 0.0)
     launches = {"ici": 0.0, "dcn": 0.0}   # collectives per step, for their fixed latency
+    by_axes: dict[str, float] = {}
 
     def send(kind: str, axes: list[str], full_bytes: float, times: float = 1.0):
         """Records a collective over `axes` on a buffer of `full_bytes`, run `times` per step."""
@@ -346,6 +353,8 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         real = "all-reduce" if backend == "cpu" and kind == "reduce-scatter" else kind
         sent = full_bytes * _send_factor(real, g, backend) * times
         kinds[real] += full_bytes * times
+        group = "+".join(a for a in MESH_AXES if a in axes and sizes[a] > 1)
+        by_axes[group] = by_axes.get(group, 0.0) + full_bytes * times
         # Split by link: the DCN part of the group carries the share that crosses granules.
         ici = math.prod(sizes[a] // dcn[a] for a in axes)
         share_dcn = 0.0 if ici == g else (g - ici) / g / ((g - 1) / g)
@@ -393,10 +402,18 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             else:
                 send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * 4, mb)
         elif fsdp_axes:
-            send("all-gather", fsdp_axes, gathered, mb * ((2 + stats) if scanned else 1))
+            gathers = (2 + stats) if scanned else 1
+            if moe and "experts" in p.names:   # gathered into the experts' shard_map
+                gathers = acts.expert_weight_gathers(plan.remat)
+            send("all-gather", fsdp_axes, gathered, mb * gathers)
             send("reduce-scatter", fsdp_axes, gathered, mb)
         replicated = [a for a in batch_axes if a not in shard_axes]
-        send("all-reduce", replicated, use_bytes, mb)
+        if moe and p.path in acts.lookup_params:
+            # The table's gradient is an f32 scatter-add: reduced in f32 (v5p MoE HLO). The
+            # dense family keeps its figures (its CI plans shard the table over fsdp).
+            send("all-reduce", replicated, 4 * local, mb)
+        else:
+            send("all-reduce", replicated, use_bytes, mb)
 
     if tp > 1:
         # Row-parallel outputs (attention projection, MLP down) are summed over `tensor` in the
@@ -420,14 +437,16 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
 
     memory["batch"] = 5 * 4 * cfg.batch_size * cfg.seq_len / (batch_ways * ctx)
     weight_ways = math.prod(sizes[a] for a in set(rules["embed"]) | set(rules["vocab"]))
-    saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways, routed=moe)
+    saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways,
+                        routed=acts.routed_batch_array if moe else None)
     if moe:
-        saved += acts.routed_saved(plan.remat)
+        saved += acts.routed_saved(plan.remat, backend)
     units = dict(acts.units(b, t, tp, vocab_ways), gathered=layer_weights, saved=saved)
     microbatch_grads = memory["grads"] if mb > 1 else 0.0   # the accumulator's partner
     if backend == "cpu":
         # Derived from the model's shapes: the larger of the two candidate peaks (workingset.py).
-        phases = acts.working_set(plan.remat, b, t, tp, vocab_ways)
+        phases = (acts.working_set(plan.remat, b, t, tp, vocab_ways, backend) if moe else
+                  acts.working_set(plan.remat, b, t, tp, vocab_ways))
         units.update(phases)
         memory["activations"] = saved
         memory["temporaries"] = max(phases.values()) + microbatch_grads
@@ -441,6 +460,12 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         memory["temporaries"] = (sum(fit[k] * units[k] for k in ("scores", "logits", "stream",
                                                                  "gathered"))
                                  + microbatch_grads + hoisted)
+        if moe:   # the routed buffers of one MoE layer's backward pass (unfitted on TPU)
+            memory["temporaries"] += acts.routed_working(plan.remat, backend)
+    if moe:
+        packing = acts.heap_packing(plan.remat, backend) - 1.0
+        memory["heap_holes"] = packing * (memory["grads"] + memory["activations"]
+                                          + memory["temporaries"])
     memory["total"] = sum(memory.values())
 
     # Time: compute at the device's peak; communication per link at its bandwidth; overlapped.
@@ -466,7 +491,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     fits = memory["total"] <= fleet.device.hbm_bytes
     mfu = min(model_flops / (step * peak), 1.0)   # 1 + rounding when compute-bound without remat
     return Cost(plan, memory, comm, {k: v for k, v in kinds.items() if v}, compute_s, comm_s,
-                step, mfu, slowest[0], fits, fleet.device.hbm_bytes, units)
+                step, mfu, slowest[0], fits, fleet.device.hbm_bytes, units, by_axes)
 
 
 def _bandwidth(fleet: Fleet, axis: str, link: str, sizes, dcn) -> float:

@@ -69,6 +69,8 @@ def group_axes(attrs: str) -> tuple[str, ...] | None:
     (XLA:CPU's `replica_groups=mesh[...] {'expert'}`); None in the iota / list forms."""
     if m := re.search(r"replica_groups=mesh\[([^\]]*)\]\s*\{([^}]*)\}", attrs):
         sizes = dict(re.findall(r"'(\w+)'=(\d+)", m.group(1)))
+        if any(re.fullmatch(r"axis_\d+", n) for n in sizes):   # an anonymous mesh
+            return None
         return tuple(n for n in re.findall(r"'(\w+)'", m.group(2)) if int(sizes[n]) > 1)
     return None
 
@@ -194,9 +196,12 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
                 # received over the group, so the smaller buffer is what a device moves on
                 # average: exact for the sender of a dispatch (it sends all its rows) and for
                 # the receiver of the return trip.
-                names = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
-                operand = _shapes(types[comp].get(names[0], "")) if names else []
-                full = min(sizes[-1], operand[0]) if operand else sizes[-1]
+                if m.group(2):   # async start: ((input, output, 4 x offsets), output, ...)
+                    full = min(sizes[0], sizes[1])
+                else:
+                    names = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+                    operand = _shapes(types[comp].get(names[0], "")) if names else []
+                    full = min(sizes[0], operand[0]) if operand else sizes[0]
             elif m.group(2):  # async start: a tuple of (operands, outputs[, scratch])
                 full = sizes[0] if kind == "collective-permute" else (
                     max(sizes) if kind in ("all-gather", "reduce-scatter") else sum(sizes) / 2)
