@@ -92,6 +92,7 @@ def main():
     from paxlike.trainer import Trainer
 
     t0 = time.perf_counter()
+    where = machine()
 
     def progress(msg):
         print(f"[{time.perf_counter() - t0:6.1f} s] {msg}", flush=True)
@@ -155,7 +156,7 @@ def main():
     mdl = cfg.model
     tokens_per_step = cfg.batch_size * cfg.seq_len
     print()
-    print(f"machine: {machine()}")
+    print(f"machine: {where}")
     print(f"model: experiments/moe.py:{args.size} (d_model={mdl.d_model}, {mdl.num_layers} layers, "
           f"{mdl.num_experts} experts top-{mdl.experts_per_token}, expert mlp "
           f"{mdl.expert_mlp_dim}, vocab {mdl.vocab_size}), float32; batch shrunk to "
@@ -183,31 +184,44 @@ def main():
 
     if "EP" in runs:
         run = runs["EP"]
-        found = hlo.collectives(run["hlo"], EP_DEVICES)
-        print()
-        print(f"EP collectives per train step, per device, read from the compiled HLO "
-              f"(paxlike.planner.hlo.collectives, {EP_DEVICES} devices):")
-        print()
-        print("| collective | executions/step | MiB sent/device/step | full-buffer MiB/step |")
-        print("|---|---|---|---|")
-        for kind, v in found.items():
-            if v["count"]:
-                print(f"| {kind} | {v['count']} | {_mib(v['bytes'])} | {_mib(v['volume'])} |")
-        a2a = found["all-to-all"]["bytes"] + found["ragged-all-to-all"]["bytes"]
-        print()
-        print(f"all-to-all bytes per device per step (compiled): {a2a:,.0f} ({_mib(a2a)} MiB)")
         ep_cfg = run["cfg"]
+        found = hlo.collectives(run["hlo"], EP_DEVICES)
+        predicted = None
         if ep_cfg.model.module in cost.ACTIVATION_MODELS:
             plan = cost.Plan.make(dict(run["mesh"].shape), None, ep_cfg.sharding,
                                   ep_cfg.microbatches, ep_cfg.model.remat)
             predicted = cost.estimate(ep_cfg, plan, fleets.fleet_for_devices(run["devices"]),
                                       "cpu")
-            volume = predicted.comm_by_kind.get("all-to-all", 0.0)
+        print()
+        print(f"EP collectives per train step, read from the compiled HLO "
+              f"(paxlike.planner.hlo.collectives, {EP_DEVICES} devices)"
+              + (", beside the planner's prediction (paxlike.planner.cost.estimate)"
+                 if predicted else "") + ":")
+        print()
+        print("| collective | executions/step | MiB sent/device/step | full-buffer MiB/step |"
+              + (" planner full-buffer MiB/step |" if predicted else ""))
+        print("|---|---|---|---|" + ("---|" if predicted else ""))
+        for kind, v in found.items():
+            want = predicted.comm_by_kind.get(kind, 0.0) if predicted else 0.0
+            if v["count"] or want:
+                print(f"| {kind} | {v['count']} | {_mib(v['bytes'])} | {_mib(v['volume'])} |"
+                      + (f" {_mib(want)} |" if predicted else ""))
+        a2a = found["all-to-all"]["bytes"] + found["ragged-all-to-all"]["bytes"]
+        print()
+        print(f"all-to-all bytes sent per device per step, compiled: {a2a:,.0f} "
+              f"({_mib(a2a)} MiB)")
+        if predicted:
+            volume = sum(predicted.comm_by_kind.get(k, 0.0)
+                         for k in ("all-to-all", "ragged-all-to-all"))
             compiled_volume = found["all-to-all"]["volume"] + found["ragged-all-to-all"]["volume"]
             print(f"all-to-all full-buffer volume per step: compiled {compiled_volume:,.0f}, "
-                  f"planner {volume:,.0f} ({volume / max(compiled_volume, 1):.2f}x)")
-            print("planner bytes sent per device per step by axis/link: " + ", ".join(
-                f"{k} {_mib(v)} MiB" for k, v in sorted(predicted.comm.items())))
+                  f"planner {volume:,.0f} ({volume / max(compiled_volume, 1):.3f}x)")
+            sent = sum(v["bytes"] for v in found.values())
+            print(f"bytes sent per device per step, every collective: compiled {_mib(sent)} MiB; "
+                  "planner " + ", ".join(f"{k} {_mib(v)} MiB"
+                                         for k, v in sorted(predicted.comm.items())))
+            print(f"memory per device: compiled args+temp {_mib(run['args'] + run['temp'])} MiB; "
+                  f"planner {_mib(predicted.bytes_per_device)} MiB")
         else:
             print(f"planner prediction: none (paxlike.planner.cost has no activation model for "
                   f"{ep_cfg.model.module}; known: {', '.join(cost.ACTIVATION_MODELS)})")

@@ -1,7 +1,10 @@
 """Micro-batch vs global-batch load balancing, at tiny scale: does the scope of the balancing loss
 decide whether experts specialise by domain? ("Demons in the Detail", arXiv 2501.11873.)
 
-    python benchmarks/moe_domains.py [--steps=200] [--microbatches=8] [--scopes=micro_batch,global_batch]
+    python benchmarks/moe_domains.py [--steps=200] [--microbatches=8] [--lbl_weight=0.01]
+                                     [--seed=0] [--scopes=micro_batch,global_batch]
+
+About 11-14 minutes on 2 CPU cores (two runs of ~5-7 min); results and commands in docs/moe.md.
 
 The corpus has two domains, both read from this machine (nothing is downloaded):
 
@@ -11,10 +14,11 @@ The corpus has two domains, both read from this machine (nothing is downloaded):
          examples, grammar rules) and every RST underline dropped, and the licence texts in
          /usr/share/common-licenses (near-duplicate versions left out).
 
-Both are cut into documents (a code file, a ~3 KB run of prose paragraphs); a stable hash of each
-document puts ~10% aside as held-out text, and code documents are taken until the code domain has
-as many bytes as the prose one, so the mix is even. The training documents are written as text
-files in a temporary directory and read by paxlike's own pipeline (`data.source=text`, byte-level).
+Both are cut into documents (the first 8 kB of a code file, a ~3 kB run of prose paragraphs); a
+stable hash of each document puts ~10% aside as held-out text, and code documents are taken until
+the code domain has as many bytes as the prose one, so the mix is even. The training documents
+are written as text files in a temporary directory and read by paxlike's own pipeline
+(`data.source=text`, byte-level).
 
 `experiments/moe.py:tiny` is trained once per load-balancing scope with everything else identical
 (seed, steps, data order, `microbatches`): with 8 microbatches of a 16-sequence batch, a
@@ -272,7 +276,8 @@ def main():
     root = args.workdir or tempfile.mkdtemp(prefix="moe_domains_")
     t0 = time.perf_counter()
     corpus = build_corpus(root)
-    print(f"machine: {machine()}")
+    where = machine()
+    print(f"machine: {where}")
     for domain, splits in corpus.items():
         print(f"corpus {domain}: " + ", ".join(
             f"{s} {len(docs)} docs / {sum(len(d) for d in docs) / 1e3:.0f} kB"
@@ -301,7 +306,7 @@ def main():
     cfg = results[scopes[0]]["cfg"]
     m = cfg.model
     E = m.num_experts
-    print(f"\nmachine: {machine()}")
+    print(f"\nmachine: {where}")
     print(f"model: experiments/moe.py:tiny (d_model={m.d_model}, {m.num_layers} layers, "
           f"{E} experts top-{m.experts_per_token}, expert mlp {m.expert_mlp_dim}, "
           f"load-balance weight {m.aux_loss_weights['load_balance']}); batch "
@@ -310,14 +315,18 @@ def main():
           f"{cfg.seed}; held-out rows per domain: "
           + ", ".join(f"{d} {r['inputs'].shape[0]}" for d, r in heldout.items()))
     print()
-    print("| load_balance | train loss (mean of last 100 steps' logs) | LBL as trained | "
-          "eval loss code | eval loss prose | mean JS (bits) | mean major | train time |")
-    print("|---|---|---|---|---|---|---|---|")
+    print("Train figures: mean of the logged steps of the last 100 (LBL at its own scope; load "
+          "max: busiest expert over the mean, global batch, mean over layers).")
+    print()
+    print("| load_balance | train loss | LBL | load max | eval loss code | eval loss prose | "
+          "mean JS (bits) | mean major | train time |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for scope, r in results.items():
         js = np.mean([l["JS"] for l in r["layers"]])
         major = np.mean([l["major"] for l in r["layers"]])
         print(f"| {scope} | {r['tail'].get('loss', float('nan')):.4f} | "
               f"{r['tail'].get('load_balance', float('nan')):.4f} | "
+              f"{r['tail'].get('moe_load_max', float('nan')):.3f} | "
               f"{r['eval']['code']['eval_loss']:.4f} | {r['eval']['prose']['eval_loss']:.4f} | "
               f"{js:.3f} | {major:.3f} | {r['seconds']:.0f} s |")
     print()
