@@ -263,6 +263,9 @@ class MoETransformer(layers.DecoderLM, nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.init_decoder(cfg, rngs, validate(cfg), lambda r: MoEGroup(cfg, r),
                           num_blocks=cfg.num_layers // cfg.moe_every)
+        # Only global-batch balancing needs every microbatch's counts before its loss; the other
+        # scopes return them just to be summed (router bias, metrics), which costs no extra pass.
+        self.reads_global_stats = cfg.load_balance == "global_batch"
 
     def forward(self, tokens, positions, segment_ids, *, dropout_key=None, seen_counts=None):
         """(float32 logits [B, T, vocab], per-MoE-layer outputs stacked [num MoE layers, ...])."""

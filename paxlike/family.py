@@ -19,6 +19,9 @@ and the model that `build` returns has
 
 and optionally
 
+    model.reads_global_stats             False when its loss never reads `stats` (it returns them
+                                         only to be summed): the gradient schedule then skips the
+                                         forward pass that gathers them first (default True)
     model.update_buffers(stats) -> None  changes the model's non-trainable variables (declared
                                          as an `nnx.Variable` that is not an `nnx.Param`, used
                                          under `stop_gradient`) after each optimizer step, from

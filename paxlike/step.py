@@ -83,6 +83,9 @@ class Accumulate:
     """
     microbatches: int
     aux_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    # False: the model's losses do not read `stats` (it returns them only to be summed, e.g. for
+    # `update_buffers`), so the forward pre-pass is skipped.
+    global_stats: bool = True
 
     def __call__(self, loss_fn: LossFn, params, batch: dict, key: jax.Array) -> Gradients:
         m = self.microbatches
@@ -121,7 +124,7 @@ class Accumulate:
     def _global_stats(self, loss_fn: LossFn, params, micro: dict, key: jax.Array, shapes):
         """Σ over microbatches of `ModelLoss.stats`; None (the model uses its own batch's) when
         there is one microbatch or the model keeps no statistics."""
-        if self.microbatches == 1 or not jax.tree.leaves(shapes):
+        if self.microbatches == 1 or not self.global_stats or not jax.tree.leaves(shapes):
             return None
 
         def add_stats(total, inputs):

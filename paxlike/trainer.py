@@ -42,7 +42,8 @@ class Trainer:
             abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
         self.update = optim.make_update_rule(cfg.optimizer, cfg.steps, nnx.to_pure_dict(decay_mask))
         aux_weights = family.aux_loss_weights(cfg.model)
-        self.schedule = step.Accumulate(cfg.microbatches, aux_weights)
+        self.schedule = step.Accumulate(cfg.microbatches, aux_weights,
+                                        getattr(abstract_model, "reads_global_stats", True))
 
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.param_shardings = nnx.to_pure_dict(param_shardings)

@@ -158,6 +158,23 @@ def test_per_shard_and_one_over_dp_variants_fail_the_invariance(lbl_trainers):
             chex.assert_trees_all_close(grads, whole.grads, rtol=1e-6, atol=1e-8)
 
 
+def test_micro_batch_scope_balances_each_microbatch_without_a_statistics_pass():
+    cfg = moe_config(batch_size=32, **{"model.load_balance": "micro_batch", "microbatches": 4})
+    trainer = Trainer(cfg, build_mesh({}, devices=jax.devices()[:1]))
+    assert trainer.schedule.global_stats is False     # its loss never reads the global counts
+    params = trainer.init_state().params
+    batch = random_batches(1, seed=4, batch_size=32)[0]
+    result = lbl_gradients(trainer, params, batch, 4)
+    micro = step.split_microbatches(batch, 4)
+    own = [trainer.loss(params, {k: v[i] for k, v in micro.items()}, None, None)
+           for i in range(4)]
+    np.testing.assert_allclose(result.aux["load_balance"],
+                               np.mean([o.aux["load_balance"] for o in own]), rtol=1e-6)
+    # The step still sums every microbatch's counts (for the router bias and the metrics).
+    np.testing.assert_array_equal(result.stats["expert_tokens"],
+                                  sum(o.stats["expert_tokens"] for o in own))
+
+
 # ------------------------------------------------------------------- auxiliary-loss-free bias
 def test_aux_loss_free_bias_reduces_load_imbalance():
     """A sigmoid router whose selection starts skewed (experts 0 and 1 get every token) is
