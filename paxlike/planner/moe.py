@@ -124,11 +124,12 @@ class MoEActivations(TransformerActivations):
     """The Transformer's description plus the experts (module docstring)."""
 
     float32_params = ("router/w",)   # used in float32 (x.astype(f32) @ w): gathered as such
-    stats_pass = True                # global-batch statistics: one more forward per microbatch
-
     def __init__(self, cfg):
         super().__init__(cfg)
         m = cfg.model
+        # Global-batch balancing reads every microbatch's expert counts before its loss: one
+        # more forward per microbatch (paxlike/step.py); the other scopes need no such pass.
+        self.stats_pass = m.load_balance == "global_batch"
         self.experts, self.k = m.num_experts, m.experts_per_token
         self.f = m.expert_mlp_dim or m.mlp_dim
         self.moe_every, self.moe_layers = m.moe_every, m.num_layers // m.moe_every
