@@ -148,7 +148,7 @@ def test_expert_parallel_moe_train_step_compiles_for_v5p_4x4x4():
     cfg = moe.get_config("8x7b")
     cfg.model.update(num_layers=2, d_model=256, num_heads=2, num_kv_heads=2, mlp_dim=256,
                      vocab_size=1024, remat="none")
-    cfg.batch_size, cfg.seq_len = 64, 512
+    cfg.batch_size, cfg.seq_len = 64, 128
     plan = cost.Plan.make({"expert": 8, "fsdp": 8}, {}, "fsdp_tp", 1, "none")
     report = compile_plan(cfg, topology_devices("v5p:4x4x4"), plan)
     assert report["fits"] and 0 < report["bytes_per_device"] < report["hbm_bytes"]
