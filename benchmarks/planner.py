@@ -52,7 +52,8 @@ def accuracy():
               f"{sum(predicted.comm_by_kind.values()) / volume:.3f} |", flush=True)
     import test_aot
     print("\n| TPU case | memory | collective volume | compile s |\n|---|---|---|---|")
-    for name, (topology, slices, mesh, dcn, batch, _) in test_aot.CASES.items():
+    for name, (topology, slices, mesh, dcn, batch, _) in {**test_aot.CASES,
+                                                             **test_aot.BY_HAND}.items():
         cfg = test_aot.one_b_class(batch)
         plan = cost.Plan.make(mesh, dcn, "fsdp_tp", 1, cfg.model.remat)
         report = compile_plan(cfg, topology_devices(topology, slices), plan)
