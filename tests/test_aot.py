@@ -1,8 +1,8 @@
 """TPU pod deployability from CPU: the train step of a 1b-class config compiled by the real TPU
-compiler (libtpu, the `tpu` extra) for v5e:4x4 and two v5p:2x2x2 slices, with the cost model's
-prediction checked against the compiled memory analysis and HLO collectives; and the
-expert-parallel MoE train step for v5p:4x4x4. (The dense v5p:4x4x4 cases of docs/planner.md,
-fsdp 64 and fsdp 16 x tensor 4, take about 50 s each to compile: `BY_HAND` below, measured with
+compiler (libtpu, the `tpu` extra) for v5e:4x4, with the cost model's prediction checked against
+the compiled memory analysis and HLO collectives; and the expert-parallel MoE train step for
+v5p:4x4x4. (The dense v5p cases of docs/planner.md, two v5p:2x2x2 slices and v5p:4x4x4 with
+fsdp 64 and fsdp 16 x tensor 4, take 30-50 s each to compile: `BY_HAND` below, measured with
 `python benchmarks/planner.py --accuracy` outside the suite's time budget.)
 
 The 1b-class config keeps the 1b model's width (d_model 2048, 32 heads, 8 KV heads, MLP 8192,
@@ -31,12 +31,12 @@ TOLERANCE = 0.10
 # name: (topology, slices, mesh, dcn, global batch, fleet) with sequence length 512.
 CASES = {
     "v5e:4x4": ("v5e:4x4", 1, {"fsdp": 16}, {}, 16, "v5e-16"),
-    "v5p:2x2x2x2": ("v5p:2x2x2", 2, {"data": 2, "fsdp": 8}, {"data": 2}, 32, "2xv5p-16"),
 }
-# The same check for 64 chips, by hand (benchmarks/planner.py); the second mixes fsdp and tensor
-# parallelism, whose TPU collectives (4 tensor all-reduces per layer, the embedding gradient
-# gathered whole) differ from the CPU backend's.
+# The same check for v5p, by hand (benchmarks/planner.py): two slices over DCN, and 64 chips
+# twice; the last mixes fsdp and tensor parallelism, whose TPU collectives (4 tensor all-reduces
+# per layer, the embedding gradient gathered whole) differ from the CPU backend's.
 BY_HAND = {
+    "v5p:2x2x2x2": ("v5p:2x2x2", 2, {"data": 2, "fsdp": 8}, {"data": 2}, 32, "2xv5p-16"),
     "v5p:4x4x4": ("v5p:4x4x4", 1, {"fsdp": 64}, {}, 64, "v5p-128"),
     "v5p:4x4x4_tensor4": ("v5p:4x4x4", 1, {"fsdp": 16, "tensor": 4}, {}, 64, "v5p-128"),
 }
