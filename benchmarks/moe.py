@@ -29,27 +29,20 @@ from __future__ import annotations
 
 import argparse
 import os
-import platform
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchmarks/gla.py's machine()
 
 EP_DEVICES = 8
 
 
 def machine() -> str:
+    """benchmarks/gla.py's machine line, with the device count."""
     import jax
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.node()} | {cpu} | {os.cpu_count()} CPUs | jax {jax.__version__} "
-            f"({jax.default_backend()}, {jax.device_count()} emulated devices) | "
-            f"load avg {load:.1f} at start")
+    from gla import machine as host
+    return f"{host()} | {jax.device_count()} emulated devices"
 
 
 def _time_interleaved(fns: dict, steps: int, progress) -> dict[str, float]:

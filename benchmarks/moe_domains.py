@@ -41,34 +41,23 @@ import argparse
 import hashlib
 import math
 import os
-import platform
 import re
 import sys
 import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchmarks/gla.py's machine()
 
 import numpy as np  # noqa: E402
+
+from gla import machine  # noqa: E402
 
 HELD_OUT = 0.10
 PROSE_CHUNK = 3000          # bytes per prose document (cut at paragraph breaks)
 CODE_FILE_CAP = 8000        # first bytes of each code file, so no one module dominates
 LICENSES = ("Apache-2.0", "Artistic", "BSD", "CC0-1.0", "GFDL-1.3", "GPL-3", "LGPL-2.1",
             "MPL-2.0")
-
-
-def machine() -> str:
-    import jax
-    cpu = platform.processor() or "?"
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
-    return (f"{platform.node()} | {cpu} | {os.cpu_count()} CPUs | jax {jax.__version__} "
-            f"({jax.default_backend()}) | load avg {load:.1f} at start")
 
 
 # ------------------------------------------------------------------------------------ corpus
