@@ -203,8 +203,8 @@ class GLALanguageModel(layers.DecoderLM, nnx.Module):
         """
         del positions
         x = layers.scan_layers(self.layers, self._embed(tokens),
-                               lambda blk, h, k: blk(h, segment_ids, k)[0],
-                               remat=self.cfg.remat, key=dropout_key)
+                               lambda blk, h, k, ids: blk(h, ids, k)[0],
+                               remat=self.cfg.remat, key=dropout_key, batch_inputs=segment_ids)
         return self._logits(x)
 
     # ------------------------------------------------------------------ decoding

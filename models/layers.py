@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from paxlike import pipeline
 from paxlike.family import ModelLoss
 from paxlike.sharding import constrain
 
@@ -166,29 +167,56 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
 
 
 def scan_layers(layers: nnx.Module, x: jax.Array, apply: Callable, *, remat: str,
-                key: jax.Array | None = None, per_layer=None):
+                key: jax.Array | None = None, batch_inputs=None, per_layer=None):
     """Applies stacked layers in a `lax.scan`, so compile time does not grow with depth.
 
-    `apply(layer, x, key)` runs one layer; `key` (if given) is folded with the layer index.
+    `apply(layer, x, key, batch)` runs one layer. `batch` is `batch_inputs`: a pytree of arrays
+    whose leading dimension is the batch, like `x`'s (positions, attention masks); under a
+    pipeline each microbatch gets its own rows. `key` (if given) is folded with the layer index
+    (under a pipeline, first with the microbatch index, as gradient accumulation does).
     With `per_layer` (a pytree whose arrays have a leading layer dimension, possibly empty),
-    `apply(layer, x, key, inputs) -> (x, outputs)` gets its layer's slice of it and the result is
-    `(x, outputs stacked over the layers)`: how layers take and report per-layer quantities (a
-    mixture-of-experts router's global token counts and its load statistics).
+    `apply(layer, x, key, batch, inputs) -> (x, outputs)` gets its layer's slice of it and the
+    result is `(x, outputs [microbatches, layers, ...])`, where microbatches is 1 unless a pipeline
+    runs the layers: how layers take and report per-layer quantities (a mixture-of-experts
+    router's global token counts and its load statistics).
+
+    Inside `paxlike.pipeline.use(spec)` the layers run as a pipeline over the `pipeline` mesh axis
+    (paxlike/pipeline.py); a stack nested in a layer then runs plainly inside its stage.
     """
     if remat not in REMAT_POLICIES:
         raise ValueError(f"unknown remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}")
     graphdef, state = nnx.split(layers)
-    num_layers = jax.tree.leaves(state)[0].shape[0]
 
-    def body(carry, inputs):
-        layer_state, index, extra = inputs
-        layer_key = None if key is None else jax.random.fold_in(key, index)
-        layer = nnx.merge(graphdef, layer_state)
-        if per_layer is None:
-            return apply(layer, carry, layer_key), None
-        return apply(layer, carry, layer_key, extra)
+    def run(layer_state, h, key, batch, extra, first_layer):
+        def body(carry, inputs):
+            layer_state, index, extra = inputs
+            layer_key = None if key is None else jax.random.fold_in(key, first_layer + index)
+            layer = nnx.merge(graphdef, layer_state)
+            if per_layer is None:
+                return apply(layer, carry, layer_key, batch), {}
+            return apply(layer, carry, layer_key, batch, extra)
 
-    if remat != "none":
-        body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-    x, outputs = jax.lax.scan(body, x, (state, jnp.arange(num_layers), per_layer))
+        if remat != "none":
+            body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
+        count = jax.tree.leaves(layer_state)[0].shape[0]
+        return jax.lax.scan(body, h, (layer_state, jnp.arange(count), extra))
+
+    spec = pipeline.active()
+    if spec is None:
+        x, outputs = run(state, x, key, batch_inputs, per_layer, 0)
+        return x if per_layer is None else (x, jax.tree.map(lambda v: v[None], outputs))
+
+    per_stage = jax.tree.leaves(state)[0].shape[0] // (spec.stages * spec.repeats)
+
+    def stage(weights, h, batch, repeat, microbatch, stage_index):
+        first = (repeat * spec.stages + stage_index) * per_stage
+        pick = lambda tree, i, n=None: jax.tree.map(
+            lambda v: (jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) if n is None
+                       else jax.lax.dynamic_slice_in_dim(v, i, n, 0)), tree)
+        stage_key = None if key is None else jax.random.fold_in(key, microbatch)
+        return run(pick(weights, repeat), h, stage_key, pick(batch, microbatch),
+                   pick(per_layer, first, per_stage), first)
+
+    with pipeline.use(None):    # stacks nested inside a layer run plainly within its stage
+        x, outputs = pipeline.run(stage, pipeline.stage_weights(state, spec), x, batch_inputs, spec)
     return x if per_layer is None else (x, outputs)

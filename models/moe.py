@@ -218,6 +218,10 @@ def expert_parallel(x, w, ids, weights):
         reduce_axes=mlp_axes, exchange="ragged" if platform == "tpu" else "padded")
 
 
+# Per-layer router outputs that are sums over tokens (the others are per-batch means).
+_TOKEN_TOTALS = ("counts", "dropped", "entropy")
+
+
 def load_balance_loss(scope: str, counts, seen, probs):
     """E · Σ_i f_i · P_i at `scope`. counts [B, T, E]: assignments of each token; seen [E]: the
     assignments f is taken from for the global-batch scope; probs [B, T, E]."""
@@ -254,8 +258,8 @@ class MoEGroup(nnx.Module):
         keys = (None, None) if key is None else jax.random.split(key)
         if self.dense is not None:
             # The group is already inside the rematerialised outer scan.
-            x = layers.scan_layers(self.dense, x, lambda blk, h, k: blk(h, positions, mask, k),
-                                   remat="none", key=keys[0])
+            x = layers.scan_layers(self.dense, x, lambda blk, h, k, b: blk(h, *b, k),
+                                   remat="none", key=keys[0], batch_inputs=(positions, mask))
         return self.moe(x, positions, mask, keys[1], seen_counts)
 
 
@@ -272,9 +276,14 @@ class MoETransformer(layers.DecoderLM, nnx.Module):
         x = self.embed_tokens(tokens, self.compute_dtype)
         mask = transformer.attention_mask(segment_ids)
         x, per_layer = layers.scan_layers(
-            self.layers, x, lambda grp, h, k, inputs: grp(h, positions, mask, k, inputs["seen"]),
-            remat=self.cfg.remat, key=dropout_key, per_layer={"seen": seen_counts})
-        return self.output_logits(x), per_layer
+            self.layers, x, lambda grp, h, k, b, inputs: grp(h, *b, k, inputs["seen"]),
+            remat=self.cfg.remat, key=dropout_key, batch_inputs=(positions, mask),
+            per_layer={"seen": seen_counts})
+        # One entry per microbatch (several when a pipeline runs the layers): token totals add
+        # up, the losses and load ratios are averaged, as gradient accumulation would.
+        out = {name: jnp.sum(v, 0) if name in _TOKEN_TOTALS else jnp.mean(v, 0)
+               for name, v in per_layer.items()}
+        return self.output_logits(x), out
 
     def __call__(self, tokens, positions, segment_ids, *, dropout_key=None):
         return self.forward(tokens, positions, segment_ids, dropout_key=dropout_key)[0]

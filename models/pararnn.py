@@ -270,8 +270,8 @@ class ParaRNNLM(layers.DecoderLM, nnx.Module):
         doc = document_index(positions, segment_ids)
         keep = jnp.concatenate([jnp.zeros_like(doc[:, :1]), (doc[:, 1:] == doc[:, :-1])], axis=1)
         keep = constrain(keep.astype(jnp.float32), ("batch", "length"))
-        x = layers.scan_layers(self.layers, x, lambda blk, h, k: blk(h, doc, keep, k),
-                               remat=self.cfg.remat, key=dropout_key)
+        x = layers.scan_layers(self.layers, x, lambda blk, h, k, b: blk(h, *b, k),
+                               remat=self.cfg.remat, key=dropout_key, batch_inputs=(doc, keep))
         return self.output_logits(x)
 
 

@@ -130,8 +130,9 @@ class Transformer(layers.DecoderLM, nnx.Module):
         """tokens, positions, segment_ids: [B, T] int. Returns float32 logits [B, T, vocab]."""
         x = self.embed_tokens(tokens, self.compute_dtype)
         mask = attention_mask(segment_ids)
-        x = layers.scan_layers(self.layers, x, lambda blk, h, k: blk(h, positions, mask, k),
-                               remat=self.cfg.remat, key=dropout_key)
+        x = layers.scan_layers(self.layers, x, lambda blk, h, k, b: blk(h, *b, k),
+                               remat=self.cfg.remat, key=dropout_key,
+                               batch_inputs=(positions, mask))
         return self.output_logits(x)
 
 

@@ -30,6 +30,10 @@ def base_config() -> ml_collections.ConfigDict:
     c.batch_size = 16          # global, in sequences
     c.seq_len = 128
     c.microbatches = 1         # gradient accumulation: batch_size is split into this many parts
+    # With mesh.pipeline > 1 the microbatches are the pipeline's, in flight together
+    # (docs/pipeline.md): R circular repeats, and when FSDP-sharded weights are gathered.
+    c.pipeline_repeats = 1
+    c.pipeline_fsdp_gather = "per_iteration"   # per_iteration | per_step
     c.sharding = "fsdp_tp"     # rules preset, see paxlike/sharding.py
     # Peak FLOP/s per device for MFU; 0 = known figure for TPUs/GPUs, GEMM rate measured on CPU.
     c.peak_tflops_per_device = 0.0

@@ -21,9 +21,6 @@ from paxlike.errors import UserError
 
 MESH_AXES = ("data", "pipeline", "fsdp", "expert", "context", "tensor")
 
-# Axes whose parallelism is not implemented yet: a size above 1 would silently replicate work.
-_UNIMPLEMENTED = {"pipeline": "pipeline parallelism"}
-
 
 def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, int]:
     """Returns {axis: size} for all six axes with -1 resolved; raises UserError when invalid."""
@@ -50,9 +47,6 @@ def resolve_axis_sizes(sizes: Mapping[str, int], num_devices: int) -> dict[str, 
         raise UserError(
             f"mesh sizes multiply to {product} ({shape}) but there are {num_devices} device(s); make "
             f"the product equal {num_devices} (or set one axis to -1)")
-    for axis, what in _UNIMPLEMENTED.items():
-        if resolved[axis] > 1:
-            raise UserError(f"mesh.{axis}={resolved[axis]}: {what} is not implemented yet; set it to 1")
     return resolved
 
 

@@ -33,7 +33,8 @@ Rules = Mapping[str, tuple[str, ...]]
 # Logical names used by models. Weights: vocab, embed, heads, kv_heads, head_dim, mlp, layers.
 # Activations: batch, length, act_embed (the model dimension of activations), plus heads/kv_heads/
 # mlp/vocab, which shard the same way on weights and activations.
-_COMMON = {"head_dim": (), "act_embed": (), "layers": (), "state": ()}
+# Stacked layers are split into pipeline stages (paxlike/pipeline.py).
+_COMMON = {"head_dim": (), "act_embed": (), "layers": ("pipeline",), "state": ()}
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     # Weights sharded over fsdp on the model dimension, and over tensor on heads / mlp / vocab.
     "fsdp_tp": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": ("context",),

@@ -5,8 +5,10 @@
 1. **Model loss** (`paxlike.family.ModelLoss`): the model family computes its weighted token NLL
    sums, auxiliary losses, metrics and global-batch statistics for a (micro)batch.
 2. **Gradient schedule**: how the global batch becomes gradients. `Accumulate` (below) splits it
-   into microbatches and sums their gradients in a `lax.scan`; a pipeline schedule is the next.
-   A schedule receives `loss_fn(params, microbatch, dropout_key, stats) -> ModelLoss`.
+   into microbatches and sums their gradients in a `lax.scan`; `Pipeline` sends the whole batch
+   through the layer stack split into stages over the `pipeline` mesh axis (paxlike/pipeline.py)
+   as microbatches in flight. A schedule receives `loss_fn(params, batch, dropout_key, stats) ->
+   ModelLoss`.
 3. **Update rule** (`paxlike.optim`): gradients → new parameters and optimizer state (optax
    today; an outer optimizer wraps it there).
 
@@ -24,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from paxlike import sharding
+from paxlike import pipeline, sharding
 from paxlike.family import ModelLoss
 
 LossFn = Callable[[Any, dict, "jax.Array | None", Any], ModelLoss]
@@ -66,8 +68,26 @@ def _add(a, b):
 def split_microbatches(batch: dict, m: int) -> dict:
     """[B, ...] arrays -> [m, B/m, ...]. Microbatch i takes rows i, i+m, i+2m…: every device keeps
     its own rows, so no resharding happens."""
-    split = lambda x: jnp.swapaxes(x.reshape(x.shape[0] // m, m, *x.shape[1:]), 0, 1)
-    return {k: split(v) for k, v in batch.items()}
+    return {k: pipeline.to_microbatches(v, m) for k, v in batch.items()}
+
+
+def _objective(out: ModelLoss, total_weight, aux_share: float, aux_weights: Mapping[str, float]):
+    """(objective, parts) of one loss call covering `aux_share` of the global batch: its NLL sum
+    over the global batch's weight, plus each auxiliary loss times its weight and share."""
+    nll = out.nll_sum / total_weight
+    aux = {name: value * aux_share for name, value in out.aux.items()}
+    value = nll
+    for name, part in aux.items():
+        value = value + aux_weights[name] * part
+    return value, (nll, aux, out.metrics, out.stats)
+
+
+def _gradients(grads, parts) -> Gradients:
+    loss, aux, metric_sums, stat_sums = parts
+    metrics = {name: total / jnp.maximum(count, 1e-30)
+               for name, (total, count) in metric_sums.items()}
+    return Gradients(grads=grads, loss=loss, aux=aux, metrics=metrics,
+                     stats=jax.lax.stop_gradient(stat_sums))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,27 +119,15 @@ class Accumulate:
             grads, sums = carry
             mb, index = inputs
             mb = _constrain(mb)
-
-            def objective(p):
-                out = loss_fn(p, mb, jax.random.fold_in(key, index), stats)
-                nll = out.nll_sum / total_weight
-                aux = {name: value / m for name, value in out.aux.items()}
-                value = nll
-                for name, part in aux.items():
-                    value = value + self.aux_weights[name] * part
-                return value, (nll, aux, out.metrics, out.stats)
-
+            objective = lambda p: _objective(loss_fn(p, mb, jax.random.fold_in(key, index), stats),
+                                             total_weight, 1.0 / m, self.aux_weights)
             (_, parts), mb_grads = jax.value_and_grad(objective, has_aux=True)(params)
             return (_add(grads, mb_grads), _add(sums, parts)), None
 
         zeros = jax.tree.map(jnp.zeros_like, (params, (shapes.nll_sum, shapes.aux, shapes.metrics,
                                                        shapes.stats)))
-        (grads, (loss, aux, metric_sums, stat_sums)), _ = jax.lax.scan(
-            one, zeros, (micro, jnp.arange(m)))
-        metrics = {name: total / jnp.maximum(count, 1e-30)
-                   for name, (total, count) in metric_sums.items()}
-        return Gradients(grads=grads, loss=loss, aux=aux, metrics=metrics,
-                         stats=jax.lax.stop_gradient(stat_sums))
+        (grads, parts), _ = jax.lax.scan(one, zeros, (micro, jnp.arange(m)))
+        return _gradients(grads, parts)
 
     def _global_stats(self, loss_fn: LossFn, params, micro: dict, key: jax.Array, shapes):
         """Σ over microbatches of `ModelLoss.stats`; None (the model uses its own batch's) when
@@ -135,6 +143,34 @@ class Accumulate:
         zeros = jax.tree.map(jnp.zeros_like, shapes)
         total, _ = jax.lax.scan(add_stats, zeros, (micro, jnp.arange(self.microbatches)))
         return jax.lax.stop_gradient(total)
+
+
+@dataclasses.dataclass(frozen=True)
+class Pipeline:
+    """Pipeline parallelism: one loss call over the whole global batch, whose layer stack runs as
+    `spec.microbatches` microbatches in flight through `spec.stages` stages (paxlike/pipeline.py).
+
+    The objective is Accumulate's with as many microbatches: the layers see microbatch m with the
+    dropout key folded with m, auxiliary losses are averaged over the microbatches, and global-
+    batch statistics come from a forward pass first (when the model reads them).
+    """
+    spec: pipeline.PipelineSpec
+    aux_weights: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    global_stats: bool = True
+
+    def __call__(self, loss_fn: LossFn, params, batch: dict, key: jax.Array) -> Gradients:
+        total_weight = jnp.maximum(jnp.sum(batch["weights"]), 1.0)
+        batch = _constrain(batch)
+        with pipeline.use(self.spec):
+            stats = None
+            if self.global_stats and jax.tree.leaves(
+                    jax.eval_shape(loss_fn, params, batch, key, None).stats):
+                stats = jax.lax.stop_gradient(loss_fn(params, batch, key, None).stats)
+            # The model averages its per-microbatch auxiliary losses itself (share 1).
+            objective = lambda p: _objective(loss_fn(p, batch, key, stats), total_weight, 1.0,
+                                             self.aux_weights)
+            (_, parts), grads = jax.value_and_grad(objective, has_aux=True)(params)
+        return _gradients(grads, parts)
 
 
 def _constrain(microbatch: dict) -> dict:

@@ -17,7 +17,8 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from paxlike import family, optim, sharding, step
+from paxlike import family, optim, pipeline, sharding, step
+from paxlike.errors import UserError
 from paxlike.metrics import RESERVED_KEYS
 from paxlike.data import BATCH_KEYS
 from paxlike.step import TrainState
@@ -42,8 +43,11 @@ class Trainer:
             abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
         self.update = optim.make_update_rule(cfg.optimizer, cfg.steps, nnx.to_pure_dict(decay_mask))
         aux_weights = family.aux_loss_weights(cfg.model)
-        self.schedule = step.Accumulate(cfg.microbatches, aux_weights,
-                                        getattr(abstract_model, "reads_global_stats", True))
+        global_stats = getattr(abstract_model, "reads_global_stats", True)
+        self.pipeline = self._pipeline_spec(abstract_model)
+        self.schedule = (step.Accumulate(cfg.microbatches, aux_weights, global_stats)
+                         if self.pipeline is None else
+                         step.Pipeline(self.pipeline, aux_weights, global_stats))
 
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.param_shardings = nnx.to_pure_dict(param_shardings)
@@ -67,7 +71,7 @@ class Trainer:
             self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
             out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
         self._eval_step = jax.jit(
-            functools.partial(step.eval_sums, self.loss),
+            functools.partial(step.eval_sums, self._pipelined_loss),
             in_shardings=(self.param_shardings, self.batch_sharding, self.replicated),
             out_shardings=self.replicated)
 
@@ -76,6 +80,27 @@ class Trainer:
         model = nnx.merge(self.graphdef, params)
         with sharding.use_rules(self.mesh, self.rules):
             return model.loss(batch, dropout_key=dropout_key, stats=stats)
+
+    def _pipelined_loss(self, params, batch, dropout_key, stats) -> family.ModelLoss:
+        with pipeline.use(self.pipeline):
+            return self.loss(params, batch, dropout_key, stats)
+
+    def _pipeline_spec(self, abstract_model) -> pipeline.PipelineSpec | None:
+        """The pipeline schedule when mesh.pipeline > 1, after checking that it fits the model."""
+        cfg, stages = self.cfg, self.mesh.shape["pipeline"]
+        stacked = getattr(abstract_model, "layers", None)
+        num_layers = jax.tree.leaves(nnx.state(stacked))[0].shape[0] if stacked is not None else 0
+        if stages > 1 and stacked is None:
+            raise UserError(f"mesh.pipeline={stages}: model family {cfg.model.module} has no "
+                            f"stacked `layers` to split into stages; set mesh.pipeline=1")
+        problems = pipeline.problems(stages, cfg.microbatches, cfg.pipeline_repeats, num_layers,
+                                     cfg.pipeline_fsdp_gather)
+        if problems:
+            raise UserError("invalid pipeline: " + "; ".join(problems))
+        if stages == 1:
+            return None
+        return pipeline.PipelineSpec(stages, cfg.microbatches, cfg.pipeline_repeats,
+                                     cfg.pipeline_fsdp_gather)
 
     @property
     def _update_buffers(self):

@@ -20,7 +20,6 @@ def test_minus_one_takes_the_remaining_devices():
     ({"data": 3, "fsdp": -1}, "does not divide the 8 devices"),
     ({"dta": 8}, r"unknown mesh axis \['dta'\]"),
     ({"data": 0}, "invalid mesh size mesh.data=0"),
-    ({"pipeline": 2, "fsdp": 4}, "pipeline parallelism is not implemented"),
 ])
 def test_bad_mesh_sizes(sizes, message):
     with pytest.raises(UserError, match=message):
