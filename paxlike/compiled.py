@@ -66,10 +66,11 @@ def compile_plan(cfg, devices, plan=None) -> dict:
         plan.apply(cfg)
     else:
         plan = cost.Plan.make({a: cfg.mesh[a] for a in MESH_AXES}, cfg.mesh.dcn.to_dict(),
-                              cfg.sharding, cfg.microbatches, cfg.model.remat)
+                              cfg.sharding, cfg.microbatches, cfg.model.remat,
+                              cfg.pipeline_repeats, cfg.pipeline_fsdp_gather)
     mesh = build_mesh(plan.sizes, plan.dcn_sizes, devices)
     resolved = cost.Plan.make(dict(mesh.shape), plan.dcn_sizes, plan.preset, plan.microbatches,
-                              plan.remat)
+                              plan.remat, plan.pipeline_repeats, plan.pipeline_fsdp_gather)
     fleet = fleets.fleet_for_devices(devices)
     backend = devices[0].platform
     # A model family the planner does not describe (GLA, ParaRNN) is still compiled and measured,
@@ -102,13 +103,17 @@ def compile_plan(cfg, devices, plan=None) -> dict:
     return {
         "fleet": fleet.name,
         "plan": {"mesh": dict(resolved.mesh), "dcn": dict(resolved.dcn), "preset": plan.preset,
-                 "microbatches": plan.microbatches, "remat": plan.remat},
+                 "microbatches": plan.microbatches, "remat": plan.remat,
+                 "pipeline_repeats": plan.pipeline_repeats,
+                 "pipeline_fsdp_gather": plan.pipeline_fsdp_gather},
         "bytes_per_device": int(per_device),
         "hbm_bytes": int(fleet.device.hbm_bytes),
         "fits": compiled is not None and per_device <= fleet.device.hbm_bytes,
         "memory_analysis": memory,
+        # dcn_volume: the part moved between TPU slices (megascale transfers, planner/hlo.py)
         "collectives": {k: {"count": v["count"], "bytes": int(v["bytes"]),
-                            "volume": int(v["volume"])} for k, v in found.items() if v["count"]},
+                            "volume": int(v["volume"]), "dcn_volume": int(v["dcn_volume"])}
+                        for k, v in found.items() if v["count"]},
         # full-buffer volume by the mesh axes of the group ("?" where the compiler prints the
         # groups unnamed: TPU, and some XLA:CPU loops)
         "collective_axes": {k: int(v) for k, v in by_axes.items()},

@@ -125,6 +125,13 @@ def _pin(x: jax.Array, spec: PartitionSpec) -> jax.Array:
     return jax.lax.with_sharding_constraint(x, NamedSharding(rules[0], spec))
 
 
+def stage_rules(rules: sharding.Rules) -> dict[str, tuple[str, ...]]:
+    """The rules inside a stage: every logical name without `pipeline`, which is the stage
+    dimension there. (Outside the pipeline the batch is split over `pipeline` too, so that the
+    embedding, output head and loss are not computed S times.)"""
+    return {name: tuple(a for a in axes if a != AXIS) for name, axes in rules.items()}
+
+
 def _pin_stages(x: jax.Array, leading: int, names) -> jax.Array:
     """Constrains `leading` dims (the first over stages) followed by a [B, ...] activation named
     `names`."""
@@ -132,7 +139,7 @@ def _pin_stages(x: jax.Array, leading: int, names) -> jax.Array:
     if active_rules is None:
         return x
     mesh, rules = active_rules
-    rest = sharding.logical_to_spec(names, None, rules, mesh, "pipeline activation")
+    rest = sharding.logical_to_spec(names, None, stage_rules(rules), mesh, "pipeline activation")
     return _pin(x, PartitionSpec(AXIS, *([None] * (leading - 1)), *rest))
 
 
@@ -208,8 +215,16 @@ def run(stage_fn: Callable, weights, x: jax.Array, batch_inputs, spec: PipelineS
     def mask(v, valid):
         return jnp.where(valid.reshape(valid.shape + (1,) * (v.ndim - 1)), v, jnp.zeros_like(v))
 
+    active_rules = sharding.active_rules()
+    if active_rules is not None:
+        mesh, rules = active_rules
+        inner = stage_fn
+
+        def stage_fn(*args):
+            with sharding.use_rules(mesh, stage_rules(rules)):
+                return inner(*args)
     one_stage = jax.vmap(stage_fn, in_axes=(0, 0, None, 0, 0, 0),
-                         spmd_axis_name=AXIS if sharding.active_rules() else None)
+                         spmd_axis_name=AXIS if active_rules else None)
 
     def iteration(carry, t):
         buffer, shifted = carry

@@ -37,25 +37,25 @@ Rules = Mapping[str, tuple[str, ...]]
 _COMMON = {"head_dim": (), "act_embed": (), "layers": ("pipeline",), "state": ()}
 PRESETS: dict[str, dict[str, tuple[str, ...]]] = {
     # Weights sharded over fsdp on the model dimension, and over tensor on heads / mlp / vocab.
-    "fsdp_tp": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": ("context",),
+    "fsdp_tp": {**_COMMON, "batch": ("data", "pipeline", "fsdp", "expert"), "length": ("context",),
                 "embed": ("fsdp",), "vocab": ("tensor",), "heads": ("tensor",),
                 "kv_heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",)},
     # MoE parallel folding (docs/moe.md): one set of devices, two layouts. Outside the MoE block
     # `tensor` splits attention heads and dense MLPs; inside it, `expert` and `tensor` together
     # split the experts (each device takes its own slice of the tokens there).
-    "fold_tensor": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": ("context",),
+    "fold_tensor": {**_COMMON, "batch": ("data", "pipeline", "fsdp", "expert"), "length": ("context",),
                     "embed": ("fsdp",), "vocab": ("tensor",), "heads": ("tensor",),
                     "kv_heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert", "tensor")},
     # Outside the MoE block `expert` splits the sequence (context parallelism); inside it, experts.
-    "fold_context": {**_COMMON, "batch": ("data", "fsdp"), "length": ("context", "expert"),
+    "fold_context": {**_COMMON, "batch": ("data", "pipeline", "fsdp"), "length": ("context", "expert"),
                      "embed": ("fsdp",), "vocab": ("tensor",), "heads": ("tensor",),
                      "kv_heads": ("tensor",), "mlp": ("tensor",), "experts": ("expert",)},
     # ZeRO-3 style: every weight sharded over fsdp only; batch over every data-like axis.
-    "fsdp": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": ("context",),
+    "fsdp": {**_COMMON, "batch": ("data", "pipeline", "fsdp", "expert"), "length": ("context",),
              "embed": ("fsdp",), "vocab": (), "heads": (), "kv_heads": (), "mlp": (),
              "experts": ()},
     # Plain data parallelism: weights replicated, batch over every data-like axis.
-    "data": {**_COMMON, "batch": ("data", "fsdp", "expert"), "length": (),
+    "data": {**_COMMON, "batch": ("data", "pipeline", "fsdp", "expert"), "length": (),
              "embed": (), "vocab": (), "heads": (), "kv_heads": (), "mlp": (), "experts": ()},
 }
 

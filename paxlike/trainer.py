@@ -35,6 +35,7 @@ class Trainer:
         abstract_model = nnx.eval_shape(lambda: self.module.build(cfg.model, nnx.Rngs(0)))
         self.graphdef, abstract_params = nnx.split(abstract_model)
         self.model_type = type(abstract_model)
+        self.pipeline = self._pipeline_spec(abstract_model)   # its errors before the sharding's
         with sharding.use_rules(self.mesh, self.rules):
             param_shardings = sharding.param_shardings(abstract_params, self.mesh, self.rules)
         # Weight decay on matrices only: norm scales carry a single logical axis besides 'layers'.
@@ -44,7 +45,6 @@ class Trainer:
         self.update = optim.make_update_rule(cfg.optimizer, cfg.steps, nnx.to_pure_dict(decay_mask))
         aux_weights = family.aux_loss_weights(cfg.model)
         global_stats = getattr(abstract_model, "reads_global_stats", True)
-        self.pipeline = self._pipeline_spec(abstract_model)
         self.schedule = (step.Accumulate(cfg.microbatches, aux_weights, global_stats)
                          if self.pipeline is None else
                          step.Pipeline(self.pipeline, aux_weights, global_stats))
@@ -57,14 +57,21 @@ class Trainer:
             opt_state=self.update.state_shardings(jax.eval_shape(self.update.init, abstract_pure),
                                                   self.param_shardings, self.replicated),
             rng=self.replicated)
-        self.batch_sharding = NamedSharding(
-            self.mesh, sharding.batch_spec(self.rules, self.mesh,
-                                           (cfg.batch_size // cfg.microbatches, cfg.seq_len)))
-        # The model's loss parts, traced abstractly on a microbatch: their names are checked
-        # now, before a run writes anything.
-        microbatch = {k: jax.ShapeDtypeStruct((cfg.batch_size // cfg.microbatches, cfg.seq_len),
-                                              v.dtype) for k, v in self.abstract_batch().items()}
-        parts = jax.eval_shape(self.loss, abstract_pure, microbatch, None, None)
+        # Each microbatch is split over the batch axes (a pipeline's are those inside a stage);
+        # the global batch arrives split over them too, and a pipeline's also over `pipeline`.
+        rows = cfg.batch_size // cfg.microbatches
+        if self.pipeline is None:
+            spec = sharding.batch_spec(self.rules, self.mesh, (rows, cfg.seq_len))
+        else:
+            sharding.batch_spec(pipeline.stage_rules(self.rules), self.mesh, (rows, cfg.seq_len))
+            spec = sharding.batch_spec(self.rules, self.mesh, (cfg.batch_size, cfg.seq_len))
+        self.batch_sharding = NamedSharding(self.mesh, spec)
+        # The model's loss parts, traced abstractly on what one loss call sees (a microbatch, or
+        # a pipeline's whole batch): their names are checked now, before a run writes anything.
+        call_rows = rows if self.pipeline is None else cfg.batch_size
+        call = {k: jax.ShapeDtypeStruct((call_rows, cfg.seq_len), v.dtype)
+                for k, v in self.abstract_batch().items()}
+        parts = jax.eval_shape(self._pipelined_loss, abstract_pure, call, None, None)
         family.check_loss_names(parts, aux_weights, RESERVED_KEYS)
 
         self._train_step = jax.jit(

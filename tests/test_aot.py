@@ -161,3 +161,32 @@ def test_expert_parallel_moe_train_step_compiles_for_v5p_4x4x4():
     # Dispatch and return, forward and backward, per MoE layer (the scan body holds one layer).
     assert collectives["ragged-all-to-all"]["count"] >= 4, collectives
     assert report["mosaic_kernels"] >= 6, report["mosaic_kernels"]   # 3 gmm forward, 3 backward
+
+
+def test_pipelined_7b_compiles_across_two_v5p_slices():
+    """The 7b Transformer pipelined over 2 slices of v5p:2x2x1 (8 chips): stages across DCN
+    (mesh.dcn.pipeline = 2), fsdp 4 inside each slice, 2 microbatches; sequence 1024 and batch
+    8 keep it small (the compiled program, and its compile time, do not depend on depth or
+    batch). The stage hand-off must be a collective-permute crossing DCN (the megascale
+    ONE_TO_ONE transfer), and the prediction within the project's tolerance."""
+    import time
+    cfg = transformer.get_config("7b")
+    cfg.batch_size, cfg.seq_len = 8, 1024
+    plan = cost.Plan.make({"pipeline": 2, "fsdp": 4}, {"pipeline": 2}, "fsdp_tp", 2, "full", 1)
+    start = time.perf_counter()
+    report = compile_plan(cfg, topology_devices("v5p:2x2x1", 2), plan)
+    print(f"pipelined 7b, 2 x v5p:2x2x1: compiled in {time.perf_counter() - start:.0f} s, "
+          f"{report['bytes_per_device'] / 2 ** 30:.2f} GiB per chip compiled, "
+          f"{report['predicted']['bytes_per_device'] / 2 ** 30:.2f} predicted")
+    assert report["fleet"] == "2xv5p-8"
+    assert report["fits"] and 0 < report["bytes_per_device"] < report["hbm_bytes"]
+    permute = report["collectives"]["collective-permute"]
+    # 2 microbatches x 1 repeat + 1 = 3 iterations, forward and backward, one [1, 1024, 4096]
+    # bf16 microbatch activation each
+    assert permute["dcn_volume"] >= 6 * 1024 * 4096 * 2, permute
+    predicted = report["predicted"]
+    assert abs(predicted["bytes_per_device"] / report["bytes_per_device"] - 1) <= TOLERANCE, (
+        predicted["memory"], report["memory_analysis"])
+    compiled = sum(v["volume"] for v in report["collectives"].values())
+    assert abs(sum(predicted["collective_volume"].values()) / compiled - 1) <= TOLERANCE
+    assert predicted["comm_bytes"].get("pipeline/dcn", 0) > 0

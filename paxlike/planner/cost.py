@@ -19,8 +19,9 @@ Communication is counted per step, per mesh axis and link (ICI / DCN), as the fu
 collective gathers / reduces / permutes (the figure `paxlike.planner.hlo` reads from compiled
 programs, comparable across backends), and converted to bytes on the wire for timing. The
 mixture-of-experts family adds its expert-parallel exchanges, routed buffers and FLOPs
-(`paxlike.planner.moe`); pipeline and context axes plug in as further `send(...)` terms in
-`estimate` when those parallelisms land; today the planner keeps them at 1.
+(`paxlike.planner.moe`); the pipeline axis its bubble, microbatches in flight, stage hand-offs
+and weight relayout (`paxlike.planner.pipeline`). The context axis is not priced yet: the planner
+keeps it at 1.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from paxlike import sharding
 from paxlike.errors import UserError
 from paxlike.mesh import MESH_AXES
 from paxlike.planner.fleets import Fleet
+from paxlike.planner import pipeline as pipeline_model
 from paxlike.planner.moe import MoEActivations
 from paxlike.planner.workingset import TransformerActivations
 
@@ -77,13 +79,16 @@ class Plan:
     preset: str
     microbatches: int
     remat: str
+    pipeline_repeats: int = 1               # R (with mesh.pipeline > 1)
+    pipeline_fsdp_gather: str = "per_iteration"
 
     @staticmethod
     def make(mesh: dict, dcn: dict | None = None, preset: str = "fsdp_tp", microbatches: int = 1,
-             remat: str = "none") -> "Plan":
+             remat: str = "none", pipeline_repeats: int = 1,
+             pipeline_fsdp_gather: str = "per_iteration") -> "Plan":
         return Plan(tuple((a, int(mesh.get(a, 1))) for a in MESH_AXES),
                     tuple((a, int((dcn or {}).get(a, 1))) for a in MESH_AXES),
-                    preset, microbatches, remat)
+                    preset, microbatches, remat, int(pipeline_repeats), pipeline_fsdp_gather)
 
     @property
     def sizes(self) -> dict[str, int]:
@@ -94,12 +99,15 @@ class Plan:
         return dict(self.dcn)
 
     def apply(self, cfg) -> None:
-        """Writes this plan into a trainer config (mesh, dcn, sharding, microbatches, remat)."""
+        """Writes this plan into a trainer config (mesh, dcn, sharding, microbatches, remat,
+        pipeline repeats and FSDP gather)."""
         for axis, size in self.mesh:
             cfg.mesh[axis] = size
         for axis, size in self.dcn:
             cfg.mesh.dcn[axis] = size
         cfg.sharding, cfg.microbatches, cfg.model.remat = self.preset, self.microbatches, self.remat
+        cfg.pipeline_repeats = self.pipeline_repeats
+        cfg.pipeline_fsdp_gather = self.pipeline_fsdp_gather
 
     def describe(self) -> str:
         parts = []
@@ -107,7 +115,7 @@ class Plan:
             if size > 1:
                 d = self.dcn_sizes[axis]
                 parts.append(f"{axis}={size}" + (f"(dcn {d})" if d > 1 else ""))
-        return " ".join(parts) or "1 device"
+        return (" ".join(parts) or "1 device") + pipeline_model.describe(self)
 
 
 class _MeshShape:
@@ -229,7 +237,7 @@ def _residuals(model_key: str, remat: str, seq_len: int, probe: int = _PROBE_BAT
 
 
 def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
-                vocab_ways: int = 1, routed=None) -> float:
+                vocab_ways: int = 1, routed=None, split: bool = False):
     """Per-device bytes of saved activations for `b` local sequences of `t` tokens, with heads /
     MLP dimensions split `tp` ways and the output head's vocabulary dimension `vocab_ways` (for
     arrays that carry the batch dimension). Arrays without a batch dimension are weights cast to
@@ -239,11 +247,14 @@ def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
     with the batch but carry no batch dimension (its flattened [tokens·k, ...] rows, told apart by
     a second trace with another batch size) and the batch-carrying arrays the predicate names:
     their per-device size depends on the dispatch layout, and the family's activation model counts
-    them (`paxlike.planner.moe`)."""
+    them (`paxlike.planner.moe`).
+
+    split: return (per-layer bytes of the layer scan's residuals, bytes of every other array)
+    instead of the total (a pipeline keeps the layers' residuals per microbatch in flight)."""
     import json
     m = cfg.model
     key = json.dumps(m.to_dict(), sort_keys=True)
-    split = {m.num_heads, m.num_kv_heads, m.mlp_dim} if tp > 1 else set()
+    split_dims = {m.num_heads, m.num_kv_heads, m.mlp_dim} if tp > 1 else set()
     found = _residuals(key, remat, t)
     grows = [False] * len(found)
     if routed is not None:
@@ -252,7 +263,7 @@ def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
             raise UserError("the model saves a different set of arrays at another batch size; "
                             "the planner cannot tell its routed arrays apart")
         grows = [a[0] != o[0] for a, o in zip(found, other)]
-    total = 0.0
+    total, stacked_total, per_layer = 0.0, 0.0, 0.0
     for (shape, itemsize), grown in zip(found, grows):
         size = math.prod(shape) * itemsize
         if _PROBE_BATCH not in shape:
@@ -271,9 +282,14 @@ def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
             rest.remove(t)
         if m.vocab_size in rest and not stacked:   # the output head's logits and their kin
             size /= vocab_ways
-        elif split & set(rest):
+        elif split_dims & set(rest):
             size /= tp
         total += size
+        if stacked:
+            stacked_total += size
+            per_layer += size / shape[0]
+    if split:
+        return per_layer, total - stacked_total
     return total
 
 
@@ -302,6 +318,8 @@ def _send_factor(kind: str, g: int, backend: str) -> float:
     """
     if g <= 1:
         return 0.0
+    if kind == "collective-permute":   # each device sends its whole operand once
+        return 1.0
     if kind == "all-reduce":
         return 2.0 * (g - 1) / g
     if backend == "tpu" and kind in ("all-gather", "reduce-scatter"):
@@ -334,12 +352,22 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         acts.configure(rules, sizes, cfg.batch_size, b, t, mb)
     # The model's global-batch statistics take one more forward pass with microbatches.
     stats = 1 if moe and mb > 1 and acts.stats_pass else 0
+    infos = param_infos(cfg)
+    # With a pipeline the layers run per microbatch in flight, the embedding and the head once
+    # per step on the whole local batch (paxlike/planner/pipeline.py).
+    pipe = pipeline_model.layout(plan, sizes, pipeline_model.num_layer_blocks(infos))
+    if pipe and moe:
+        raise UserError("the planner does not price pipelined mixture-of-experts plans yet; set "
+                        "the mesh by hand and check it with `python -m paxlike.aot --plan=config`")
+    layer_uses = pipe.weight_uses if pipe else mb   # the stacked weights' gathers / reductions
+    head_uses = 1 if pipe else mb                   # the embedding's and the head's
+    head_b = b * mb if pipe else b                  # the sequences those see at once
 
     memory = dict.fromkeys(("params", "grads", "optimizer", "batch", "activations",
                             "temporaries"), 0.0)
     comm: dict[str, float] = {}
     kinds = dict.fromkeys(("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
-                           "ragged-all-to-all"), 0.0)
+                           "ragged-all-to-all", "collective-permute"), 0.0)
     launches = {"ici": 0.0, "dcn": 0.0}   # collectives per step, for their fixed latency
     by_axes: dict[str, float] = {}
 
@@ -358,6 +386,8 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         # Split by link: the DCN part of the group carries the share that crosses granules.
         ici = math.prod(sizes[a] // dcn[a] for a in axes)
         share_dcn = 0.0 if ici == g else (g - ici) / g / ((g - 1) / g)
+        if kind == "collective-permute" and ici != g:
+            share_dcn = 1.0   # a ring's hops between granules: the busiest device sends on DCN
         launches["dcn" if share_dcn else "ici"] += times
         for a in axes:
             key_ici, key_dcn = f"{a}/ici", f"{a}/dcn"
@@ -367,7 +397,8 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                 comm[key_dcn] = comm.get(key_dcn, 0.0) + sent * share_dcn * part
 
     layer_weights = 0.0   # one layer's and the head's gathered weights (compute dtype)
-    for p in param_infos(cfg):
+    local_layers = local_table = 0.0   # float32 bytes of the local stacked weights / table
+    for p in infos:
         ways = _ways(p.names, p.shape, rules, sizes)
         shard_axes = {a for w in ways for a in w}
         # Axes that split the experts hold different weights, not shards to gather: the tokens
@@ -378,6 +409,9 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         memory["optimizer"] += 8 * local
         memory["grads"] += 4 * local
         scanned = "layers" in p.names
+        uses = layer_uses if scanned else head_uses
+        local_layers += 4 * local if scanned else 0.0
+        local_table += 4 * local if p.path in acts.lookup_params else 0.0
         depth = p.shape[p.names.index("layers")] if scanned else 1
         matrix = len([n for n in p.names if n != "layers"]) > 1
         f32 = moe and p.path.endswith(acts.float32_params)
@@ -390,30 +424,32 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             layer_weights += gathered   # the output head, gathered whole once per microbatch
         if p.path in acts.lookup_params and fsdp_axes:
             # The table is gathered row-wise by token: XLA moves activations, not weights.
-            tokens = b * t
-            send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * dt, mb + stats * mb)
+            tokens = head_b * t
+            send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * dt, uses + stats * mb)
             ways = math.prod(sizes[a] for a in fsdp_axes)
             whole = tokens * ways * acts.d * 4
             if backend != "cpu" and vocab_ways > 1 and whole <= EMBED_GATHER_LIMIT:
                 # TPU, vocabulary over `tensor`: the table's gradient is scattered from the f32
                 # cotangent of every token of the microbatch, all-gathered whole over the
                 # batch shards (f32[B, T, d] all-gathers on v5e and v5p).
-                send("all-gather", fsdp_axes, whole, mb)
+                send("all-gather", fsdp_axes, whole, uses)
             else:
-                send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * 4, mb)
+                send("all-to-all", fsdp_axes, tokens * acts.d / vocab_ways * 4, uses)
         elif fsdp_axes:
             gathers = (2 + stats) if scanned else 1
             if moe and "experts" in p.names:   # gathered into the experts' shard_map
                 gathers = acts.expert_weight_gathers(plan.remat)
-            send("all-gather", fsdp_axes, gathered, mb * gathers)
-            send("reduce-scatter", fsdp_axes, gathered, mb)
+            if pipe and scanned:
+                gathers = pipe.gathers(backend, plan.remat, p.names)
+            send("all-gather", fsdp_axes, gathered, uses * gathers)
+            send("reduce-scatter", fsdp_axes, gathered, uses)
         replicated = [a for a in batch_axes if a not in shard_axes]
         if moe and p.path in acts.lookup_params:
             # The table's gradient is an f32 scatter-add: reduced in f32 (v5p MoE HLO). The
             # dense family keeps its figures (its CI plans shard the table over fsdp).
             send("all-reduce", replicated, 4 * local, mb)
         else:
-            send("all-reduce", replicated, use_bytes, mb)
+            send("all-reduce", replicated, use_bytes, uses)
 
     if tp > 1:
         # Row-parallel outputs (attention projection, MLP down) are summed over `tensor` in the
@@ -429,24 +465,43 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         if moe:   # the MoE block's sums are the expert-parallel ones (acts.collectives)
             per_layer = acts.tensor_sums_per_layer(per_layer, backend, plan.remat)
         per_layer += 2 * stats
-        tokens = b * t
-        send("all-reduce", ["tensor"], tokens * acts.d * dt, mb * acts.layers * per_layer)
-        send("all-reduce", ["tensor"], tokens * acts.d * 4, mb * (2 + stats))   # lookup, head dx
+        layer_runs = pipe.layer_runs if pipe else mb * acts.layers   # per device
+        send("all-reduce", ["tensor"], b * t * acts.d * dt, layer_runs * per_layer)
+        send("all-reduce", ["tensor"], head_b * t * acts.d * 4,
+             head_uses * (2 + stats))   # lookup, head dx
     if moe:
         acts.collectives(send, mb, plan.remat, backend, batch_axes)
+    if pipe:
+        pipeline_model.collectives(send, pipe, b, t, acts.d, dt, local_layers, local_table,
+                                   backend)
 
     memory["batch"] = 5 * 4 * cfg.batch_size * cfg.seq_len / (batch_ways * ctx)
     weight_ways = math.prod(sizes[a] for a in set(rules["embed"]) | set(rules["vocab"]))
-    saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways,
-                        routed=acts.routed_batch_array if moe else None)
+    if pipe:
+        layer_saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways, split=True)[0]
+        rest_saved = saved_bytes(cfg, plan.remat, head_b, t, tp, weight_ways, vocab_ways,
+                                 split=True)[1]
+        extra = pipeline_model.memory(pipe, layer_saved, rest_saved, b, t, acts.d, dt,
+                                      local_layers, math.prod(sizes[a] for a in batch_axes),
+                                      backend)
+        saved = extra.pop("activations")
+        memory.update(extra)
+    else:
+        saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways,
+                            routed=acts.routed_batch_array if moe else None)
     if moe:
         saved += acts.routed_saved(plan.remat, backend)
     units = dict(acts.units(b, t, tp, vocab_ways), gathered=layer_weights, saved=saved)
-    microbatch_grads = memory["grads"] if mb > 1 else 0.0   # the accumulator's partner
+    if pipe:   # the loss runs on the whole local batch
+        units["logits"] = acts.units(head_b, t, tp, vocab_ways)["logits"]
+    # the accumulator's partner (a pipeline's backward scan accumulates the stage's gradients)
+    microbatch_grads = memory["grads"] if mb > 1 else 0.0
     if backend == "cpu":
         # Derived from the model's shapes: the larger of the two candidate peaks (workingset.py).
         phases = (acts.working_set(plan.remat, b, t, tp, vocab_ways, backend) if moe else
                   acts.working_set(plan.remat, b, t, tp, vocab_ways))
+        if pipe:
+            phases["loss"] = acts.working_set(plan.remat, head_b, t, tp, vocab_ways)["loss"]
         units.update(phases)
         memory["activations"] = saved
         memory["temporaries"] = max(phases.values()) + microbatch_grads
@@ -474,7 +529,11 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     tokens = cfg.batch_size * cfg.seq_len
     flops = model_flops + acts.flops_per_token_extra(plan.remat, cfg.seq_len, mb) * tokens
     peak = fleet.device.peak_flops * n
-    compute_s = flops / peak
+    if pipe:
+        head = pipeline_model.head_flops(cfg)
+        compute_s = pipeline_model.compute_seconds(flops - head, head, pipe, peak)
+    else:
+        compute_s = flops / peak
     comm_s = {"ici": 0.0, "dcn": 0.0}
     slowest = ("compute", compute_s)
     for key, value in comm.items():

@@ -18,6 +18,14 @@ backend-specific. Two figures are reported per kind:
 where g is the replica-group size. Ops inside loops are multiplied by the loop's trip count (the
 CPU backend states it; on TPU it is read from the condition `i < N` and the counter's step), and
 ops inside fusions / calls by how often those run.
+
+Across TPU slices the compiler lowers the DCN part of a collective to a host-transfer `send` /
+`recv` pair handled by the "megascale" runtime, not to a collective op: its kind is the
+`_xla_megascale_transfer_type` attribute (ONE_TO_ONE: a collective-permute, e.g. a pipeline's
+`ppermute` between slices; ALL_GATHER, ALL_REDUCE, ...). Each `send` is counted as one collective
+of that kind with `"dcn": True` (its `recv` is the same transfer): volume the sent operand (the
+received buffer for an all-gather), group the slices named in `_xla_megascale_target`
+("{1,2}x{0:3}": slices 1 and 2, chips 0-3 of each; ONE_TO_ONE pairs: 2).
 """
 
 from __future__ import annotations
@@ -38,6 +46,11 @@ _INSTR = re.compile(r"^\s*(?:ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\
 _CALLS = re.compile(r"\b(calls|to_apply|body|condition|branch_computations|"
                     r"called_computations)=(\{[^}]*\}|%?[\w.\-]+)")
 _COLLECTIVE = re.compile(r"^(" + "|".join(KINDS) + r")(-start)?$")
+# DCN transfers between TPU slices (module docstring): megascale type -> collective kind.
+_MEGASCALE = {"ONE_TO_ONE": "collective-permute", "ALL_GATHER": "all-gather",
+              "ALL_REDUCE": "all-reduce", "REDUCE_SCATTER": "reduce-scatter",
+              "ALL_TO_ALL": "all-to-all"}
+_MEGASCALE_TYPE = re.compile(r'_xla_megascale_transfer_type="(\w+)"')
 
 
 def _shapes(text: str) -> list[float]:
@@ -177,7 +190,13 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
     for comp, instrs in comps.items():
         if not runs[comp]:
             continue
+        recv_sizes = {re.search(r'_xla_host_transfer_rendezvous="([^"]*)"', rest).group(1):
+                      _shapes(typ) for name, typ, op, rest in instrs
+                      if op == "recv" and "_xla_host_transfer_rendezvous" in rest}
         for name, typ, op, rest in instrs:
+            if op == "send" and (mega := _MEGASCALE_TYPE.search(rest)):
+                ops.append(_megascale(typ, rest, mega.group(1), runs[comp], recv_sizes))
+                continue
             m = _COLLECTIVE.match(op)
             if not m:
                 continue
@@ -216,7 +235,7 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
             source = re.search(r'op_name="([^"]*)"', rest)
             channel = re.search(r"channel_id=(\d+)", rest)
             ops.append({"kind": kind, "group": g, "axes": group_axes(rest), "runs": runs[comp],
-                        "bytes": sent, "volume": full,
+                        "bytes": sent, "volume": full, "dcn": False,
                         "shape": typ.split("{")[0], "op_name": source.group(1) if source else "",
                         "channel": int(channel.group(1)) if channel and comp in fused else None})
     # TPU splits one collective into several "async collective fusion" pieces that share its
@@ -231,6 +250,28 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
     return list(merged.values())
 
 
+def _megascale(typ: str, rest: str, transfer: str, runs: int, recv_sizes: dict) -> dict:
+    """One DCN transfer between TPU slices (a `send` of the megascale runtime) as a collective."""
+    kind = _MEGASCALE.get(transfer, transfer.lower())
+    sent = _shapes(typ)[0]                      # (operand, context, token)
+    rendezvous = re.search(r'_xla_host_transfer_rendezvous="([^"]*)"', rest)
+    received = recv_sizes.get(rendezvous.group(1) if rendezvous else None, [sent])[0]
+    target = re.search(r'_xla_megascale_target="\{([^}]*)\}', rest)
+    if kind == "collective-permute":
+        g = 2
+    elif kind == "all-gather" and sent:
+        g = max(round(received / sent), 2)
+    else:
+        g = max(len(target.group(1).split(",")), 2) if target else 2
+    full = received if kind == "all-gather" else sent * (g if kind == "reduce-scatter" else 1)
+    per_device = {"collective-permute": full, "all-reduce": 2 * full * (g - 1) / g}
+    source = re.search(r'op_name="([^"]*)"', rest)
+    return {"kind": kind, "group": g, "axes": None, "runs": runs,
+            "bytes": per_device.get(kind, full * (g - 1) / g), "volume": full, "dcn": True,
+            "shape": typ.split("{")[0], "op_name": source.group(1) if source else "",
+            "channel": None}
+
+
 def volume_by_axes(hlo_text: str, num_devices: int) -> dict[str, float]:
     """Full-buffer volume per step by the mesh axes of the replica group, "data+expert" style
     (in mesh order, as the compiler prints them; "?" where the groups are not named)."""
@@ -243,10 +284,13 @@ def volume_by_axes(hlo_text: str, num_devices: int) -> dict[str, float]:
 
 def collectives(hlo_text: str, num_devices: int) -> dict:
     """{kind: {"count": executions per step, "bytes": bytes sent per device per step,
-    "volume": bytes of the full buffers per step}}."""
-    out = {k: {"count": 0, "bytes": 0.0, "volume": 0.0} for k in KINDS}
+    "volume": bytes of the full buffers per step, "dcn_volume": the part of the volume moved
+    between TPU slices by the megascale runtime}}."""
+    out = {k: {"count": 0, "bytes": 0.0, "volume": 0.0, "dcn_volume": 0.0} for k in KINDS}
     for op in collective_ops(hlo_text, num_devices):
         out[op["kind"]]["count"] += op["runs"]
         out[op["kind"]]["bytes"] += op["runs"] * op["bytes"]
         out[op["kind"]]["volume"] += op["runs"] * op["volume"]
+        if op["dcn"]:
+            out[op["kind"]]["dcn_volume"] += op["runs"] * op["volume"]
     return out

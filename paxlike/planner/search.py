@@ -13,7 +13,14 @@ combination (the brute force the tests compare against).
 For mixture-of-experts configs (`model.num_experts` > 0) the `expert` axis is split too, inside
 one slice / node, by the divisors of the expert count, with the presets that shard experts over
 it (`fsdp_tp`; `fold_tensor` when `tensor` > 1 as well: experts over expert x tensor); dense
-configs plan exactly as before. Pipeline and context stay at 1.
+configs plan exactly as before.
+
+Dense configs are also planned with a pipeline (`paxlike.planner.pipeline.options`): S stages
+dividing the stacked layer blocks (at least 2 blocks per stage), either across all slices (the
+pipeline alone crosses DCN, instead of data) or 2 / 4 stages inside a slice; microbatches a
+multiple of S, circular repeats R in {1, 2} where they divide, FSDP weights gathered per
+iteration. More microbatches shrink a pipeline's bubble, so pipeline plans try every count that
+fits, not only the fewest. Context stays at 1.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ import math
 from paxlike import sharding
 from paxlike.errors import UserError
 from paxlike.planner import cost
+from paxlike.planner import pipeline as pipeline_model
 from paxlike.planner.fleets import Fleet, larger_fleets
 
 HEADROOM = 0.9   # plans must fit in this fraction of device memory
@@ -38,22 +46,40 @@ def num_experts(cfg) -> int:
     return int(cfg.model.get("num_experts", 0) or 0)
 
 
-def meshes(fleet: Fleet, allow_dcn_fsdp: bool = False, experts: int = 0):
-    """(sizes, dcn) for every split of the fleet over data, fsdp and tensor, and over expert
-    (dividing `experts`, inside a slice / node) when `experts` > 0."""
-    per, granules = fleet.per_granule, fleet.granules
-    for tensor in _divisors(per):
-        for expert in ([e for e in _divisors(per // tensor) if experts % e == 0]
-                       if experts else [1]):
-            for fsdp_ici in _divisors(per // (tensor * expert)):
-                data_ici = per // (tensor * expert * fsdp_ici)
-                for dcn_fsdp in (_divisors(granules) if allow_dcn_fsdp else [1]):
-                    dcn_data = granules // dcn_fsdp
-                    sizes = {"data": data_ici * dcn_data, "fsdp": fsdp_ici * dcn_fsdp,
-                             "tensor": tensor}
-                    if experts:
-                        sizes["expert"] = expert
-                    yield sizes, {"data": dcn_data, "fsdp": dcn_fsdp}
+def meshes(fleet: Fleet, allow_dcn_fsdp: bool = False, experts: int = 0, layers: int = 0):
+    """(sizes, dcn) for every split of the fleet over data, fsdp and tensor, over expert
+    (dividing `experts`, inside a slice / node) when `experts` > 0, and over pipeline (dense
+    models with `layers` stacked layer blocks: `pipeline.options`)."""
+    stage_options = (pipeline_model.options(layers, fleet.per_granule, fleet.granules)
+                     if layers and not experts else [(1, 1)])
+    for stages, dcn_pipe in stage_options:
+        per = fleet.per_granule // (stages // dcn_pipe)
+        granules = fleet.granules // dcn_pipe
+        for tensor in _divisors(per):
+            for expert in ([e for e in _divisors(per // tensor) if experts % e == 0]
+                           if experts else [1]):
+                for fsdp_ici in _divisors(per // (tensor * expert)):
+                    data_ici = per // (tensor * expert * fsdp_ici)
+                    for dcn_fsdp in (_divisors(granules) if allow_dcn_fsdp else [1]):
+                        dcn_data = granules // dcn_fsdp
+                        sizes = {"data": data_ici * dcn_data, "fsdp": fsdp_ici * dcn_fsdp,
+                                 "tensor": tensor, "pipeline": stages}
+                        if experts:
+                            sizes["expert"] = expert
+                        yield sizes, {"data": dcn_data, "fsdp": dcn_fsdp, "pipeline": dcn_pipe}
+
+
+def _layers(cfg) -> int:
+    return pipeline_model.num_layer_blocks(cost.param_infos(cfg))
+
+
+def _schedules(cfg, sizes, preset):
+    """(microbatches, repeats) of a mesh: the microbatch options, and for a pipeline only
+    multiples of its stages, with each circular repeat count."""
+    stages = sizes.get("pipeline", 1)
+    counts = pipeline_model.microbatch_options(stages, _microbatch_options(cfg, sizes, preset))
+    for r in pipeline_model.repeats(_layers(cfg), stages):
+        yield r, counts
 
 
 def _presets(sizes) -> list[str]:
@@ -90,13 +116,15 @@ def enumerate_all(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp:
                   remats=cost.REMATS):
     """Every valid plan with every microbatch count (brute force; for tests and --all)."""
     cost.activation_model(cfg)
-    for sizes, dcn in meshes(fleet, allow_dcn_fsdp, num_experts(cfg)):
+    for sizes, dcn in meshes(fleet, allow_dcn_fsdp, num_experts(cfg), _layers(cfg)):
         for preset in _presets(sizes):
-            for mb in _microbatch_options(cfg, sizes, preset):
-                for remat in remats:
-                    c = _try(cfg, cost.Plan.make(sizes, dcn, preset, mb, remat), fleet, backend)
-                    if c is not None:
-                        yield c
+            for repeats, counts in _schedules(cfg, sizes, preset):
+                for mb in counts:
+                    for remat in remats:
+                        c = _try(cfg, cost.Plan.make(sizes, dcn, preset, mb, remat, repeats),
+                                 fleet, backend)
+                        if c is not None:
+                            yield c
 
 
 @dataclasses.dataclass
@@ -122,19 +150,24 @@ def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool =
     microbatches, less memory)."""
     cost.activation_model(cfg)   # a family the planner cannot model is said as such, up front
     plans, closest, considered = [], None, 0
-    for sizes, dcn in meshes(fleet, allow_dcn_fsdp, num_experts(cfg)):
+    for sizes, dcn in meshes(fleet, allow_dcn_fsdp, num_experts(cfg), _layers(cfg)):
+        pipelined = sizes.get("pipeline", 1) > 1
         for preset in _presets(sizes):
             for remat in cost.REMATS:
-                for mb in _microbatch_options(cfg, sizes, preset):
-                    c = _try(cfg, cost.Plan.make(sizes, dcn, preset, mb, remat), fleet, backend)
-                    if c is None:
-                        continue
-                    considered += 1
-                    if closest is None or c.bytes_per_device < closest.bytes_per_device:
-                        closest = c
-                    if fits(c):
-                        plans.append(c)
-                        break            # more microbatches would only be slower
+                for repeats, counts in _schedules(cfg, sizes, preset):
+                    for mb in counts:
+                        c = _try(cfg, cost.Plan.make(sizes, dcn, preset, mb, remat, repeats),
+                                 fleet, backend)
+                        if c is None:
+                            continue
+                        considered += 1
+                        if closest is None or c.bytes_per_device < closest.bytes_per_device:
+                            closest = c
+                        if fits(c):
+                            plans.append(c)
+                            if not pipelined:
+                                break    # more microbatches would only be slower
+                            # (a pipeline's bubble shrinks with more microbatches: try them all)
     # Ties (compute-bound plans) go to the one with the most communication slack, then to less
     # recomputation and fewer microbatches (the model overlaps them for free; hardware does not),
     # then to less memory.

@@ -1,0 +1,220 @@
+"""Pipeline parallelism (paxlike/pipeline.py) in the cost model: the circular GPipe schedule's
+bubble, the activations of every microbatch in flight, its collectives and its per-step weight
+relayout (docs/planner.md, "Pipeline parallelism", has the figures).
+
+With S = mesh.pipeline stages, M microbatches (a multiple of S), R circular repeats and L stacked
+layer blocks, each stage holds K = L / (R·S) layers per repeat, and the schedule runs
+I = M·R + S − 1 iterations; in each one every stage runs its K layers on one microbatch (bubble
+slots compute on zeros: masked, not skipped). What changes against gradient accumulation over M
+microbatches, per device (`cost.estimate` applies it):
+
+Parameters, gradients, optimizer state: nothing here. The stacked weights' 'layers' dimension is
+split over `pipeline` by every preset's rules, so the exact per-parameter accounting
+(`sharding.logical_to_spec`) already divides them by S; the embedding and the head stay
+replicated over `pipeline`.
+
+Compute: a stage computes I·K layer-microbatches for M·R·K useful ones, so the layers' FLOPs take
+1 / (1 − bubble) longer, bubble = (S − 1) / (R·M + S − 1); the embedding and the head run on the
+whole local batch on every pipeline device (replicated over `pipeline`: S times their share).
+
+Collectives, read off the XLA:CPU HLO of tests/test_planner_pipeline.py's fitted cases and the v5p
+HLO of the AOT case:
+  stage hand-off  a collective-permute over `pipeline` of one microbatch's activation
+                  [b, t, d] per iteration, forward and again backward (2·I). Across slices
+                  (mesh.dcn.pipeline > 1) it is a DCN transfer (the megascale ONE_TO_ONE send
+                  that `hlo.py` counts), and the busiest device sends all of it over DCN.
+  buffer          the last stage's outputs reach every pipeline device (the head runs on all of
+                  them) and the input's cotangent is summed over the stages: two all-reduces over
+                  `pipeline` of the local batch's activations [M·b, t, d].
+  FSDP weights    per_iteration: each iteration gathers the K layers it runs (forward, and again
+                  in the backward pass) and reduces their gradients, i.e. I / R times a stage's
+                  weights per step instead of M times; XLA:CPU gathers the MLP's input weights
+                  (gate, up) once more in the backward pass under remat. per_step: once.
+                  The head and the embedding lookup run once per step on the whole local batch.
+  relayout        R > 1: [L, ...] -> [S, R, K, ...] moves the weights between pipeline devices:
+                  an all-to-all over `pipeline` of the local layer weights (float32) forward and
+                  of their gradients backward.
+  embedding       TPU: the embedding table's float32 gradient is all-reduced over `pipeline`
+                  (each stage scatters a partial cotangent).
+
+Memory: GPipe keeps every iteration's residuals, so the saved activations are I·K layers of one
+microbatch's per-layer residuals (`cost.saved_bytes`, traced, split by the layer scan) plus the
+head's and the loss's for the whole local batch; the working set is the larger of one layer's
+backward on a microbatch and the loss on the whole local batch; plus the microbatch buffer and
+the stage inputs' cotangents (BUFFER_ARRAYS arrays of [M·b, t, d]); with R > 1 the relayout's
+copy of the local layer weights and of their gradients (float32); with per_step the stage
+weights gathered whole over the FSDP axes in float32, with their gradient. Read off the v5p
+buffer assignment of the AOT case: the stage weights' gradient in the [S, R, K] layout (float32)
+beside the accumulator, and, with a compute dtype narrower than float32, every iteration's cast
+of its K layers' local weight shards, kept as a residual (I/R copies of the local layers).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from paxlike import pipeline as schedule
+from paxlike.errors import UserError
+
+AXIS = "pipeline"
+# Arrays of the local batch's activations [M·b, t, d] (compute dtype) live beyond the saved
+# residuals and the working set: the microbatch buffer (every stage keeps one) and its cotangent.
+BUFFER_ARRAYS = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    stages: int           # S
+    microbatches: int     # M
+    repeats: int          # R
+    per_stage: int        # K: layers a stage runs per iteration
+    layers: int           # L: stacked layer blocks
+    fsdp_gather: str      # per_iteration | per_step
+
+    @property
+    def iterations(self) -> int:
+        return self.microbatches * self.repeats + self.stages - 1
+
+    @property
+    def bubble(self) -> float:
+        return schedule.bubble_fraction(self.stages, self.microbatches, self.repeats)
+
+    @property
+    def weight_uses(self) -> float:
+        """Times a stage's local layer weights are used (gathered, reduced) per step, per pass,
+        in units of the whole local stack (R·K layers)."""
+        if self.fsdp_gather == "per_step":
+            return 1.0
+        return self.iterations / self.repeats
+
+    def gathers(self, backend: str, remat: str, names) -> int:
+        """All-gathers of one stacked weight per use (`weight_uses`): forward and backward per
+        iteration, plus XLA:CPU's second one of the MLP's input weights (last logical axis
+        'mlp': gate, up) under remat; per_step: once, before the schedule."""
+        if self.fsdp_gather == "per_step":
+            return 1
+        return 2 + (backend == "cpu" and remat != "none" and names[-1] == "mlp")
+
+    @property
+    def layer_runs(self) -> int:
+        """Layer-microbatches one stage computes per step (bubble slots included)."""
+        return self.iterations * self.per_stage
+
+
+def layout(plan, sizes: dict[str, int], num_layers: int) -> Layout | None:
+    """The schedule of a plan (None without a pipeline axis); UserError when it is invalid, in
+    the trainer's own words (`paxlike.pipeline.problems`)."""
+    stages = sizes.get(AXIS, 1)
+    problems = schedule.problems(stages, plan.microbatches, plan.pipeline_repeats, num_layers,
+                                 plan.pipeline_fsdp_gather)
+    if problems:
+        raise UserError("invalid pipeline: " + "; ".join(problems))
+    if stages == 1:
+        return None
+    return Layout(stages, plan.microbatches, plan.pipeline_repeats,
+                  num_layers // (stages * plan.pipeline_repeats), num_layers,
+                  plan.pipeline_fsdp_gather)
+
+
+def collectives(send, pipe: Layout, b: int, t: int, d: int, dt: int, local_layer_bytes: float,
+                table_bytes: float, backend: str) -> None:
+    """The pipeline's own collectives (module docstring). b: sequences per microbatch per device;
+    local_layer_bytes: this device's float32 shard of the stacked layer weights; table_bytes:
+    its float32 shard of the embedding table."""
+    micro = b * t * d * dt
+    send("collective-permute", [AXIS], micro, 2 * pipe.iterations)
+    send("all-reduce", [AXIS], micro * pipe.microbatches, 2)
+    if pipe.repeats > 1:
+        send("all-to-all", [AXIS], local_layer_bytes, 2)
+    if backend != "cpu":
+        send("all-reduce", [AXIS], table_bytes, 1)
+
+
+def memory(pipe: Layout, layer_saved: float, rest_saved: float, b: int, t: int, d: int, dt: int,
+           local_layer_bytes: float, fsdp_ways: int, backend: str) -> dict[str, float]:
+    """Per-device bytes the schedule adds or changes (module docstring). layer_saved: one
+    layer's saved residuals for one microbatch; rest_saved: the head's and loss's for the whole
+    local batch."""
+    out = {"activations": pipe.layer_runs * layer_saved + rest_saved,
+           "pipeline_buffers": BUFFER_ARRAYS * pipe.microbatches * b * t * d * dt,
+           # the stage weights' gradient in the [S, R, K] layout beside the accumulator (read off
+           # the v5p buffer assignment; not counted on CPU, whose cases are within their bounds
+           # without it)
+           "stage_grads": local_layer_bytes if backend != "cpu" else 0.0}
+    if dt < 4:
+        # Every iteration casts its K layers' local shards to the compute dtype, and GPipe keeps
+        # that copy as a residual (v5p buffer assignment: bf16[I, K, 1, d/fsdp, mlp] arrays).
+        out["activations"] += pipe.iterations / pipe.repeats * local_layer_bytes * dt / 4
+    if pipe.repeats > 1:
+        out["relayout"] = 2 * local_layer_bytes
+    if pipe.fsdp_gather == "per_step" and fsdp_ways > 1:
+        out["stage_weights"] = 2 * local_layer_bytes * fsdp_ways
+    return out
+
+
+def compute_seconds(layer_flops: float, head_flops: float, pipe: Layout, peak: float) -> float:
+    """Step compute time at `peak` (all devices): the layers' FLOPs stretched by the bubble (its
+    slots compute on zeros), the head's replicated over the pipeline stages."""
+    return (layer_flops / (1.0 - pipe.bubble) + head_flops * pipe.stages) / peak
+
+
+def head_flops(cfg) -> float:
+    """Training FLOPs of the output head (forward and backward matmul: 6·d·vocab per token)."""
+    m = cfg.model
+    return 6.0 * m.d_model * m.vocab_size * cfg.batch_size * cfg.seq_len
+
+
+# The search splits the layers into stages only where each stage keeps at least this many layer
+# blocks: a one-layer stage pays a hand-off, a weight gather and a bubble slot per layer.
+MIN_LAYERS_PER_STAGE = 2
+
+
+def options(num_layers: int, per_granule: int, granules: int) -> list[tuple[int, int]]:
+    """(stages, DCN part) the search tries: none; all slices as stages (the pipeline alone
+    crosses DCN); 2 or 4 stages inside a slice. Each divides the layer blocks."""
+    out = [(1, 1)]
+    fits = lambda s: num_layers % s == 0 and num_layers // s >= MIN_LAYERS_PER_STAGE
+    if granules > 1 and fits(granules):
+        out.append((granules, granules))
+    for s in (2, 4):
+        if per_granule % s == 0 and per_granule > s and fits(s):
+            out.append((s, 1))
+    return out
+
+
+def repeats(num_layers: int, stages: int) -> list[int]:
+    """Circular repeats the search tries: 1, and 2 where it divides the layers per stage."""
+    if stages == 1:
+        return [1]
+    return [r for r in (1, 2) if num_layers % (stages * r) == 0
+            and num_layers // (stages * r) >= 1]
+
+
+def microbatch_options(stages: int, candidates: list[int]) -> list[int]:
+    """Microbatch counts of a pipeline plan: multiples of the stages (every stage needs one)."""
+    return [m for m in candidates if m % stages == 0] if stages > 1 else candidates
+
+
+def describe(plan) -> str:
+    if dict(plan.mesh).get(AXIS, 1) == 1:
+        return ""
+    gather = "" if plan.pipeline_fsdp_gather == "per_iteration" else ", gather per step"
+    return f" (R={plan.pipeline_repeats}{gather})"
+
+
+def num_layer_blocks(infos) -> int:
+    """L: the stacked layer blocks (the 'layers' dimension of the stacked weights; 0: none)."""
+    for p in infos:
+        if "layers" in p.names:
+            return p.shape[p.names.index("layers")]
+    return 0
+
+
+def local_bytes(infos, ways_of, scanned: bool) -> float:
+    """Float32 bytes of this device's shard of the stacked (or the other) weights."""
+    total = 0.0
+    for p in infos:
+        if ("layers" in p.names) == scanned:
+            total += 4 * math.prod(d // w for d, w in zip(p.shape, ways_of(p)))
+    return total
