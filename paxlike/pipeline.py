@@ -17,6 +17,8 @@ autodiff through the `lax.scan` over iterations (GPipe: all microbatches' residu
 
 The model families do not know about any of this: `paxlike.models.layers.scan_layers` runs the
 schedule when `use(spec)` is active (the trainer's pipeline gradient schedule, paxlike/step.py).
+Outside the stages (embedding, head, loss) the batch's rows are split over `pipeline` too (every
+rules preset puts it in `batch`); inside a stage the rules drop it (`stage_rules`).
 Weights keep the logical layer order [L, ...] (so checkpoints do too), with 'layers' split over
 `pipeline`; with R > 1 the step regroups them to [S, R, K, ...], which moves weights between
 pipeline devices once per step (forward) and moves their gradients back.
@@ -118,6 +120,48 @@ def from_microbatches(x: jax.Array) -> jax.Array:
     return jnp.swapaxes(x, 0, 1).reshape(x.shape[0] * x.shape[1], *x.shape[2:])
 
 
+def _row_groups(batch: int) -> tuple[tuple[int, ...], int]:
+    """How the active rules split `batch` rows outside the stages: (sizes of the batch mesh axes
+    in rule order, the position of `pipeline` among them or -1)."""
+    axes = sharding.active_axes("batch")
+    mesh = sharding.active_rules()[0] if axes else None
+    sizes = tuple(mesh.shape[a] for a in axes)
+    return sizes, axes.index(AXIS) if AXIS in axes else -1
+
+
+def split_rows(x: jax.Array, m: int) -> jax.Array:
+    """[B, ...] -> [m, B/m, ...] for the schedule, keeping rows on their devices. Outside the
+    stages the rows are split over the batch axes including `pipeline`; inside, over the others
+    only. So the rows of each group of devices that differ only in their pipeline index are
+    pooled (their stage buffers gather them over `pipeline`), and microbatch i takes the pooled
+    rows i, i+m, i+2m… of every group. Without other batch axes that is `to_microbatches`."""
+    sizes, at = _row_groups(x.shape[0])
+    if at < 0:
+        return to_microbatches(x, m)
+    rows, rest = x.shape[0] // np.prod(sizes, dtype=int), x.shape[1:]
+    blocks = x.reshape(*sizes, rows, *rest)
+    n = len(sizes)
+    blocks = jnp.moveaxis(blocks, at, n - 1)               # [..others, S, rows, ...]
+    others = sizes[:at] + sizes[at + 1:]
+    pooled = blocks.reshape(*others, sizes[at] * rows // m, m, *rest)
+    micro = jnp.moveaxis(pooled, n, 0)                      # [m, ..others, pooled/m, ...]
+    return micro.reshape(m, x.shape[0] // m, *rest)
+
+
+def join_rows(x: jax.Array, batch: int) -> jax.Array:
+    """The inverse of `split_rows`: [m, B/m, ...] -> [B, ...]."""
+    sizes, at = _row_groups(batch)
+    if at < 0:
+        return from_microbatches(x)
+    m, rest = x.shape[0], x.shape[2:]
+    rows, n = batch // np.prod(sizes, dtype=int), len(sizes)
+    others = sizes[:at] + sizes[at + 1:]
+    micro = x.reshape(m, *others, sizes[at] * rows // m, *rest)
+    pooled = jnp.moveaxis(micro, 0, n)                      # [..others, pooled/m, m, ...]
+    blocks = pooled.reshape(*others, sizes[at], rows, *rest)
+    return jnp.moveaxis(blocks, n - 1, at).reshape(batch, *rest)
+
+
 def _pin(x: jax.Array, spec: PartitionSpec) -> jax.Array:
     rules = sharding.active_rules()
     if rules is None:
@@ -141,6 +185,20 @@ def _pin_stages(x: jax.Array, leading: int, names) -> jax.Array:
     mesh, rules = active_rules
     rest = sharding.logical_to_spec(names, None, stage_rules(rules), mesh, "pipeline activation")
     return _pin(x, PartitionSpec(AXIS, *([None] * (leading - 1)), *rest))
+
+
+def _pin_microbatched(b: jax.Array) -> jax.Array:
+    """[M, B/M, ...] batch inputs (positions, masks): rows split as inside a stage (not over
+    `pipeline`: every stage may read any microbatch), the other dimensions left to the
+    partitioner."""
+    active_rules = sharding.active_rules()
+    if active_rules is None:
+        return b
+    mesh, rules = active_rules
+    rows = sharding.logical_to_spec(("batch",), b.shape[1:2], stage_rules(rules), mesh,
+                                    "pipeline batch input")
+    rest = [PartitionSpec.UNCONSTRAINED] * (b.ndim - 2)
+    return _pin(b, PartitionSpec(None, *rows, *rest))
 
 
 def _shift(x: jax.Array, stages: int) -> jax.Array:
@@ -188,17 +246,17 @@ def run(stage_fn: Callable, weights, x: jax.Array, batch_inputs, spec: PipelineS
 
     stage_fn(weights [K, ...], x [b, ...], batch_inputs (one microbatch's), repeat, microbatch,
              stage) -> (x, per-layer outputs [K, ...])
-    weights: [S, R, K, ...] (`stage_weights`); x: [B, ...] with B split into M microbatches as
-    `to_microbatches` does, like every array of `batch_inputs`.
+    weights: [S, R, K, ...] (`stage_weights`); x: [B, ...], split into M microbatches by
+    `split_rows`, like every array of `batch_inputs`.
     Returns (x after every layer [B, ...], per-layer outputs [M, R·S·K, ...] in layer order).
     """
     S, M, R = spec.stages, spec.microbatches, spec.repeats
     n_items = M * R
-    micro = to_microbatches(x, M)
-    # Every stage keeps a buffer of all microbatches; only stage 0's is read (no traffic: each
-    # pipeline device already holds the embedded batch).
+    micro = split_rows(x, M)
+    # Every stage keeps a buffer of all microbatches (the embedded batch, its rows gathered over
+    # `pipeline`); only stage 0's is read, and written with the last stage's outputs.
     micro = _pin_stages(jnp.broadcast_to(micro[None], (S, *micro.shape)), 2, act_names)
-    batch_inputs = jax.tree.map(lambda b: to_microbatches(b, M), batch_inputs)
+    batch_inputs = jax.tree.map(lambda b: _pin_microbatched(split_rows(b, M)), batch_inputs)
     stage_ids = jnp.arange(S)
     fill = 0.0 if spec.bubble_fill is None else spec.bubble_fill
     shifted = _pin_stages(jnp.full((S, *micro.shape[2:]), fill, x.dtype), 1, act_names)
@@ -247,7 +305,9 @@ def run(stage_fn: Callable, weights, x: jax.Array, batch_inputs, spec: PipelineS
     (buffer, shifted), per_layer = jax.lax.scan(iteration, (micro, shifted),
                                                 jnp.arange(spec.iterations))
     buffer = write_back(buffer, shifted, spec.iterations)
-    x_out = from_microbatches(buffer[0])
+    # Back to the rows' layout outside the stages (split over `pipeline` too) before the head:
+    # left to the partitioner, the head's backward pass gathers the whole batch on every device.
+    x_out = sharding.constrain(join_rows(buffer[0], x.shape[0]), act_names)
     return x_out, jax.tree.map(lambda v: _by_layer(v, spec), per_layer)
 
 

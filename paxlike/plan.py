@@ -64,6 +64,7 @@ def plan_json(c) -> dict:
     p = c.plan
     return {"mesh": {a: s for a, s in p.mesh}, "dcn": {a: s for a, s in p.dcn},
             "preset": p.preset, "microbatches": p.microbatches, "remat": p.remat,
+            "pipeline_repeats": p.pipeline_repeats, "pipeline_fsdp_gather": p.pipeline_fsdp_gather,
             "bytes_per_device": int(c.bytes_per_device),
             "comm_bytes": {k: int(v) for k, v in sorted(c.comm.items())},
             "step_time_s": c.step_time_s, "mfu": c.mfu}

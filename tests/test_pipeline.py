@@ -139,3 +139,41 @@ def test_pipeline_with_fsdp_and_tensor_equals_one_device():
     cfg = config("transformer", microbatches=MICROBATCHES, pipeline_fsdp_gather="per_step")
     trainer = with_nan_bubbles(trainer_on(cfg, {"pipeline": 2, "fsdp": 2, "tensor": 2}, 8))
     assert_same_run(run_at(trainer, trajectory), reference, "pipeline 2 x fsdp 2 x tensor 2")
+
+
+def loop_config(stages: int, **overrides):
+    """A training run on all 8 devices: `stages` pipeline stages, fsdp over the rest."""
+    cfg = config("transformer", microbatches=MICROBATCHES, steps=6, checkpoint_every=3,
+                 batch_size=32, **{"mesh.pipeline": stages, "mesh.fsdp": 8 // stages,
+                                   "model.vocab_size": 512})
+    return set_keys(cfg, overrides)
+
+
+def test_checkpoint_restores_across_pipeline_degrees(tmp_path):
+    """Weights are stored in logical layer order whatever the pipeline: runs checkpointed with 4
+    stages and resumed with 1, and checkpointed with 1 and resumed with 2, continue with the
+    losses of an uninterrupted run."""
+    straight = loop.run(loop_config(1), str(tmp_path / "straight"))
+    for before, after in ((4, 1), (1, 2)):
+        workdir = str(tmp_path / f"{before}-to-{after}")
+        first = loop.run(loop_config(before), workdir, stop_at=3)
+        rest = loop.run(loop_config(after), workdir)
+        assert len(first) == 3 and len(rest) == 3
+        np.testing.assert_allclose(first + rest, straight, rtol=1e-5, err_msg=f"{before} -> {after}")
+
+
+@pytest.mark.parametrize("overrides,message", [
+    ({"mesh.pipeline": 4, "mesh.fsdp": 2, "model.num_layers": 6},
+     r"stacks 6 layer blocks, which mesh.pipeline=4 × pipeline_repeats=1 = 4 does not divide"),
+    ({"mesh.pipeline": 2, "mesh.fsdp": 4, "microbatches": 3, "batch_size": 24},
+     r"microbatches=3 must be a multiple of mesh.pipeline=2 .* set microbatches to 4"),
+    ({"mesh.pipeline": 1, "mesh.fsdp": 8, "pipeline_repeats": 2},
+     r"pipeline_repeats=2 needs mesh.pipeline > 1"),
+    ({"mesh.pipeline": 2, "mesh.fsdp": 4, "pipeline_fsdp_gather": "once"},
+     r"pipeline_fsdp_gather='once'; choose one of \['per_iteration', 'per_step'\]"),
+])
+def test_unpipelineable_config_fails_before_any_work(tmp_path, overrides, message):
+    workdir = tmp_path / "run"
+    with pytest.raises(UserError, match=message):
+        loop.run(set_keys(loop_config(1), overrides), str(workdir))
+    assert not workdir.exists()

@@ -201,8 +201,12 @@ def test_planner_finds_a_feasible_plan_whenever_one_exists(granules, per_granule
         if brute:
             assert result.plans[0].step_time_s <= min(c.step_time_s for c in brute) * (1 + 1e-9)
         for c in result.plans:   # only data-like axes cross DCN, tensor stays inside a slice
-            assert c.plan.dcn_sizes["tensor"] == 1 and c.plan.dcn_sizes["fsdp"] == 1
-            assert c.plan.dcn_sizes["data"] == granules
+            dcn = c.plan.dcn_sizes
+            assert dcn["tensor"] == 1 and dcn["fsdp"] == 1
+            # the slices split the data, or they are the pipeline's stages (`pipeline.options`)
+            assert (dcn["data"], dcn["pipeline"]) in ((granules, 1), (1, granules)), dcn
+        if granules > 1:   # both kinds of plan are searched
+            assert {c.plan.dcn_sizes["pipeline"] for c in everything} == {1, granules}
 
 
 def test_plans_are_ranked_and_name_their_binding_constraint():
@@ -242,8 +246,10 @@ def test_plan_cli_json_format():
     plans = json.loads(out.stdout)["plans"]
     assert len(plans) == 3
     for p in plans:
-        assert list(p) == ["mesh", "dcn", "preset", "microbatches", "remat", "bytes_per_device",
-                           "comm_bytes", "step_time_s", "mfu"]
+        assert list(p) == ["mesh", "dcn", "preset", "microbatches", "remat", "pipeline_repeats",
+                           "pipeline_fsdp_gather", "bytes_per_device", "comm_bytes",
+                           "step_time_s", "mfu"]
+        assert p["pipeline_repeats"] >= 1 and p["pipeline_fsdp_gather"] == "per_iteration"
         assert all(k.endswith(("/ici", "/dcn")) for k in p["comm_bytes"])
 
 

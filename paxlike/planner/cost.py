@@ -334,16 +334,29 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     sizes, dcn = plan.sizes, plan.dcn_sizes
     rules = sharding.get_rules(plan.preset)
     acts = activation_model(cfg)
+    infos = param_infos(cfg)
+    # With a pipeline the layers run per microbatch in flight, the embedding and the head once
+    # per step on the whole local batch (paxlike/planner/pipeline.py). Its problems are said
+    # first, as the trainer does.
+    pipe = pipeline_model.layout(plan, sizes, pipeline_model.num_layer_blocks(infos))
     batch_axes = [a for a in rules["batch"] if sizes[a] > 1]
     batch_ways = math.prod(sizes[a] for a in batch_axes)
     mb = plan.microbatches
-    if cfg.batch_size % (batch_ways * mb):
+    # With a pipeline the batch is split over `pipeline` too outside the stages (embedding, head,
+    # loss, the input), and a microbatch only over the other batch axes inside them
+    # (paxlike.pipeline.stage_rules): the trainer's two checks.
+    stages = sizes[pipeline_model.AXIS] if pipeline_model.AXIS in batch_axes else 1
+    stage_ways = batch_ways // stages
+    if stages > 1 and (cfg.batch_size % batch_ways or cfg.batch_size % (stage_ways * mb)):
+        raise UserError(f"batch_size={cfg.batch_size} must divide by {batch_ways} batch shards "
+                        f"and, per microbatch ({mb}), by the {stage_ways} inside a stage")
+    if stages == 1 and cfg.batch_size % (batch_ways * mb):
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by {batch_ways} batch "
                         f"shards x {mb} microbatches")
     ctx = sizes["context"] if "context" in rules["length"] else 1
     if cfg.seq_len % ctx:
         raise UserError(f"seq_len={cfg.seq_len} is not divisible by mesh.context={ctx}")
-    b, t = cfg.batch_size // (batch_ways * mb), cfg.seq_len // ctx
+    b, t = cfg.batch_size // (stage_ways * mb), cfg.seq_len // ctx
     tp = sizes["tensor"] if "tensor" in rules["heads"] else 1
     vocab_ways = sizes["tensor"] if "tensor" in rules["vocab"] else 1
     dt = acts.dt
@@ -352,16 +365,13 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         acts.configure(rules, sizes, cfg.batch_size, b, t, mb)
     # The model's global-batch statistics take one more forward pass with microbatches.
     stats = 1 if moe and mb > 1 and acts.stats_pass else 0
-    infos = param_infos(cfg)
-    # With a pipeline the layers run per microbatch in flight, the embedding and the head once
-    # per step on the whole local batch (paxlike/planner/pipeline.py).
-    pipe = pipeline_model.layout(plan, sizes, pipeline_model.num_layer_blocks(infos))
     if pipe and moe:
         raise UserError("the planner does not price pipelined mixture-of-experts plans yet; set "
                         "the mesh by hand and check it with `python -m paxlike.aot --plan=config`")
     layer_uses = pipe.weight_uses if pipe else mb   # the stacked weights' gathers / reductions
     head_uses = 1 if pipe else mb                   # the embedding's and the head's
-    head_b = b * mb if pipe else b                  # the sequences those see at once
+    # the sequences those see at once: the whole local batch, split over `pipeline` too
+    head_b = cfg.batch_size // batch_ways if pipe else b
 
     memory = dict.fromkeys(("params", "grads", "optimizer", "batch", "activations",
                             "temporaries"), 0.0)
@@ -416,7 +426,9 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         matrix = len([n for n in p.names if n != "layers"]) > 1
         f32 = moe and p.path.endswith(acts.float32_params)
         use_bytes = (dt if matrix and not f32 else 4) * local   # the shard, in the dtype it is used
-        fsdp_axes = [a for a in batch_axes if a in shard_axes and a not in expert_axes]
+        # Nor are pipeline stages: each holds its own layers ('layers' over `pipeline`).
+        fsdp_axes = [a for a in batch_axes if a in shard_axes and a not in expert_axes
+                     and not (scanned and a == pipeline_model.AXIS)]
         gathered = use_bytes * math.prod(sizes[a] for a in fsdp_axes)
         if scanned and matrix:
             layer_weights += gathered / depth
@@ -444,10 +456,11 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             send("all-gather", fsdp_axes, gathered, uses * gathers)
             send("reduce-scatter", fsdp_axes, gathered, uses)
         replicated = [a for a in batch_axes if a not in shard_axes]
-        if moe and p.path in acts.lookup_params:
+        if (moe or (pipe and backend != "cpu")) and p.path in acts.lookup_params:
             # The table's gradient is an f32 scatter-add: reduced in f32 (v5p MoE HLO). The
-            # dense family keeps its figures (its CI plans shard the table over fsdp).
-            send("all-reduce", replicated, 4 * local, mb)
+            # dense family keeps its figures (its CI plans shard the table over fsdp), except
+            # over `pipeline` on TPU (v5p HLO of the pipelined AOT case: f32 over DCN).
+            send("all-reduce", replicated, 4 * local, uses)
         else:
             send("all-reduce", replicated, use_bytes, uses)
 
@@ -472,8 +485,8 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     if moe:
         acts.collectives(send, mb, plan.remat, backend, batch_axes)
     if pipe:
-        pipeline_model.collectives(send, pipe, b, t, acts.d, dt, local_layers, local_table,
-                                   backend)
+        pipeline_model.collectives(send, pipe, b, t, acts.d, dt, batch_axes, cfg.batch_size,
+                                   acts.vocab // vocab_ways, local_layers, stage_ways)
 
     memory["batch"] = 5 * 4 * cfg.batch_size * cfg.seq_len / (batch_ways * ctx)
     weight_ways = math.prod(sizes[a] for a in set(rules["embed"]) | set(rules["vocab"]))
@@ -501,7 +514,11 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         phases = (acts.working_set(plan.remat, b, t, tp, vocab_ways, backend) if moe else
                   acts.working_set(plan.remat, b, t, tp, vocab_ways))
         if pipe:
-            phases["loss"] = acts.working_set(plan.remat, head_b, t, tp, vocab_ways)["loss"]
+            # the loss on the local batch, and the whole global batch's logits cotangent and
+            # final activations the head's backward gathers (`pipeline.collectives`)
+            phases["loss"] = (acts.working_set(plan.remat, head_b, t, tp, vocab_ways)["loss"]
+                              + pipeline_model.head_gathered(cfg.batch_size, t, acts.d,
+                                                             acts.vocab // vocab_ways))
         units.update(phases)
         memory["activations"] = saved
         memory["temporaries"] = max(phases.values()) + microbatch_grads

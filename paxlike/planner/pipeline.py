@@ -61,6 +61,9 @@ AXIS = "pipeline"
 # Arrays of the local batch's activations [M·b, t, d] (compute dtype) live beyond the saved
 # residuals and the working set: the microbatch buffer (every stage keeps one) and its cotangent.
 BUFFER_ARRAYS = 2
+# Stage buffers [M·b, t, d] the return of stage 0's outputs to the head permutes per step,
+# forward and backward together (XLA:CPU HLO of the fitted cases: halves and wholes).
+PERMUTED_BUFFERS = 2.5
 
 
 @dataclasses.dataclass(frozen=True)
@@ -117,18 +120,45 @@ def layout(plan, sizes: dict[str, int], num_layers: int) -> Layout | None:
                   plan.pipeline_fsdp_gather)
 
 
-def collectives(send, pipe: Layout, b: int, t: int, d: int, dt: int, local_layer_bytes: float,
-                table_bytes: float, backend: str) -> None:
-    """The pipeline's own collectives (module docstring). b: sequences per microbatch per device;
-    local_layer_bytes: this device's float32 shard of the stacked layer weights; table_bytes:
-    its float32 shard of the embedding table."""
+def collectives(send, pipe: Layout, b: int, t: int, d: int, dt: int, batch_axes: list[str],
+                batch_size: int, vocab_cols: int, local_layer_bytes: float,
+                stage_ways: int) -> None:
+    """The pipeline's own collectives (module docstring). b: sequences per microbatch per device
+    inside a stage; batch_axes: the mesh axes the batch is split over outside the stages
+    (`pipeline` included); vocab_cols: the logits' columns per device; stage_ways: the batch
+    shards inside a stage; local_layer_bytes: this device's float32 shard of the stacked
+    layers."""
     micro = b * t * d * dt
+    buffer = micro * pipe.microbatches      # a stage's buffer: the microbatches it holds
     send("collective-permute", [AXIS], micro, 2 * pipe.iterations)
-    send("all-reduce", [AXIS], micro * pipe.microbatches, 2)
+    # The embedded batch (rows split over `pipeline` too) into every stage's buffer (rows split
+    # only inside a stage): an all-gather over `pipeline`; backward, the buffer's cotangent is
+    # summed over the stages (XLA:CPU: an all-reduce).
+    send("all-gather", [AXIS], buffer)
+    send("all-reduce", [AXIS], buffer)
+    # Stage 0's buffer back to the batch split over `pipeline` for the head: XLA broadcasts it
+    # over `pipeline` (an all-reduce) and moves the rows with permutes; backward, permutes and
+    # two gathers of the buffer's cotangent (XLA:CPU HLO: 2.5 buffers permuted in pieces).
+    send("all-reduce", [AXIS], buffer)
+    send("collective-permute", [AXIS], buffer, PERMUTED_BUFFERS)
+    send("all-gather", [AXIS], buffer, 2)
+    # The pipeline's output carries no sharding constraint (paxlike/pipeline.py `run`), and the
+    # head's backward pass then gathers the whole global batch's float32 logits cotangent and
+    # final activations on every device ("Involuntary full rematerialization" on XLA:CPU; v5p:
+    # bf16 pieces of 0.9x the same bytes).
+    send("all-gather", batch_axes, head_gathered(batch_size, t, d, vocab_cols))
+    if batch_size % (pipe.microbatches * stage_ways * pipe.stages):
+        # B/M does not divide by every batch shard: `to_microbatches` cannot keep each device's
+        # rows and XLA gathers the embedded batch whole (another involuntary rematerialization).
+        send("all-gather", batch_axes, batch_size * t * d * dt)
     if pipe.repeats > 1:
         send("all-to-all", [AXIS], local_layer_bytes, 2)
-    if backend != "cpu":
-        send("all-reduce", [AXIS], table_bytes, 1)
+
+
+def head_gathered(batch_size: int, t: int, d: int, vocab_cols: int) -> float:
+    """Bytes of the global batch's float32 logits cotangent [B, t, vocab_cols] and final
+    activations [B, t, d] that the head's backward pass gathers on every device."""
+    return batch_size * t * (vocab_cols + d) * 4
 
 
 def memory(pipe: Layout, layer_saved: float, rest_saved: float, b: int, t: int, d: int, dt: int,
@@ -155,8 +185,8 @@ def memory(pipe: Layout, layer_saved: float, rest_saved: float, b: int, t: int, 
 
 def compute_seconds(layer_flops: float, head_flops: float, pipe: Layout, peak: float) -> float:
     """Step compute time at `peak` (all devices): the layers' FLOPs stretched by the bubble (its
-    slots compute on zeros), the head's replicated over the pipeline stages."""
-    return (layer_flops / (1.0 - pipe.bubble) + head_flops * pipe.stages) / peak
+    slots compute on zeros); the head's are not (its rows are split over `pipeline` too)."""
+    return (layer_flops / (1.0 - pipe.bubble) + head_flops) / peak
 
 
 def head_flops(cfg) -> float:
@@ -165,16 +195,14 @@ def head_flops(cfg) -> float:
     return 6.0 * m.d_model * m.vocab_size * cfg.batch_size * cfg.seq_len
 
 
-# The search splits the layers into stages only where each stage keeps at least this many layer
-# blocks: a one-layer stage pays a hand-off, a weight gather and a bubble slot per layer.
-MIN_LAYERS_PER_STAGE = 2
-
-
 def options(num_layers: int, per_granule: int, granules: int) -> list[tuple[int, int]]:
     """(stages, DCN part) the search tries: none; all slices as stages (the pipeline alone
-    crosses DCN); 2 or 4 stages inside a slice. Each divides the layer blocks."""
+    crosses DCN); 2 or 4 stages inside a slice. Each divides the layer blocks. (A one-layer stage
+    is allowed: what it costs, a hand-off, gathers and a bubble slot per layer, is priced, and R = 2
+    already gives K = 1 stages, e.g. the fitted 4-layer S = 2, R = 2 case; no search-side minimum
+    is needed.)"""
     out = [(1, 1)]
-    fits = lambda s: num_layers % s == 0 and num_layers // s >= MIN_LAYERS_PER_STAGE
+    fits = lambda s: num_layers % s == 0
     if granules > 1 and fits(granules):
         out.append((granules, granules))
     for s in (2, 4):

@@ -16,7 +16,7 @@ it (`fsdp_tp`; `fold_tensor` when `tensor` > 1 as well: experts over expert x te
 configs plan exactly as before.
 
 Dense configs are also planned with a pipeline (`paxlike.planner.pipeline.options`): S stages
-dividing the stacked layer blocks (at least 2 blocks per stage), either across all slices (the
+dividing the stacked layer blocks, either across all slices (the
 pipeline alone crosses DCN, instead of data) or 2 / 4 stages inside a slice; microbatches a
 multiple of S, circular repeats R in {1, 2} where they divide, FSDP weights gathered per
 iteration. More microbatches shrink a pipeline's bubble, so pipeline plans try every count that
@@ -98,7 +98,10 @@ def _microbatch_options(cfg, sizes, preset) -> list[int]:
     ways = math.prod(sizes.get(a, 1) for a in rules["batch"])
     if cfg.batch_size % ways:
         return []
-    return _divisors(cfg.batch_size // ways)
+    # A pipeline's microbatch is split over the batch axes inside a stage only (`pipeline` not
+    # among them), so it may hold fewer rows than there are batch shards outside.
+    stages = sizes.get(pipeline_model.AXIS, 1) if pipeline_model.AXIS in rules["batch"] else 1
+    return _divisors(cfg.batch_size * stages // ways)
 
 
 def fits(c: cost.Cost) -> bool:
