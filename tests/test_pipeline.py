@@ -5,17 +5,14 @@ configs that cannot be pipelined fail before any work."""
 
 import dataclasses
 import functools
-import os
-
 import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import set_keys, shrunk_config
-from paxlike import loop, pipeline, sharding
+from paxlike import loop, sharding
 from paxlike.errors import UserError
-from paxlike.experiments import gla, transformer
+from paxlike.experiments import gla, moe, transformer
 from paxlike.mesh import build_mesh
 from paxlike.trainer import Trainer
 
@@ -26,13 +23,18 @@ MODELS = {
                                   "num_kv_heads": 2, "mlp_dim": 64, "vocab_size": VOCAB}),
     "gla": (gla, {"num_layers": 8, "d_model": 32, "num_heads": 2, "mlp_dim": 64,
                   "vocab_size": VOCAB, "chunk_size": 16}),
+    # Global-batch load balancing: the pipeline's statistics pass and per-layer router outputs.
+    "moe": (moe, {"num_layers": 4, "d_model": 32, "num_heads": 4, "num_kv_heads": 2,
+                  "mlp_dim": 64, "vocab_size": VOCAB, "num_experts": 4, "expert_mlp_dim": 32,
+                  "load_balance": "global_batch"}),
 }
+ROWS = {"moe": 16}      # its mesh below splits a microbatch 4 ways
 
 
 def config(family: str, **overrides):
     experiment, model = MODELS[family]
     cfg = shrunk_config(experiment, model, **{"mesh.fsdp": 1})
-    cfg.update(batch_size=BATCH, seq_len=SEQ)
+    cfg.update(batch_size=ROWS.get(family, BATCH), seq_len=SEQ)
     return set_keys(cfg, overrides)
 
 
@@ -41,16 +43,16 @@ def trainer_on(cfg, sizes: dict, num_devices: int) -> Trainer:
     return Trainer(cfg, build_mesh(sizes, devices=jax.devices()[:num_devices]))
 
 
-def batches(seed: int = 0) -> list[dict]:
+def batches(rows: int = BATCH, seed: int = 0) -> list[dict]:
     """STEPS batches of two packed documents per row, a fifth of the targets weighted out."""
     rng = np.random.default_rng(seed)
-    shape = (BATCH, SEQ)
+    shape = (rows, SEQ)
     half = SEQ // 2
     out = []
     for _ in range(STEPS):
         out.append({"inputs": rng.integers(0, VOCAB, shape), "targets": rng.integers(0, VOCAB, shape),
-                    "segment_ids": np.repeat([[1] * half + [2] * half], BATCH, 0),
-                    "positions": np.repeat([list(range(half)) * 2], BATCH, 0),
+                    "segment_ids": np.repeat([[1] * half + [2] * half], rows, 0),
+                    "positions": np.repeat([list(range(half)) * 2], rows, 0),
                     "weights": rng.random(shape) < 0.8})
     return [{k: np.asarray(v, np.float32 if k == "weights" else np.int32) for k, v in b.items()}
             for b in out]
@@ -64,24 +66,25 @@ def with_nan_bubbles(trainer: Trainer) -> Trainer:
 
 
 def gradient_fn(trainer: Trainer):
-    """(params, batch) -> (loss, gradients) by the trainer's gradient schedule, compiled."""
+    """(params, batch) -> (loss, gradients, {auxiliary losses, metrics, statistics}) by the
+    trainer's gradient schedule, compiled."""
     def one(params, batch):
         with sharding.use_rules(trainer.mesh, trainer.rules):
             out = trainer.schedule(trainer.loss, params, batch, jax.random.PRNGKey(0))
-        return out.loss, out.grads
+        return out.loss, out.grads, {"aux": out.aux, "metrics": out.metrics, "stats": out.stats}
 
     step = jax.jit(one, in_shardings=(trainer.param_shardings, trainer.batch_sharding),
-                   out_shardings=(trainer.replicated, trainer.param_shardings))
+                   out_shardings=(trainer.replicated, trainer.param_shardings,
+                                  trainer.replicated))
     return lambda params, batch: jax.tree.map(np.asarray, step(
         jax.device_put(params, trainer.param_shardings),
         jax.device_put(batch, trainer.batch_sharding)))
 
 
-def run_at(trainer: Trainer, trajectory) -> tuple[list, list]:
-    """Losses and gradients at each step's parameters and batch of a reference trajectory."""
+def run_at(trainer: Trainer, trajectory) -> list[tuple]:
+    """(loss, gradients, parts) at each step's parameters and batch of a reference trajectory."""
     grads_of = gradient_fn(trainer)
-    results = [grads_of(params, batch) for params, batch in trajectory]
-    return [float(loss) for loss, _ in results], [g for _, g in results]
+    return [grads_of(params, batch) for params, batch in trajectory]
 
 
 @functools.cache
@@ -89,7 +92,7 @@ def unpipelined(family: str):
     """The reference: STEPS plain gradient steps (params -= LR · grads) of the model on one
     device, accumulating gradients over the same MICROBATCHES the pipelines split the batch into
     (so the layers see the same [B/M, T, d] blocks). Returns the trajectory [(params, batch)] and
-    its (losses, gradients).
+    the (loss, gradients, parts) of each step.
 
     Pipelined runs are compared at the reference's parameters of each step rather than along
     their own trajectory: float32 gradients of the GLA model amplify differences in the last bit
@@ -99,30 +102,35 @@ def unpipelined(family: str):
     trainer = trainer_on(config(family, microbatches=MICROBATCHES), {}, 1)
     grads_of = gradient_fn(trainer)
     params = jax.tree.map(np.asarray, trainer.init_state().params)
-    trajectory, losses, grads = [], [], []
-    for batch in batches():
+    trajectory, results = [], []
+    for batch in batches(ROWS.get(family, BATCH)):
         trajectory.append((params, batch))
-        loss, g = grads_of(params, batch)
-        losses.append(float(loss))
-        grads.append(g)
-        params = jax.tree.map(lambda p, d: p - LR * d, params, g)
-    return trajectory, (losses, grads)
+        results.append(grads_of(params, batch))
+        params = jax.tree.map(lambda p, d: p - LR * d, params, results[-1][1])
+    return trajectory, results
 
 
 def assert_same_run(run, reference, what: str):
-    """Losses and every gradient entry within 1e-5 (relative, and absolute relative to the
-    gradient's largest entry), at every step."""
-    (losses, grads), (ref_losses, ref_grads) = run, reference
-    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=what)
-    for step, (g, ref) in enumerate(zip(grads, ref_grads)):
-        for path, a, b in zip(jax.tree_util.tree_flatten_with_path(ref)[0], jax.tree.leaves(g),
-                              jax.tree.leaves(ref)):
+    """Losses, auxiliary losses, metrics and statistics within 1e-5 (relative), and every gradient
+    entry within 1e-5 (relative, and absolute relative to the gradient's largest entry), at
+    every step."""
+    for step, ((loss, grads, parts), (ref_loss, ref_grads, ref_parts)) in enumerate(
+            zip(run, reference)):
+        where = f"{what}: step {step}"
+        np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, err_msg=where)
+        part_paths = jax.tree_util.tree_flatten_with_path(ref_parts)[0]
+        assert jax.tree.structure(parts) == jax.tree.structure(ref_parts), where
+        for (path, b), a in zip(part_paths, jax.tree.leaves(parts)):
+            np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7,
+                                       err_msg=f"{where}, {jax.tree_util.keystr(path)}")
+        for (path, b), a in zip(jax.tree_util.tree_flatten_with_path(ref_grads)[0],
+                                jax.tree.leaves(grads)):
             scale = float(np.max(np.abs(b))) or 1.0
             np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5 * scale,
-                                       err_msg=f"{what}: step {step}, {jax.tree_util.keystr(path[0])}")
+                                       err_msg=f"{where}, {jax.tree_util.keystr(path)}")
 
 
-@pytest.mark.parametrize("family", list(MODELS))
+@pytest.mark.parametrize("family", ["transformer", "gla"])
 @pytest.mark.parametrize("stages,repeats", [(2, 1), (2, 2), (4, 1), (4, 2)])
 def test_pipeline_equals_unpipelined_model(family, stages, repeats):
     """M = 2S and M = S (where a microbatch returns to stage 0 in the iteration it is needed)."""
@@ -139,6 +147,18 @@ def test_pipeline_with_fsdp_and_tensor_equals_one_device():
     cfg = config("transformer", microbatches=MICROBATCHES, pipeline_fsdp_gather="per_step")
     trainer = with_nan_bubbles(trainer_on(cfg, {"pipeline": 2, "fsdp": 2, "tensor": 2}, 8))
     assert_same_run(run_at(trainer, trajectory), reference, "pipeline 2 x fsdp 2 x tensor 2")
+
+
+def test_pipeline_with_expert_parallel_moe_equals_one_device():
+    """Pipeline 2 x expert 2 x fsdp 2: expert-parallel dispatch inside the stages, the router's
+    per-layer outputs per microbatch, and global-batch load balancing (its statistics pass runs
+    through the pipeline first): losses, router losses and metrics, expert counts and gradients
+    equal the one-device run's."""
+    trajectory, reference = unpipelined("moe")
+    cfg = config("moe", microbatches=MICROBATCHES)
+    trainer = with_nan_bubbles(trainer_on(cfg, {"pipeline": 2, "expert": 2, "fsdp": 2}, 8))
+    assert trainer.schedule.global_stats
+    assert_same_run(run_at(trainer, trajectory), reference, "moe pipeline 2 x expert 2 x fsdp 2")
 
 
 def loop_config(stages: int, **overrides):
