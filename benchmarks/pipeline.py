@@ -3,6 +3,7 @@ compiled memory per device against the number of microbatches.
 
     .venv/bin/python benchmarks/pipeline.py                  # both tables, 4-5.5 min on 2 cores
     .venv/bin/python benchmarks/pipeline.py --tables=bubble  # one of them
+    .venv/bin/python benchmarks/pipeline.py --tables=memory  # the other, 1-3 min
 
 Everything here is read from compiled train steps (`paxlike.trainer.Trainer(cfg, mesh).compile()`:
 the real step with its shardings, optimizer and donation); nothing is run. The process has 8
@@ -38,8 +39,10 @@ devices (mesh fsdp=S). The microbatch size is fixed, so the global batch grows w
 row per schedule (S=4, M=16) rematerialises every layer (model.remat=full). Traffic is the
 compiled program's collectives (`paxlike.planner.hlo.collectives`): bytes each device sends per
 step, in all and by kind (permute: the stage-to-stage activations; all-to-all: the R > 1 weight
-regrouping and its gradient; all-gather / all-reduce: FSDP's weights and gradients, and the
-pipeline's output broadcast over its stages).
+regrouping and its gradient, and stage 0's outputs back to the rows split over `pipeline` for
+the head; all-gather / all-reduce: FSDP's weights and gradients, the embedded batch gathered
+into the stage buffers over `pipeline` and its cotangent summed, and the embedding and head
+gradients summed over `pipeline`).
 """
 
 from __future__ import annotations

@@ -166,7 +166,7 @@ def test_expert_parallel_moe_train_step_compiles_for_v5p_4x4x4():
 
 # Pipelined train steps across 2 v5p slices, the stages over DCN (mesh.dcn.pipeline = 2), fsdp 4
 # inside each slice, 2 microbatches, remat full: name -> (experiment size, layers, batch, seq).
-# The 7b case compiles in 110-180 s (65-91 s with 4 layers and sequence 256: the pipelined
+# The 7b case compiles in 72-180 s (65-91 s with 4 layers and sequence 256: the pipelined
 # program, not the width or the depth, sets the time, and the TPU latency-hiding scheduler is not
 # it), so it is by hand (`pipelined_case`; benchmarks/planner.py --accuracy); CI compiles the
 # 125m model's width with 4 layers (2 per stage: a real inner scan), ~20 s.

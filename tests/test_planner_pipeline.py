@@ -4,16 +4,16 @@ devices, and the search choosing a pipeline across slices when DCN is what binds
 
 Which cases set the model (docs/planner.md, "Pipeline parallelism"): its collective terms were
 read off the XLA:CPU HLO of `fit_*` cases (per-iteration FSDP gathers and reductions, the stage
-hand-off, the buffer's gather over `pipeline` and its return to the head, the R > 1 relayout
-all-to-all) and of the v5p AOT case of tests/test_aot.py; its memory terms are counts of arrays
-(GPipe residuals, buffers), with the v5p-only terms read off that AOT case's buffer assignment.
-Nothing is a fitted multiple. The `heldout_` case (tensor parallelism, save_dots, 8 heads,
-sequence 64, R = 2) was compiled once after the first terms were fixed; since the batch moved
-over `pipeline` outside the stages, its HLO was printed beside the fitted cases' while the new
-buffer terms were read, so it is held out for memory only.
+hand-off, the buffer's gather over `pipeline` and its all-to-all back to the head's rows, the
+R > 1 relayout all-to-all) and of the v5p AOT case of tests/test_aot.py; its memory terms are
+counts of arrays (GPipe residuals, buffers), with the v5p-only terms read off that AOT case's
+buffer assignment. Nothing is a fitted multiple. The `heldout_` case (tensor parallelism,
+save_dots, 8 heads, sequence 64, R = 2) was compiled once after the first terms were fixed;
+since the batch moved over `pipeline` outside the stages, its HLO was printed beside the fitted
+cases' while the new buffer and return terms were read, so it is held out for memory only.
 
-Tolerances: the project's 10%, collective volume and memory. The memory model misses all three
-cases since that layout change (KNOWN_MEMORY_GAPS), marked as expected failures.
+Tolerances: the project's 10%, collective volume and memory. The memory model misses two of
+the three cases (KNOWN_MEMORY_GAPS), marked as expected failures.
 """
 
 import dataclasses
@@ -41,21 +41,16 @@ CASES = {
          "model.num_heads": 8, "model.num_kv_heads": 4, "seq_len": 64},
         {"pipeline": 2, "fsdp": 2, "tensor": 2}),
 }
-# Memory gaps (predicted / compiled) since the batch is split over `pipeline` outside the stages:
-# the test asserts the project's 10% and expects these to fail it (strict: a fix makes them
-# pass, and the marks must go). Before that change the first was 0.86, the second 1.03 (passing)
-# and the third 1.51. The head's backward now gathers the whole global batch's float32 logits
-# cotangent and activations on every device (`pipeline.head_gathered`, counted at the loss
-# peak), which the runtime's unconstrained pipeline output causes; what else XLA:CPU keeps has
-# not been read off these cases' buffer assignments.
+# Memory gaps (predicted / compiled): the test asserts the project's 10% and expects these to
+# fail it (strict: a fix makes them pass, and the marks must go). Since the pipeline's output is
+# constrained back to the rows split over `pipeline` and `split_rows` keeps each device's rows
+# (paxlike/pipeline.py `run`), the head no longer gathers the global batch and the data 2 case
+# (B/M = 4 rows < 8 batch shards) no longer rematerializes the embedded batch whole: it passes
+# again (0.96; 0.87 before, 1.03 before the batch moved over `pipeline`).
 KNOWN_MEMORY_GAPS = {
-    "fit_pipeline2_fsdp4_m2": "0.80: XLA:CPU keeps a second copy of part of the residual stacks "
+    "fit_pipeline2_fsdp4_m2": "0.76: XLA:CPU keeps a second copy of part of the residual stacks "
                               "under remat none (buffer assignment, before the layout change), "
                               "not modelled",
-    "fit_pipeline2_data2_fsdp2_m4_r2_full": "0.87: 5.9 MB more compiled since the batch is split "
-                                            "over pipeline (B/M = 4 < 8 batch shards: the "
-                                            "embedded batch is rematerialized whole); not yet "
-                                            "read off a buffer assignment",
     "heldout_pipeline2_fsdp2_tensor2_r2_dots": "1.43: over-predicted under save_dots x tensor; "
                                                "not yet read off a buffer assignment",
 }

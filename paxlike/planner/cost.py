@@ -336,7 +336,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     acts = activation_model(cfg)
     infos = param_infos(cfg)
     # With a pipeline the layers run per microbatch in flight, the embedding and the head once
-    # per step on the whole local batch (paxlike/planner/pipeline.py). Its problems are said
+    # per step on the local rows B/W (paxlike/planner/pipeline.py). Its problems are said
     # first, as the trainer does.
     pipe = pipeline_model.layout(plan, sizes, pipeline_model.num_layer_blocks(infos))
     batch_axes = [a for a in rules["batch"] if sizes[a] > 1]
@@ -370,7 +370,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                         "the mesh by hand and check it with `python -m paxlike.aot --plan=config`")
     layer_uses = pipe.weight_uses if pipe else mb   # the stacked weights' gathers / reductions
     head_uses = 1 if pipe else mb                   # the embedding's and the head's
-    # the sequences those see at once: the whole local batch, split over `pipeline` too
+    # the sequences those see at once: the local rows B/W (split over `pipeline` too)
     head_b = cfg.batch_size // batch_ways if pipe else b
 
     memory = dict.fromkeys(("params", "grads", "optimizer", "batch", "activations",
@@ -407,6 +407,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                 comm[key_dcn] = comm.get(key_dcn, 0.0) + sent * share_dcn * part
 
     layer_weights = 0.0   # one layer's and the head's gathered weights (compute dtype)
+    tied = bool(cfg.model.get("tie_embeddings", False))   # the table is the head too
     local_layers = local_table = 0.0   # float32 bytes of the local stacked weights / table
     for p in infos:
         ways = _ways(p.names, p.shape, rules, sizes)
@@ -463,6 +464,18 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             send("all-reduce", replicated, 4 * local, uses)
         else:
             send("all-reduce", replicated, use_bytes, uses)
+        if pipe and tied and p.path in acts.lookup_params and fsdp_axes:
+            # A tied table is the head too. With a pipeline the head's rows are split over every
+            # batch axis, and XLA gathers the table whole over the FSDP axes for it, like an
+            # untied head, and reduces its gradient there (v5p HLO of the 125m AOT case: a bf16
+            # all-gather and a bf16 all-reduce of the whole table over fsdp); on TPU the head's
+            # part of the gradient is also summed over `pipeline` in the compute dtype, beside
+            # the lookup's float32 sum above.
+            layer_weights += gathered
+            send("all-gather", fsdp_axes, gathered, uses)
+            send("reduce-scatter", fsdp_axes, gathered, uses)
+            if backend != "cpu":
+                send("all-reduce", replicated, use_bytes, uses)
 
     if tp > 1:
         # Row-parallel outputs (attention projection, MLP down) are summed over `tensor` in the
@@ -485,8 +498,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     if moe:
         acts.collectives(send, mb, plan.remat, backend, batch_axes)
     if pipe:
-        pipeline_model.collectives(send, pipe, b, t, acts.d, dt, batch_axes, cfg.batch_size,
-                                   acts.vocab // vocab_ways, local_layers, stage_ways)
+        pipeline_model.collectives(send, pipe, b, t, acts.d, dt, local_layers)
 
     memory["batch"] = 5 * 4 * cfg.batch_size * cfg.seq_len / (batch_ways * ctx)
     weight_ways = math.prod(sizes[a] for a in set(rules["embed"]) | set(rules["vocab"]))
@@ -505,7 +517,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     if moe:
         saved += acts.routed_saved(plan.remat, backend)
     units = dict(acts.units(b, t, tp, vocab_ways), gathered=layer_weights, saved=saved)
-    if pipe:   # the loss runs on the whole local batch
+    if pipe:   # the loss runs on the local rows B/W
         units["logits"] = acts.units(head_b, t, tp, vocab_ways)["logits"]
     # the accumulator's partner (a pipeline's backward scan accumulates the stage's gradients)
     microbatch_grads = memory["grads"] if mb > 1 else 0.0
@@ -514,11 +526,8 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         phases = (acts.working_set(plan.remat, b, t, tp, vocab_ways, backend) if moe else
                   acts.working_set(plan.remat, b, t, tp, vocab_ways))
         if pipe:
-            # the loss on the local batch, and the whole global batch's logits cotangent and
-            # final activations the head's backward gathers (`pipeline.collectives`)
-            phases["loss"] = (acts.working_set(plan.remat, head_b, t, tp, vocab_ways)["loss"]
-                              + pipeline_model.head_gathered(cfg.batch_size, t, acts.d,
-                                                             acts.vocab // vocab_ways))
+            # the loss on the local rows B/W (split over `pipeline` too)
+            phases["loss"] = acts.working_set(plan.remat, head_b, t, tp, vocab_ways)["loss"]
         units.update(phases)
         memory["activations"] = saved
         memory["temporaries"] = max(phases.values()) + microbatch_grads

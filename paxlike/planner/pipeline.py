@@ -14,8 +14,9 @@ split over `pipeline` by every preset's rules, so the exact per-parameter accoun
 replicated over `pipeline`.
 
 Compute: a stage computes I·K layer-microbatches for M·R·K useful ones, so the layers' FLOPs take
-1 / (1 − bubble) longer, bubble = (S − 1) / (R·M + S − 1); the embedding and the head run on the
-whole local batch on every pipeline device (replicated over `pipeline`: S times their share).
+1 / (1 − bubble) longer, bubble = (S − 1) / (R·M + S − 1); the embedding and the head run once per
+step on the local rows B/W (the batch is split over `pipeline` too outside the stages), so their
+FLOPs are not stretched.
 
 Collectives, read off the XLA:CPU HLO of tests/test_planner_pipeline.py's fitted cases and the v5p
 HLO of the AOT case:
@@ -23,14 +24,20 @@ HLO of the AOT case:
                   [b, t, d] per iteration, forward and again backward (2·I). Across slices
                   (mesh.dcn.pipeline > 1) it is a DCN transfer (the megascale ONE_TO_ONE send
                   that `hlo.py` counts), and the busiest device sends all of it over DCN.
-  buffer          the last stage's outputs reach every pipeline device (the head runs on all of
-                  them) and the input's cotangent is summed over the stages: two all-reduces over
-                  `pipeline` of the local batch's activations [M·b, t, d].
+  buffer          the embedded batch (rows B/W) reaches every stage's buffer (rows pooled per
+                  group of devices that differ only in their pipeline index, `split_rows`): an
+                  all-gather over `pipeline` of the buffer [M·b, t, d]; backward, its cotangent
+                  is summed over the stages (an all-reduce).
+  return          stage 0's buffer back to the rows split over `pipeline` for the head
+                  (`join_rows`, constrained): an all-to-all over `pipeline` of the buffer
+                  forward and of its cotangent backward, plus one microbatch backward.
   FSDP weights    per_iteration: each iteration gathers the K layers it runs (forward, and again
                   in the backward pass) and reduces their gradients, i.e. I / R times a stage's
                   weights per step instead of M times; XLA:CPU gathers the MLP's input weights
                   (gate, up) once more in the backward pass under remat. per_step: once.
-                  The head and the embedding lookup run once per step on the whole local batch.
+                  The head and the embedding lookup run once per step on the local rows B/W;
+                  a tied table is gathered whole over the FSDP axes for the head like an untied
+                  head (`cost.estimate`; v5p HLO of the 125m AOT case).
   relayout        R > 1: [L, ...] -> [S, R, K, ...] moves the weights between pipeline devices:
                   an all-to-all over `pipeline` of the local layer weights (float32) forward and
                   of their gradients backward.
@@ -39,8 +46,8 @@ HLO of the AOT case:
 
 Memory: GPipe keeps every iteration's residuals, so the saved activations are I·K layers of one
 microbatch's per-layer residuals (`cost.saved_bytes`, traced, split by the layer scan) plus the
-head's and the loss's for the whole local batch; the working set is the larger of one layer's
-backward on a microbatch and the loss on the whole local batch; plus the microbatch buffer and
+head's and the loss's for the local rows B/W; the working set is the larger of one layer's
+backward on a microbatch and the loss on the local rows B/W; plus the microbatch buffer and
 the stage inputs' cotangents (BUFFER_ARRAYS arrays of [M·b, t, d]); with R > 1 the relayout's
 copy of the local layer weights and of their gradients (float32); with per_step the stage
 weights gathered whole over the FSDP axes in float32, with their gradient. Read off the v5p
@@ -61,9 +68,9 @@ AXIS = "pipeline"
 # Arrays of the local batch's activations [M·b, t, d] (compute dtype) live beyond the saved
 # residuals and the working set: the microbatch buffer (every stage keeps one) and its cotangent.
 BUFFER_ARRAYS = 2
-# Stage buffers [M·b, t, d] the return of stage 0's outputs to the head permutes per step,
-# forward and backward together (XLA:CPU HLO of the fitted cases: halves and wholes).
-PERMUTED_BUFFERS = 2.5
+# Stage buffers [M·b, t, d] the return of stage 0's outputs to the head's row layout moves per
+# step with all-to-alls over `pipeline`, forward and backward together (XLA:CPU HLO).
+RETURN_BUFFERS = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,52 +127,35 @@ def layout(plan, sizes: dict[str, int], num_layers: int) -> Layout | None:
                   plan.pipeline_fsdp_gather)
 
 
-def collectives(send, pipe: Layout, b: int, t: int, d: int, dt: int, batch_axes: list[str],
-                batch_size: int, vocab_cols: int, local_layer_bytes: float,
-                stage_ways: int) -> None:
+def collectives(send, pipe: Layout, b: int, t: int, d: int, dt: int,
+                local_layer_bytes: float) -> None:
     """The pipeline's own collectives (module docstring). b: sequences per microbatch per device
-    inside a stage; batch_axes: the mesh axes the batch is split over outside the stages
-    (`pipeline` included); vocab_cols: the logits' columns per device; stage_ways: the batch
-    shards inside a stage; local_layer_bytes: this device's float32 shard of the stacked
-    layers."""
+    inside a stage; local_layer_bytes: this device's float32 shard of the stacked layers."""
     micro = b * t * d * dt
     buffer = micro * pipe.microbatches      # a stage's buffer: the microbatches it holds
     send("collective-permute", [AXIS], micro, 2 * pipe.iterations)
     # The embedded batch (rows split over `pipeline` too) into every stage's buffer (rows split
-    # only inside a stage): an all-gather over `pipeline`; backward, the buffer's cotangent is
-    # summed over the stages (XLA:CPU: an all-reduce).
+    # only inside a stage, pooled by `split_rows` so no other axis moves): an all-gather over
+    # `pipeline`; backward, the buffer's cotangent is summed over the stages (an all-reduce).
     send("all-gather", [AXIS], buffer)
     send("all-reduce", [AXIS], buffer)
-    # Stage 0's buffer back to the batch split over `pipeline` for the head: XLA broadcasts it
-    # over `pipeline` (an all-reduce) and moves the rows with permutes; backward, permutes and
-    # two gathers of the buffer's cotangent (XLA:CPU HLO: 2.5 buffers permuted in pieces).
-    send("all-reduce", [AXIS], buffer)
-    send("collective-permute", [AXIS], buffer, PERMUTED_BUFFERS)
-    send("all-gather", [AXIS], buffer, 2)
-    # The pipeline's output carries no sharding constraint (paxlike/pipeline.py `run`), and the
-    # head's backward pass then gathers the whole global batch's float32 logits cotangent and
-    # final activations on every device ("Involuntary full rematerialization" on XLA:CPU; v5p:
-    # bf16 pieces of 0.9x the same bytes).
-    send("all-gather", batch_axes, head_gathered(batch_size, t, d, vocab_cols))
-    if batch_size % (pipe.microbatches * stage_ways * pipe.stages):
-        # B/M does not divide by every batch shard: `to_microbatches` cannot keep each device's
-        # rows and XLA gathers the embedded batch whole (another involuntary rematerialization).
-        send("all-gather", batch_axes, batch_size * t * d * dt)
+    # Stage 0's buffer back to the rows split over `pipeline` for the head (`join_rows`, then
+    # constrained): an all-to-all over `pipeline` of the buffer forward, and of its cotangent
+    # backward, plus one microbatch's backward (from the transpose of the buffer write-back).
+    # XLA:CPU HLO: 2 buffers + 1 microbatch in the fsdp 4 and the held-out case and in every
+    # pipeline-only row of benchmarks/pipeline.py (M up to 16); the data 2 x fsdp 2 case has no
+    # separate microbatch piece (over by that microbatch there).
+    send("all-to-all", [AXIS], buffer, RETURN_BUFFERS)
+    send("all-to-all", [AXIS], micro)
     if pipe.repeats > 1:
         send("all-to-all", [AXIS], local_layer_bytes, 2)
-
-
-def head_gathered(batch_size: int, t: int, d: int, vocab_cols: int) -> float:
-    """Bytes of the global batch's float32 logits cotangent [B, t, vocab_cols] and final
-    activations [B, t, d] that the head's backward pass gathers on every device."""
-    return batch_size * t * (vocab_cols + d) * 4
 
 
 def memory(pipe: Layout, layer_saved: float, rest_saved: float, b: int, t: int, d: int, dt: int,
            local_layer_bytes: float, fsdp_ways: int, backend: str) -> dict[str, float]:
     """Per-device bytes the schedule adds or changes (module docstring). layer_saved: one
-    layer's saved residuals for one microbatch; rest_saved: the head's and loss's for the whole
-    local batch."""
+    layer's saved residuals for one microbatch; rest_saved: the head's and loss's for the local
+    rows B/W."""
     out = {"activations": pipe.layer_runs * layer_saved + rest_saved,
            "pipeline_buffers": BUFFER_ARRAYS * pipe.microbatches * b * t * d * dt,
            # the stage weights' gradient in the [S, R, K] layout beside the accumulator (read off
