@@ -187,9 +187,12 @@ def scan_layers(layers: nnx.Module, x: jax.Array, apply: Callable, *, remat: str
         raise ValueError(f"unknown remat policy {remat!r}; choose one of {list(REMAT_POLICIES)}")
     graphdef, state = nnx.split(layers)
 
-    def run(layer_state, h, key, batch, extra, first_layer):
+    def run(h, key, batch, extra, first_layer, count, stacked=None, take=None):
+        """Scans `count` layers given either `stacked` ([count, ...], sliced by the scan) or by
+        `take(index)`, called inside the (possibly rematerialised) body."""
         def body(carry, inputs):
             layer_state, index, extra = inputs
+            layer_state = take(index) if take is not None else layer_state
             layer_key = None if key is None else jax.random.fold_in(key, first_layer + index)
             layer = nnx.merge(graphdef, layer_state)
             if per_layer is None:
@@ -198,24 +201,29 @@ def scan_layers(layers: nnx.Module, x: jax.Array, apply: Callable, *, remat: str
 
         if remat != "none":
             body = jax.checkpoint(body, policy=REMAT_POLICIES[remat], prevent_cse=False)
-        count = jax.tree.leaves(layer_state)[0].shape[0]
-        return jax.lax.scan(body, h, (layer_state, jnp.arange(count), extra))
+        return jax.lax.scan(body, h, (stacked, jnp.arange(count), extra))
 
+    num_layers = jax.tree.leaves(state)[0].shape[0]
     spec = pipeline.active()
     if spec is None:
-        x, outputs = run(state, x, key, batch_inputs, per_layer, 0)
+        x, outputs = run(x, key, batch_inputs, per_layer, 0, num_layers, stacked=state)
         return x if per_layer is None else (x, jax.tree.map(lambda v: v[None], outputs))
 
-    per_stage = jax.tree.leaves(state)[0].shape[0] // (spec.stages * spec.repeats)
+    per_stage = num_layers // (spec.stages * spec.repeats)
 
     def stage(weights, h, batch, repeat, microbatch, stage_index):
         first = (repeat * spec.stages + stage_index) * per_stage
         pick = lambda tree, i, n=None: jax.tree.map(
             lambda v: (jax.lax.dynamic_index_in_dim(v, i, 0, keepdims=False) if n is None
                        else jax.lax.dynamic_slice_in_dim(v, i, n, 0)), tree)
+        # The stage's weights [R, K, ...] are invariant over the schedule's iterations: each
+        # layer is taken from them inside the layer's body, so that the backward pass keeps no
+        # per-iteration copy of them (with remat it takes the layer again).
+        flat = jax.tree.map(lambda v: v.reshape(-1, *v.shape[2:]), weights)
+        take = lambda index: pick(flat, repeat * per_stage + index)
         stage_key = None if key is None else jax.random.fold_in(key, microbatch)
-        return run(pick(weights, repeat), h, stage_key, pick(batch, microbatch),
-                   pick(per_layer, first, per_stage), first)
+        return run(h, stage_key, pick(batch, microbatch), pick(per_layer, first, per_stage),
+                   first, per_stage, take=take)
 
     with pipeline.use(None):    # stacks nested inside a layer run plainly within its stage
         x, outputs = pipeline.run(stage, pipeline.stage_weights(state, spec), x, batch_inputs, spec)

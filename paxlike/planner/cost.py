@@ -249,8 +249,9 @@ def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
     their per-device size depends on the dispatch layout, and the family's activation model counts
     them (`paxlike.planner.moe`).
 
-    split: return (per-layer bytes of the layer scan's residuals, bytes of every other array)
-    instead of the total (a pipeline keeps the layers' residuals per microbatch in flight)."""
+    split: return (per-layer bytes of the layer scan's residuals, bytes of the other arrays that
+    carry the batch) instead of the total: a pipeline keeps the layers' residuals per microbatch
+    in flight and takes its weights inside the layers' bodies (paxlike/planner/pipeline.py)."""
     import json
     m = cfg.model
     key = json.dumps(m.to_dict(), sort_keys=True)
@@ -263,12 +264,13 @@ def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
             raise UserError("the model saves a different set of arrays at another batch size; "
                             "the planner cannot tell its routed arrays apart")
         grows = [a[0] != o[0] for a, o in zip(found, other)]
-    total, stacked_total, per_layer = 0.0, 0.0, 0.0
+    total, stacked_total, per_layer, weights = 0.0, 0.0, 0.0, 0.0
     for (shape, itemsize), grown in zip(found, grows):
         size = math.prod(shape) * itemsize
         if _PROBE_BATCH not in shape:
             if not grown:                  # a weight in the compute dtype
                 total += size / weight_ways
+                weights += size / weight_ways
             continue
         if routed is not None and routed(shape):
             continue
@@ -289,7 +291,7 @@ def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
             stacked_total += size
             per_layer += size / shape[0]
     if split:
-        return per_layer, total - stacked_total
+        return per_layer, total - stacked_total - weights
     return total
 
 
@@ -508,7 +510,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                                  split=True)[1]
         extra = pipeline_model.memory(pipe, layer_saved, rest_saved, b, t, acts.d, dt,
                                       local_layers, math.prod(sizes[a] for a in batch_axes),
-                                      backend)
+                                      backend, plan.remat)
         saved = extra.pop("activations")
         memory.update(extra)
     else:

@@ -52,8 +52,9 @@ the stage inputs' cotangents (BUFFER_ARRAYS arrays of [M·b, t, d]); with R > 1 
 copy of the local layer weights and of their gradients (float32); with per_step the stage
 weights gathered whole over the FSDP axes in float32, with their gradient. Read off the v5p
 buffer assignment of the AOT case: the stage weights' gradient in the [S, R, K] layout (float32)
-beside the accumulator, and, with a compute dtype narrower than float32, every iteration's cast
-of its K layers' local weight shards, kept as a residual (I/R copies of the local layers).
+beside the accumulator. (The schedule takes each layer's weights inside the layer's
+rematerialised body, so no per-iteration copy of them is kept; with remat "none" the backward
+pass keeps each iteration's layer weights, which is not modelled.)
 """
 
 from __future__ import annotations
@@ -152,7 +153,8 @@ def collectives(send, pipe: Layout, b: int, t: int, d: int, dt: int,
 
 
 def memory(pipe: Layout, layer_saved: float, rest_saved: float, b: int, t: int, d: int, dt: int,
-           local_layer_bytes: float, fsdp_ways: int, backend: str) -> dict[str, float]:
+           local_layer_bytes: float, fsdp_ways: int, backend: str, remat: str
+           ) -> dict[str, float]:
     """Per-device bytes the schedule adds or changes (module docstring). layer_saved: one
     layer's saved residuals for one microbatch; rest_saved: the head's and loss's for the local
     rows B/W."""
@@ -162,10 +164,10 @@ def memory(pipe: Layout, layer_saved: float, rest_saved: float, b: int, t: int, 
            # the v5p buffer assignment; not counted on CPU, whose cases are within their bounds
            # without it)
            "stage_grads": local_layer_bytes if backend != "cpu" else 0.0}
-    if dt < 4:
-        # Every iteration casts its K layers' local shards to the compute dtype, and GPipe keeps
-        # that copy as a residual (v5p buffer assignment: bf16[I, K, 1, d/fsdp, mlp] arrays).
-        out["activations"] += pipe.iterations / pipe.repeats * local_layer_bytes * dt / 4
+    if remat == "none":
+        # Without remat the backward pass keeps every iteration's layer weights (taken from the
+        # stage's weights inside the layer body; with remat the body takes them again).
+        out["activations"] += pipe.layer_runs * local_layer_bytes * pipe.stages / pipe.layers
     if pipe.repeats > 1:
         out["relayout"] = 2 * local_layer_bytes
     if pipe.fsdp_gather == "per_step" and fsdp_ways > 1:
