@@ -504,14 +504,19 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
 
     memory["batch"] = 5 * 4 * cfg.batch_size * cfg.seq_len / (batch_ways * ctx)
     weight_ways = math.prod(sizes[a] for a in set(rules["embed"]) | set(rules["vocab"]))
+    # The remat policy the layers run under: a pipeline's stages are vmapped over the stage
+    # dimension, so every matmul in a layer has a batch dimension and save_dots saves as full.
+    layer_remat = pipeline_model.layer_remat(plan.remat) if pipe else plan.remat
     if pipe:
-        layer_saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways, split=True)[0]
+        layer_saved = saved_bytes(cfg, layer_remat, b, t, tp, weight_ways, vocab_ways,
+                                  split=True)[0]
         rest_saved = saved_bytes(cfg, plan.remat, head_b, t, tp, weight_ways, vocab_ways,
                                  split=True)[1]
         extra = pipeline_model.memory(pipe, layer_saved, rest_saved, b, t, acts.d, dt,
                                       local_layers, math.prod(sizes[a] for a in batch_axes),
                                       backend, plan.remat)
         saved = extra.pop("activations")
+        head_saved = extra.pop("head_saved")
         memory.update(extra)
     else:
         saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways,
@@ -521,20 +526,27 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     units = dict(acts.units(b, t, tp, vocab_ways), gathered=layer_weights, saved=saved)
     if pipe:   # the loss runs on the local rows B/W
         units["logits"] = acts.units(head_b, t, tp, vocab_ways)["logits"]
-    # the accumulator's partner (a pipeline's backward scan accumulates the stage's gradients)
-    microbatch_grads = memory["grads"] if mb > 1 else 0.0
+    # the accumulator's partner; a pipeline has none: its backward scan adds each iteration's
+    # layer gradients into the stage's gradient in place (XLA:CPU buffer assignments of the
+    # fitted cases: one [S, R, K] accumulator at the peak in the stages' backward pass; v5p, 125m
+    # AOT case: the peak is in the head's backward pass, with no second gradient)
+    microbatch_grads = memory["grads"] if mb > 1 and not pipe else 0.0
     if backend == "cpu":
         # Derived from the model's shapes: the larger of the two candidate peaks (workingset.py).
-        phases = (acts.working_set(plan.remat, b, t, tp, vocab_ways, backend) if moe else
-                  acts.working_set(plan.remat, b, t, tp, vocab_ways))
+        phases = (acts.working_set(layer_remat, b, t, tp, vocab_ways, backend) if moe else
+                  acts.working_set(layer_remat, b, t, tp, vocab_ways))
         if pipe:
-            # the loss on the local rows B/W (split over `pipeline` too)
-            phases["loss"] = acts.working_set(plan.remat, head_b, t, tp, vocab_ways)["loss"]
+            # the loss on the local rows B/W (split over `pipeline` too), beside the head's
+            # residuals: they are freed by the head's backward pass, before the stages' one
+            phases["loss"] = (acts.working_set(plan.remat, head_b, t, tp, vocab_ways)["loss"]
+                              + head_saved)
         units.update(phases)
         memory["activations"] = saved
         memory["temporaries"] = max(phases.values()) + microbatch_grads
     else:
         fit = calibration(fleet.device.name)
+        if pipe:
+            saved += head_saved
         memory["activations"] = fit["saved"] * saved
         # With microbatches the TPU compiler hoists the cast of every weight to the compute dtype
         # out of the microbatch loop: a compute-dtype copy of all local parameters lives through

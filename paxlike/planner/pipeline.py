@@ -45,16 +45,22 @@ HLO of the AOT case:
                   (each stage scatters a partial cotangent).
 
 Memory: GPipe keeps every iteration's residuals, so the saved activations are I·K layers of one
-microbatch's per-layer residuals (`cost.saved_bytes`, traced, split by the layer scan) plus the
-head's and the loss's for the local rows B/W; the working set is the larger of one layer's
-backward on a microbatch and the loss on the local rows B/W; plus the microbatch buffer and
-the stage inputs' cotangents (BUFFER_ARRAYS arrays of [M·b, t, d]); with R > 1 the relayout's
-copy of the local layer weights and of their gradients (float32); with per_step the stage
-weights gathered whole over the FSDP axes in float32, with their gradient. Read off the v5p
-buffer assignment of the AOT case: the stage weights' gradient in the [S, R, K] layout (float32)
-beside the accumulator. (The schedule takes each layer's weights inside the layer's
-rematerialised body, so no per-iteration copy of them is kept; with remat "none" the backward
-pass keeps each iteration's layer weights, which is not modelled.)
+microbatch's per-layer residuals (`cost.saved_bytes`, traced, split by the layer scan; save_dots
+saves as full, `layer_remat`: the stages are vmapped, so every matmul has a batch dimension);
+the head's and the loss's residuals for the local rows B/W count in the loss phase on XLA:CPU
+(freed by the head's backward pass, before the stages' one) and beside the saved activations on
+TPU; the working set is the larger of one layer's backward on a microbatch and the loss on the
+local rows B/W; plus the microbatch buffer and the stage inputs' cotangents (BUFFER_ARRAYS
+arrays of [M·b, t, d]); with R > 1 the relayout's [S, R, K] copy of the local layer weights
+(float32; their gradients accumulate in that layout: the gradient term); with per_step the
+stage weights gathered whole over the FSDP axes in float32, with their gradient. No
+microbatch-gradient partner (`cost.estimate`): the backward scan adds each iteration's gradients
+into the stage's in place. Read off the XLA:CPU buffer assignments of the fitted and held-out
+cases (peak in the stages' backward pass) after the stages began taking each layer's weights
+inside its rematerialised body, so no per-iteration copy of them is kept; with remat "none" the
+backward pass keeps each iteration's layer weights (counted). v5p (125m AOT case): the stage
+weights' gradient in the [S, R, K] layout (float32) beside the accumulator (read off the
+buffer assignment before that change; its peak is now in the head's backward pass).
 """
 
 from __future__ import annotations
@@ -157,8 +163,9 @@ def memory(pipe: Layout, layer_saved: float, rest_saved: float, b: int, t: int, 
            ) -> dict[str, float]:
     """Per-device bytes the schedule adds or changes (module docstring). layer_saved: one
     layer's saved residuals for one microbatch; rest_saved: the head's and loss's for the local
-    rows B/W."""
-    out = {"activations": pipe.layer_runs * layer_saved + rest_saved,
+    rows B/W, returned apart as head_saved (`cost.estimate` counts it in the loss phase on
+    XLA:CPU, beside the saved activations on TPU)."""
+    out = {"activations": pipe.layer_runs * layer_saved, "head_saved": rest_saved,
            "pipeline_buffers": BUFFER_ARRAYS * pipe.microbatches * b * t * d * dt,
            # the stage weights' gradient in the [S, R, K] layout beside the accumulator (read off
            # the v5p buffer assignment; not counted on CPU, whose cases are within their bounds
@@ -169,10 +176,20 @@ def memory(pipe: Layout, layer_saved: float, rest_saved: float, b: int, t: int, 
         # stage's weights inside the layer body; with remat the body takes them again).
         out["activations"] += pipe.layer_runs * local_layer_bytes * pipe.stages / pipe.layers
     if pipe.repeats > 1:
-        out["relayout"] = 2 * local_layer_bytes
+        # the [S, R, K] copy of the local layer weights (float32); their gradients accumulate in
+        # that layout and are the gradient term (XLA:CPU buffer assignments of the R = 2 cases)
+        out["relayout"] = local_layer_bytes
     if pipe.fsdp_gather == "per_step" and fsdp_ways > 1:
         out["stage_weights"] = 2 * local_layer_bytes * fsdp_ways
     return out
+
+
+def layer_remat(remat: str) -> str:
+    """The policy a stage's layers effectively run under: the stage function is vmapped over
+    the stage dimension, so every matmul in a layer has a batch dimension and save_dots
+    (`dots_with_no_batch_dims_saveable`) saves none of them: as full (XLA:CPU buffer assignment
+    of the held-out case: only each layer's input is saved per iteration)."""
+    return "full" if remat == "save_dots" else remat
 
 
 def compute_seconds(layer_flops: float, head_flops: float, pipe: Layout, peak: float) -> float:
