@@ -48,7 +48,6 @@ gradients summed over `pipeline`).
 from __future__ import annotations
 
 import argparse
-import collections
 import math
 import os
 import re
@@ -81,38 +80,6 @@ def machine() -> str:
     return f"{host()} | {jax.device_count()} emulated devices"
 
 
-def _runs_per_computation(comps: dict, entry: str) -> collections.Counter:
-    """How many times each computation runs per step: loop bodies times their trip counts,
-    fusions and calls once per call (paxlike.planner.hlo's walk of the call graph)."""
-    from paxlike.planner import hlo
-    edges = collections.defaultdict(list)
-    for comp, instrs in comps.items():
-        for name, typ, op, rest in instrs:
-            trips = 1
-            if op == "while":
-                known = re.search(r'known_trip_count":\{"n":"(\d+)"', rest)
-                cond = re.search(r"condition=%?([\w.\-]+)", rest)
-                body = re.search(r"body=%?([\w.\-]+)", rest)
-                trips = (int(known.group(1)) if known else
-                         hlo._trip_count(comps.get(cond.group(1), []),
-                                         comps.get(body.group(1), [])))
-            for key, targets in hlo._CALLS.findall(rest):
-                for target in re.findall(r"%?([\w.\-]+)", targets):
-                    if target in comps:
-                        edges[comp].append((target, trips if key == "body" else 1))
-    indegree = collections.Counter(t for callees in edges.values() for t, _ in callees)
-    runs = collections.Counter({entry: 1})
-    ready = [c for c in comps if indegree[c] == 0]
-    while ready:
-        comp = ready.pop()
-        for target, times in edges.get(comp, ()):
-            runs[target] += runs[comp] * times
-            indegree[target] -= 1
-            if indegree[target] == 0:
-                ready.append(target)
-    return runs
-
-
 def _dims(typ: str) -> list[int]:
     m = re.search(r"\[([0-9,]*)\]", typ)
     return [int(d) for d in m.group(1).split(",") if d] if m else []
@@ -121,8 +88,7 @@ def _dims(typ: str) -> list[int]:
 def dot_flops(hlo_text: str) -> float:
     """Matmul FLOPs one device executes per step: Σ over `dot`s of 2·|out|·|contracted| × runs."""
     from paxlike.planner import hlo
-    comps, entry = hlo._parse(hlo_text)
-    runs = _runs_per_computation(comps, entry)
+    comps, runs, _ = hlo.computation_runs(hlo_text)
     total = 0.0
     for comp, instrs in comps.items():
         types = {name: typ for name, typ, op, rest in instrs}

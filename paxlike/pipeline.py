@@ -38,6 +38,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec
 
 from paxlike import sharding
+from paxlike.errors import UserError
 
 AXIS = "pipeline"
 FSDP_GATHER = ("per_iteration", "per_step")
@@ -89,6 +90,16 @@ def problems(stages: int, microbatches: int, repeats: int, num_layers: int,
                        f"pipeline_repeats={repeats} = {stages * repeats} does not divide; change "
                        f"model.num_layers or the pipeline sizes")
     return out
+
+
+def checked_spec(stages: int, microbatches: int, repeats: int, num_layers: int,
+                 fsdp_gather: str = "per_iteration") -> PipelineSpec | None:
+    """The schedule for `num_layers` stacked layers (None when stages == 1); UserError listing
+    every `problems` entry when it cannot be built. The trainer and the planner both call it."""
+    found = problems(stages, microbatches, repeats, num_layers, fsdp_gather)
+    if found:
+        raise UserError("invalid pipeline: " + "; ".join(found))
+    return PipelineSpec(stages, microbatches, repeats, fsdp_gather) if stages > 1 else None
 
 
 _ACTIVE: contextvars.ContextVar[PipelineSpec | None] = contextvars.ContextVar(

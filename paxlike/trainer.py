@@ -100,13 +100,7 @@ class Trainer:
         if stages > 1 and stacked is None:
             raise UserError(f"mesh.pipeline={stages}: model family {cfg.model.module} has no "
                             f"stacked `layers` to split into stages; set mesh.pipeline=1")
-        problems = pipeline.problems(stages, cfg.microbatches, cfg.pipeline_repeats, num_layers,
-                                     cfg.pipeline_fsdp_gather)
-        if problems:
-            raise UserError("invalid pipeline: " + "; ".join(problems))
-        if stages == 1:
-            return None
-        return pipeline.PipelineSpec(stages, cfg.microbatches, cfg.pipeline_repeats,
+        return pipeline.checked_spec(stages, cfg.microbatches, cfg.pipeline_repeats, num_layers,
                                      cfg.pipeline_fsdp_gather)
 
     @property

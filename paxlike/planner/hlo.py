@@ -150,9 +150,10 @@ def _trip_count(cond: list, body: list) -> int:
     return max(-(-limit // max(step, 1)), 1)
 
 
-def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
-    """Every collective of the program: kind, group size, executions per step, bytes sent per
-    device per execution, and the jax op it came from."""
+def computation_runs(hlo_text: str) -> tuple[dict, collections.Counter, set]:
+    """(the program's computations {name: [(name, type, op, rest)]}; how many times each runs per
+    step: loop bodies times their trip counts, fusions and calls once per call; the computations
+    that are the body of a fusion)."""
     comps, entry = _parse(hlo_text)
     edges = collections.defaultdict(list)  # caller -> [(callee, times per call)]
     fused = set()                          # computations that are the body of a fusion
@@ -184,7 +185,13 @@ def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
             indegree[target] -= 1
             if indegree[target] == 0:
                 ready.append(target)
+    return comps, runs, fused
 
+
+def collective_ops(hlo_text: str, num_devices: int) -> list[dict]:
+    """Every collective of the program: kind, group size, executions per step, bytes sent per
+    device per execution, and the jax op it came from."""
+    comps, runs, fused = computation_runs(hlo_text)
     ops = []
     types = {comp: {name: typ for name, typ, op, rest in instrs} for comp, instrs in comps.items()}
     for comp, instrs in comps.items():

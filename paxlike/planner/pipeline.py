@@ -69,7 +69,6 @@ import dataclasses
 import math
 
 from paxlike import pipeline as schedule
-from paxlike.errors import UserError
 
 AXIS = "pipeline"
 # Arrays of the local batch's activations [M·b, t, d] (compute dtype) live beyond the saved
@@ -121,17 +120,13 @@ class Layout:
 
 def layout(plan, sizes: dict[str, int], num_layers: int) -> Layout | None:
     """The schedule of a plan (None without a pipeline axis); UserError when it is invalid, in
-    the trainer's own words (`paxlike.pipeline.problems`)."""
-    stages = sizes.get(AXIS, 1)
-    problems = schedule.problems(stages, plan.microbatches, plan.pipeline_repeats, num_layers,
-                                 plan.pipeline_fsdp_gather)
-    if problems:
-        raise UserError("invalid pipeline: " + "; ".join(problems))
-    if stages == 1:
+    the trainer's own words (`paxlike.pipeline.checked_spec`)."""
+    spec = schedule.checked_spec(sizes.get(AXIS, 1), plan.microbatches, plan.pipeline_repeats,
+                                 num_layers, plan.pipeline_fsdp_gather)
+    if spec is None:
         return None
-    return Layout(stages, plan.microbatches, plan.pipeline_repeats,
-                  num_layers // (stages * plan.pipeline_repeats), num_layers,
-                  plan.pipeline_fsdp_gather)
+    return Layout(spec.stages, spec.microbatches, spec.repeats,
+                  num_layers // (spec.stages * spec.repeats), num_layers, spec.fsdp_gather)
 
 
 def collectives(send, pipe: Layout, b: int, t: int, d: int, dt: int,
