@@ -180,7 +180,7 @@ def main():
         ep_cfg = run["cfg"]
         found = hlo.collectives(run["hlo"], EP_DEVICES)
         predicted = None
-        if ep_cfg.model.module in cost.ACTIVATION_MODELS:
+        if cost.has_profile(ep_cfg):
             plan = cost.Plan.make(dict(run["mesh"].shape), None, ep_cfg.sharding,
                                   ep_cfg.microbatches, ep_cfg.model.remat)
             predicted = cost.estimate(ep_cfg, plan, fleets.fleet_for_devices(run["devices"]),
@@ -216,8 +216,8 @@ def main():
             print(f"memory per device: compiled args+temp {_mib(run['args'] + run['temp'])} MiB; "
                   f"planner {_mib(predicted.bytes_per_device)} MiB")
         else:
-            print(f"planner prediction: none (paxlike.planner.cost has no activation model for "
-                  f"{ep_cfg.model.module}; known: {', '.join(cost.ACTIVATION_MODELS)})")
+            print(f"planner prediction: none ({ep_cfg.model.module} declares no "
+                  f"planner_profile; paxlike/family.py)")
     progress("done")
 
 

@@ -17,7 +17,8 @@ Decoding carries one [B, H, K/H, V/H] float32 state per layer: `init_cache`, `pr
 through the chunked kernel, starting from and returning the cache) and `decode_step` (one token
 through the recurrent step). Both reproduce the logits of the full forward pass.
 
-The trainer uses this module through `build(cfg, rngs)` and `flops_per_token(cfg, seq_len)`.
+The trainer uses this module through `build(cfg, rngs)` and `flops_per_token(cfg, seq_len)`, the
+planner through `planner_profile(cfg)`.
 """
 
 from __future__ import annotations
@@ -30,8 +31,10 @@ import ml_collections
 from flax import nnx
 
 from paxlike.kernels import gla as gla_kernels
+from paxlike.kernels.gla.api import SUB_CHUNK
 from paxlike.kernels.gla.context import sequence_sharded_gla
 from paxlike.models import layers
+from paxlike.planner import workingset
 from paxlike.sharding import active_axes, constrain, per_shard
 
 GLA_IMPLS = gla_kernels.IMPLS    # auto | reference | xla | pallas (paxlike.kernels.platform)
@@ -265,3 +268,102 @@ def flops_per_token(cfg, seq_len: int) -> float:
     n_matmul = L * (mixer + mlp) + d * cfg.vocab_size
     gla = 2 * cfg.chunk_size * (K + V) + 4 * K * V / H
     return 6.0 * n_matmul + 3.0 * L * gla
+
+
+# ------------------------------------------------------------------------- the planner's profile
+def planner_profile(cfg) -> "Profile":
+    return Profile(cfg)
+
+
+class Profile(workingset.Profile):
+    """What the planner knows of the GLA model beyond its parameters and traced residuals
+    (paxlike/planner/workingset.py has the frame and how the counts are read; docs/planner.md,
+    "Every family", the cases they were read from and checked on).
+
+    On every CPU case read the peak is inside the chunked kernel's backward pass of the last
+    layer (kernels/gla/chunked.py, `_bwd_body`, in the branch of the stable sub-chunk ops: the
+    compiler allocates both branches of the fast/stable `lax.cond`, and the stable one holds
+    more), after that layer's MLP backward. Live there, per device, beyond the layers' saved
+    activations and the embedding gradient, in arrays of the model's own sizes (K, V: key and
+    value dims over all heads, H heads, C = chunk_size, c = 16 rows per sub-chunk; with more
+    than 4 chunks the XLA path walks the sequence in blocks of 4, so the kernel's own arrays
+    are those of one block, n·C tokens, n = min(chunks, 4)):
+
+        diag       b·nC·K/tp·c f32      the diagonal sub-blocks' factors [.., C/c, c, c, K/H]: 4
+        off        b·nC·K/tp·C/c f32    the off-diagonal keys' factors [.., C/c, C, K/H]: 4
+        scores     b·nC·H/tp·C f32      intra-chunk scores [.., C, C]: 1
+        sub_scores b·nC·H/tp·c f32      diagonal-block scores [.., c, c]: 1
+        kernel_key / kernel_value       the kernel's [.., C, K/H] f32 (5) and [.., C, V/H] (2)
+        states     [n, b, H, K/H, V/H] f32: the chunk states and their gradients (2), two more
+        key / value b·t·K/tp, b·t·V/tp  f32, the whole sequence: the layer's q, k, g and v
+                                        (saved slices, or recomputed under remat), dO, and under
+                                        remat the recomputed gate's log-sigmoid and logits
+        stream     b·t·d                the residual-stream cotangent and its neighbours
+        low_rank   b·t·r f32            the gate's low-rank activation
+        weights    the layer's matrices gathered (compute dtype): all of the mixer's, and the
+                   MLP's three (one under remat `full`)
+
+    Tensor parallelism (XLA:CPU HLO of the fsdp x tensor cases): the forward sums the output
+    projection and the MLP down (2); the backward the input gradients of q, k, v and the output
+    gate (4, in one tuple all-reduce with the low-rank gate's [b, t, r]) and of the MLP gate and
+    up (2); full remat sums the output projection's again (the MLP's input needs it; nothing
+    needs the MLP's recomputed output). TPU: the Transformer's rule (one sum of the
+    column-parallel projections sharing an input), unverified for this family.
+    """
+
+    KERNEL = {"diag": 4, "off": 4, "scores": 1, "sub_scores": 1, "kernel_key": 5,
+              "kernel_value": 2}
+    KEY = {"none": 3, "save_dots": 6, "full": 7}
+    VALUE = {"none": 2, "save_dots": 3, "full": 2}
+    STREAM = {"none": 5, "save_dots": 5, "full": 7}
+    MLP_WEIGHTS = {"none": 3, "save_dots": 3, "full": 1}
+    SUB, BLOCK = SUB_CHUNK, 4   # rows per sub-chunk; chunks per block (kernels/gla/xla.py)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.h, self.K, self.V = cfg.num_heads, key_dim(cfg), value_dim(cfg)
+        self.mlp, self.r, self.chunk = cfg.mlp_dim, cfg.gate_low_rank_dim, cfg.chunk_size
+        self.impl = cfg.gla_impl
+
+    @property
+    def tensor_dims(self) -> set[int]:
+        return {self.h, self.mlp}
+
+    def traced_impls(self, backend: str) -> dict:
+        if self.impl != "auto":
+            return {}
+        pallas = backend != "cpu" and not self.chunk & (self.chunk - 1)
+        return {"gla_impl": "pallas" if pallas else "xla"}
+
+    def layer_units(self, b: int, t: int, tp: int) -> dict[str, float]:
+        C, h, K, V = self.chunk, self.h / tp, self.K / tp, self.V / tp
+        n = min(-(-t // C), self.BLOCK)
+        rows = b * n * C     # the sequences' rows one kernel call (or block) works on
+        return {"scores": rows * h * C * 4, "diag": rows * K * self.SUB * 4,
+                "off": rows * K * C // self.SUB * 4, "sub_scores": rows * h * self.SUB * 4,
+                "kernel_key": rows * K * 4, "kernel_value": rows * V * 4,
+                "states": (2 * n + 2) * b * K * (self.V / self.h) * 4,
+                "key": b * t * K * 4, "value": b * t * V * 4, "low_rank": b * t * self.r * 4,
+                "mixer_weight": self.d * (2 * K + 3 * V + self.r) + self.r * K,   # elements
+                "mlp_weight": self.d * self.mlp / tp}
+
+    def layer_working(self, remat: str, u: dict[str, float]) -> float:
+        kernel = sum(n * u[k] for k, n in self.KERNEL.items()) + u["states"]
+        return (kernel + self.KEY[remat] * u["key"] + self.VALUE[remat] * u["value"]
+                + self.STREAM[remat] * u["stream"] + u["low_rank"]
+                + self.dt * (u["mixer_weight"] + self.MLP_WEIGHTS[remat] * u["mlp_weight"]))
+
+    def tensor_sums_per_layer(self, backend: str, remat: str) -> float:
+        if backend == "cpu":
+            return 8 + self.r / self.d + (1 if remat == "full" else 0)
+        return 4 + (1 if remat == "full" else 0)
+
+    def flops_per_token_extra(self, remat: str, seq_len: int, microbatches: int = 1) -> float:
+        """Remat recomputes the layers' forward pass (`full`), or only the chunked GLA, whose
+        einsums carry batch dimensions and are not saved by `save_dots`."""
+        L, d, K, V, H = self.layers, self.d, self.K, self.V, self.h
+        gla = 2 * self.chunk * (K + V) + 4 * K * V / H
+        if remat == "full":
+            matmul = d * (2 * K + 3 * V + self.r) + self.r * K + 3 * d * self.mlp
+            return L * (2 * matmul + gla)
+        return L * gla if remat == "save_dots" else 0.0

@@ -34,6 +34,7 @@ from flax import nnx
 from paxlike import sharding
 from paxlike.kernels import moe as kernels
 from paxlike.models import layers, transformer
+from paxlike.planner.moe import MoEActivations
 from paxlike.sharding import constrain
 
 ROUTERS = ("softmax", "sigmoid")
@@ -344,3 +345,14 @@ def flops_per_token(cfg, seq_len: int) -> float:
     (capacity padding and dropped tokens are not model FLOPs)."""
     return (6.0 * sum(active_params_per_token(cfg).values())
             + 12.0 * cfg.num_layers * cfg.num_heads * transformer.head_dim(cfg) * seq_len)
+
+
+# ------------------------------------------------------------------------- the planner's profile
+def planner_profile(cfg) -> "Profile":
+    return Profile(cfg)
+
+
+class Profile(MoEActivations, transformer.Profile):
+    """The Transformer's profile (attention, dense layers, head) with the experts' dispatch
+    layout, expert-parallel exchanges, routed arrays and FLOPs on top: planner logic that lives
+    in paxlike/planner/moe.py, where its counts are documented."""

@@ -16,7 +16,8 @@ Packed documents: the recurrent state and the conv window are cut at every docum
 change of segment id, or position 0). The cell receives a `keep` flag per step and multiplies the
 carried state by it, so a packed row computes exactly what separate documents would.
 
-The trainer uses this module through `build(cfg, rngs)` and `flops_per_token(cfg, seq_len)`.
+The trainer uses this module through `build(cfg, rngs)` and `flops_per_token(cfg, seq_len)`, the
+planner through `planner_profile(cfg)`.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from flax import nnx
 from paxlike.kernels import pararnn
 from paxlike.kernels.pararnn import cells
 from paxlike.models import layers
+from paxlike.planner import workingset
 from paxlike.sharding import constrain, per_shard
 
 CELLS = ("gru", "lstm")
@@ -297,3 +299,91 @@ def flops_per_token(cfg, seq_len: int) -> float:
     per_layer = 2 * d * di + gates * di * di // cfg.num_heads + di * d + 3 * d * cfg.mlp_dim
     n_matmul = L * per_layer + d * cfg.vocab_size
     return 6.0 * n_matmul + 6.0 * L * cfg.conv_width * di
+
+
+# ------------------------------------------------------------------------- the planner's profile
+def planner_profile(cfg) -> "Profile":
+    return Profile(cfg)
+
+
+class Profile(workingset.Profile):
+    """What the planner knows of the ParaRNN models beyond their parameters and traced
+    residuals (paxlike/planner/workingset.py has the frame and how the counts are read;
+    docs/planner.md, "Every family", the cases they were read from and checked on).
+
+    On the CPU cases read (ParaGRU; the solve is the reference `lax.scan` there) the peak is in
+    the last layer's backward pass through the cell and its input projection: the scan's
+    backward over the sequence, with the recomputed cell and conv of that layer. Live there, per
+    device, beyond the layers' saved activations and the embedding gradient:
+
+        inner    b·t·d_inner/tp f32   the cell's per-step arrays and their cotangents, the
+                                      conv's shifted copies, u, g and the gate inputs [.., 3, ·]:
+                                      18; 26 under `save_dots`, 28 under `full` (the layer's
+                                      forward recomputed beside them)
+        stream   b·t·d                4 (5 under `full`)
+        masks    b·t·d_inner/tp bool  the conv's document masks (conv_width - 1), computed once
+                                      outside the layer scan and saved for it (remat `none`)
+        weights  the layer's matrices gathered (compute dtype): the mixer's (in_proj, B,
+                 out_proj) and, with an MLP, its three (one under `full`, as in GLA)
+
+    With an MLP under remat `full` the MLP's input needs the mixer's output, so the cell's
+    forward is recomputed before the MLP's backward pass and its arrays are live there: that
+    phase (24 inner, 9 stream and the MLP's 8 arrays of b·t·mlp/tp, the Transformer's count
+    under `full`) is the peak when it is the larger (the fsdp 2 x tensor 4 case). Under `none`
+    and `save_dots` the MLP's backward runs before the cell is recomputed (save_dots keeps
+    out_proj's output) and stayed below the cell's phase (2% in the save_dots case read).
+
+    Tensor parallelism (XLA:CPU HLO): the forward sums out_proj's output (and the MLP's down),
+    the backward in_proj's input gradient (and the MLP's gate and up separately); under full
+    remat nothing needs the block's recomputed output, so its last sum is not repeated (out_proj
+    is, where an MLP follows it). The block-diagonal B and the cell need none: heads and
+    channels stay on their device. TPU: the Transformer's rule (the MLP's gate and up summed
+    once), unverified for this family.
+    """
+
+    INNER = {"none": 18, "save_dots": 26, "full": 28}
+    STREAM = {"none": 4, "save_dots": 4, "full": 5}
+    MLP_WEIGHTS = {"none": 3, "save_dots": 3, "full": 1}
+    MLP_PHASE = {"inner": 24, "stream": 9, "mlp": 8}   # remat full, with an MLP
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.di, self.h, self.mlp = d_inner(cfg), cfg.num_heads, cfg.mlp_dim
+        self.gates, self.conv, self.impl = len(GATES[cfg.cell]), cfg.conv_width, cfg.solver_impl
+
+    @property
+    def tensor_dims(self) -> set[int]:
+        return {self.di, self.h, self.mlp} - {0}
+
+    def traced_impls(self, backend: str) -> dict:
+        if self.impl != "auto":
+            return {}
+        return {"solver_impl": "reference" if backend == "cpu" else "pallas"}
+
+    def layer_units(self, b: int, t: int, tp: int) -> dict[str, float]:
+        di = self.di / tp
+        return {"inner": b * t * di * 4, "masks": (self.conv - 1) * b * t * di,
+                "mlp": b * t * self.mlp / tp * self.dt,
+                "mixer_weight": self.d * di * 3 + self.gates * di * self.di / self.h,
+                "mlp_weight": self.d * self.mlp / tp}                       # elements
+
+    def layer_working(self, remat: str, u: dict[str, float]) -> float:
+        weights = self.dt * (u["mixer_weight"] + self.MLP_WEIGHTS[remat] * u["mlp_weight"])
+        cell = (self.INNER[remat] * u["inner"] + self.STREAM[remat] * u["stream"]
+                + (u["masks"] if remat == "none" else 0.0))
+        if remat == "full" and self.mlp:
+            cell = max(cell, sum(n * u[k] for k, n in self.MLP_PHASE.items()))
+        return cell + weights
+
+    def tensor_sums_per_layer(self, backend: str, remat: str) -> float:
+        mlp = bool(self.mlp)   # full remat: out_proj's sum again where the MLP's input needs it
+        return 2 + (3 if backend == "cpu" else 2) * mlp + (mlp if remat == "full" else 0)
+
+    def flops_per_token_extra(self, remat: str, seq_len: int, microbatches: int = 1) -> float:
+        """Remat recomputes the layers' forward pass (`full`), or the block-diagonal B (its
+        einsum has a batch dimension, the heads, so `save_dots` does not keep it) and the conv."""
+        L, d, di = self.layers, self.d, self.di
+        b_proj = self.gates * di * di / self.h
+        if remat == "full":
+            return L * (2 * (3 * d * di + b_proj + 3 * d * self.mlp) + 2 * self.conv * di)
+        return L * (2 * b_proj + 2 * self.conv * di) if remat == "save_dots" else 0.0

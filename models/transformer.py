@@ -5,7 +5,8 @@ on a 'layers' axis and applied with `lax.scan`. Every parameter carries logical 
 `paxlike.sharding` for how they become mesh axes). Packed sequences: `segment_ids` keep documents
 from attending to each other and `positions` restart at each document.
 
-The trainer uses this module through `build(cfg, rngs)` and `flops_per_token(cfg, seq_len)`.
+The trainer uses this module through `build(cfg, rngs)` and `flops_per_token(cfg, seq_len)`, the
+planner through `planner_profile(cfg)`.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import ml_collections
 from flax import nnx
 
 from paxlike.models import layers
+from paxlike.planner import workingset
 from paxlike.sharding import constrain
 
 
@@ -155,3 +157,77 @@ def flops_per_token(cfg, seq_len: int) -> float:
     mlp = 3 * d * cfg.mlp_dim
     n_matmul = L * (attn + mlp) + d * cfg.vocab_size
     return 6.0 * n_matmul + 12.0 * L * cfg.num_heads * hd * seq_len
+
+
+# ------------------------------------------------------------------------- the planner's profile
+def planner_profile(cfg) -> "Profile":
+    return Profile(cfg)
+
+
+class Profile(workingset.Profile):
+    """What the planner knows of the Transformer beyond its parameters and traced residuals
+    (paxlike/planner/workingset.py has the frame and how the counts are read).
+
+    On every CPU case of tests/test_planner.py the peak is the backward pass of the last layer's
+    MLP. Live there, per device, beyond the saved activations and the embedding gradient:
+
+        mlp      b·t·mlp/tp       the MLP's cotangents: d hidden, d gate, d up, and the two
+                                  transposed copies the weight-gradient dots read (5), plus what
+                                  the remat policy recomputes instead of saving: the gate and up
+                                  outputs under `full` (+3 with their product), the SiLU under
+                                  `save_dots` (+1)
+        scores   b·h/tp·t·t f32   one attention-probability array (recomputed under remat, and
+                                  the softmax cotangent's buffer otherwise)
+        stream   b·t·d            7: the residual-stream cotangent, its copies around the two
+                                  RMSNorms and the row-parallel outputs
+        weights  d·mlp/tp         the layer's MLP weights gathered (2 in the compute dtype) and
+                                  one float32 weight gradient being formed
+
+    Tensor parallelism: the row-parallel outputs (attention projection, MLP down) are summed over
+    `tensor` in the forward pass (2). In the backward pass XLA:CPU sums the input gradient of
+    each column-parallel matmul separately (q, k, v, gate, up: 5) where the TPU compiler sums
+    q/k/v once and gate/up once (2; read from v5e and v5p HLO). Full remat recomputes the
+    forward's sums: both on CPU; on TPU only the attention's, the MLP's output being unused by
+    the backward pass (1b-class fsdp 16 x tensor 4 on v5p).
+    """
+
+    MLP_ARRAYS = {"none": 5, "save_dots": 6, "full": 8}
+    STREAM_ARRAYS = 7
+    # Whether the output head's logits-sized residuals are still live at the layer peak could
+    # not be told apart in the dumps (vocabulary = MLP width there); counting them matched the
+    # compiles better.
+    head_saved_at_layer_peak = True
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.h, self.kv, self.hd = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
+        self.mlp = cfg.mlp_dim
+
+    @property
+    def tensor_dims(self) -> set[int]:
+        return {self.h, self.kv, self.mlp}
+
+    def layer_units(self, b: int, t: int, tp: int) -> dict[str, float]:
+        return {"scores": b * (self.h / tp) * t * t * 4,
+                "mlp": b * t * self.mlp / tp * self.dt,
+                "mlp_weight": self.d * self.mlp / tp}            # elements
+
+    def layer_working(self, remat: str, u: dict[str, float]) -> float:
+        return (self.MLP_ARRAYS[remat] * u["mlp"] + u["scores"] + self.STREAM_ARRAYS * u["stream"]
+                + (2 * self.dt + 4) * u["mlp_weight"])
+
+    def tensor_sums_per_layer(self, backend: str, remat: str) -> float:
+        if backend == "cpu":
+            return 7 + (2 if remat == "full" else 0)
+        return 4 + (1 if remat == "full" else 0)
+
+    def flops_per_token_extra(self, remat: str, seq_len: int, microbatches: int = 1) -> float:
+        """Recomputation FLOPs per token added by remat (beyond the 6N model FLOPs)."""
+        d, hd, L = self.d, self.hd, self.layers
+        matmul = L * (d * hd * (2 * self.h + 2 * self.kv) + 3 * d * self.mlp)
+        attn = L * 4 * self.h * hd * seq_len
+        if remat == "full":
+            return 2 * matmul + attn
+        if remat == "save_dots":
+            return attn
+        return 0.0

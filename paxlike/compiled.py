@@ -73,10 +73,10 @@ def compile_plan(cfg, devices, plan=None) -> dict:
                               plan.remat, plan.pipeline_repeats, plan.pipeline_fsdp_gather)
     fleet = fleets.fleet_for_devices(devices)
     backend = devices[0].platform
-    # A model family the planner does not describe (GLA, ParaRNN) is still compiled and measured,
-    # just without a prediction beside it.
+    # A model family without a planner profile is still compiled and measured, just without a
+    # prediction beside it.
     predicted = None
-    if cfg.model.get("module") in cost.ACTIVATION_MODELS:
+    if cost.has_profile(cfg):
         try:
             predicted = cost.estimate(cfg, resolved, fleet, backend)
         except UserError:   # a layout the cost model does not price (e.g. some MoE dispatch)

@@ -28,6 +28,21 @@ and optionally
                                          `ModelLoss.stats` summed over the global batch; e.g. a
                                          router's auxiliary-loss-free balancing bias
 
+and, for the mesh planner (`paxlike.plan`, `mesh.auto`; docs/planner.md), the module optionally
+provides
+
+    planner_profile(model_cfg)           what the cost model needs beyond the model's parameter
+                                         shapes and logical names (abstract build), its saved
+                                         activations (traced) and `flops_per_token`: a
+                                         `paxlike.planner.workingset.Profile` subclass giving
+                                         the per-device sizes of its transient arrays (`units`),
+                                         the arrays live at its candidate peaks per remat policy
+                                         (`working_set`), remat's extra FLOPs per token, the
+                                         tensor-parallel sums per layer, the tables read by
+                                         token (`lookup_params`) and its width and depth. A
+                                         family without one trains and AOT-compiles; the planner
+                                         says it cannot plan it.
+
 where `batch` holds [B, T] arrays under `paxlike.data.BATCH_KEYS` and `dropout_key` is None when
 evaluating. The loss comes back in parts (`ModelLoss`) so that the gradient schedule
 (paxlike/step.py) can combine microbatches exactly. Auxiliary losses enter the objective with the

@@ -62,6 +62,34 @@ def small_test_config(**overrides):
                                            mlp_dim=64, vocab_size=512), **overrides)
 
 
+def compile_on_cpu(cfg, mesh: dict):
+    """(plan, compiled train step) of `cfg` on `mesh` over the 8 emulated CPU devices: the
+    compiles the planner's CPU predictions are checked against."""
+    from paxlike.mesh import build_mesh
+    from paxlike.planner import cost
+    from paxlike.trainer import Trainer
+    plan = cost.Plan.make(mesh, {}, cfg.sharding, cfg.microbatches, cfg.model.remat)
+    return plan, Trainer(cfg, build_mesh(mesh)).compile()
+
+
+def prediction_vs_cpu_compile(cfg, plan, compiled) -> dict:
+    """The cost model's prediction for a CPU compile beside the compiler's own figures:
+    "memory" and "collectives" (predicted / compiled per-device bytes and collective volume),
+    "kinds" {collective kind: (predicted, compiled volume)}, and the raw figures."""
+    from paxlike.planner import cost, fleets, hlo
+    predicted = cost.estimate(cfg, plan, fleets.parse_fleet("cpu-8"), "cpu")
+    m = compiled.memory_analysis()
+    actual = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+              - m.alias_size_in_bytes)
+    found = hlo.collectives(compiled.as_text(), 8)
+    volume = sum(v["volume"] for v in found.values())
+    return {"memory": predicted.bytes_per_device / actual,
+            "collectives": sum(predicted.comm_by_kind.values()) / volume,
+            "kinds": {k: (predicted.comm_by_kind.get(k, 0.0), v["volume"])
+                      for k, v in found.items()},
+            "predicted": predicted, "bytes": actual, "volume": volume, "found": found}
+
+
 def cli_overrides(**overrides) -> list[str]:
     """The same small model as command-line flags, for subprocess tests."""
     flags = [f"--config.model.{k}={v}" for k, v in dict(

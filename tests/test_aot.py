@@ -116,15 +116,32 @@ def test_aot_cli_rejects_unknown_topology():
     assert_one_line_error(bad, "^paxlike: error: --topology='v9z:4x4'")
 
 
-def test_aot_cli_compiles_a_family_the_planner_does_not_model():
-    """GLA has no planner model: --plan=top says how to proceed, --plan=config compiles the
-    config's own mesh for the TPU and reports it without a prediction."""
-    gla = ("--config=" + os.path.join(ROOT, "experiments", "gla.py") + ":tiny",
-           "--topology=v5e:2x2")
-    top = _aot_cli(*gla)
+_BIGRAM = '''import family_bigram
+from paxlike.config import sized_config
+
+
+# (paxlike.aot reads model.remat to name the plan it compiles)
+SIZES = {"tiny": dict(model=dict(d_model=32, remat="none"), batch_size=16, seq_len=32, steps=4)}
+
+
+def get_config(size="tiny"):
+    return sized_config("bigram.py", SIZES, size, family_bigram.default_config())
+'''
+
+
+def test_aot_cli_compiles_a_family_the_planner_does_not_model(tmp_path):
+    """A family without a planner profile (tests/family_bigram.py): --plan=top says how to
+    proceed, --plan=config compiles the config's own mesh for the TPU and reports it without a
+    prediction."""
+    (tmp_path / "bigram.py").write_text(_BIGRAM)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests")]))
+    aot = lambda *a: subprocess.run([sys.executable, "-m", "paxlike.aot", *a],
+                                    capture_output=True, text=True, cwd=ROOT, env=env,
+                                    timeout=600)
+    bigram = (f"--config={tmp_path / 'bigram.py'}:tiny", "--topology=v5e:2x2")
+    top = aot(*bigram)
     assert_one_line_error(top, "--plan=config")
-    ok = _aot_cli(*gla, "--plan=config", "--config.mesh.fsdp=2", "--config.mesh.tensor=2",
-                  "--json")
+    ok = aot(*bigram, "--plan=config", "--config.mesh.fsdp=2", "--config.mesh.data=2", "--json")
     assert ok.returncode == 0, ok.stderr[-2000:]
     report = json.loads(ok.stdout)
     assert report["predicted"] is None and report["collectives"]

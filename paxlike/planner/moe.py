@@ -49,7 +49,7 @@ tests/test_planner_moe.py's cases and the v5p HLO of an expert-parallel step):
 
 Memory: the routed arrays are not taken from the traced residuals (the planner traces the model
 on one device, where they are the single-device path's flattened [N·k, ...] arrays;
-`cost.saved_bytes` drops them, told apart by a second trace at another batch size) but counted
+`residuals.saved_bytes` drops them, told apart by a second trace at another batch size) but counted
 from the layout (ROW_COUNTS and kin: integer counts of arrays of the layer's sizes, read off
 XLA:CPU buffer assignments), saved for the backward pass and live at the last MoE layer's
 backward peak (`working_set`). XLA:CPU packs a MoE step's heap with holes (CPU_HEAP_PACKING,
@@ -66,7 +66,7 @@ import dataclasses
 import math
 
 from paxlike.errors import UserError
-from paxlike.planner.workingset import STREAM_ARRAYS, TransformerActivations
+from paxlike.planner.workingset import Profile
 
 # Routed arrays of one MoE layer, per device, counted in XLA:CPU's buffer assignment (module
 # docstring), in units of the layer's own sizes: float32 (or 4-byte) arrays of R rows x f and of
@@ -120,13 +120,15 @@ class Layout:
     seq: int                         # tokens per sequence (a capacity group)
 
 
-class MoEActivations(TransformerActivations):
-    """The Transformer's description plus the experts (module docstring)."""
+class MoEActivations(Profile):
+    """The experts' part of the MoE family's planner profile (module docstring). models/moe.py
+    declares the profile as this on top of the Transformer's (`class Profile(MoEActivations,
+    transformer.Profile)`), which supplies the attention, the dense layers and their counts."""
 
     float32_params = ("router/w",)   # used in float32 (x.astype(f32) @ w): gathered as such
-    def __init__(self, cfg):
-        super().__init__(cfg)
-        m = cfg.model
+    def __init__(self, model_cfg):
+        super().__init__(model_cfg)
+        m = model_cfg
         # Global-batch balancing reads every microbatch's expert counts before its loss: one
         # more forward per microbatch (paxlike/step.py); the other scopes need no such pass.
         self.stats_pass = m.load_balance == "global_batch"
@@ -237,13 +239,14 @@ class MoEActivations(TransformerActivations):
         (`full`; `save_dots`: a gather is not a dot); the statistics pass gathers once more."""
         return 1 + (remat != "none") + int(self.microbatches > 1 and self.stats_pass)
 
-    def tensor_sums_per_layer(self, dense: float, backend: str, remat: str) -> float:
+    def tensor_sums_per_layer(self, backend: str, remat: str) -> float:
         """Tensor-parallel all-reduces of the residual stream per layer, averaged over the
         layers: a MoE layer keeps the attention's (forward: its output; backward: q, k, v
         separately on CPU, once on TPU; remat `full` recomputes the forward one) and sums its
         experts' output in `collectives` instead of the dense MLP's; shared experts are a dense
         SwiGLU with the dense MLP's sums (forward: its output; backward: gate and up, separately
         on CPU, once on TPU; recomputed under full remat on CPU). Unchecked against a compile."""
+        dense = super().tensor_sums_per_layer(backend, remat)
         moe = (1 + (3 if backend == "cpu" else 1)) + (remat == "full")
         if self.shared:
             moe += 1 + (2 if backend == "cpu" else 1) + (remat == "full" and backend == "cpu")
@@ -309,7 +312,7 @@ class MoEActivations(TransformerActivations):
             phases.pop("layer_backward")
         lay, d = self.layout, self.d
         u = self.units(b, t, tp, vocab_ways)
-        common = u["scores"] + STREAM_ARRAYS * u["stream"] + u["embed_grad"]
+        common = u["scores"] + self.STREAM_ARRAYS * u["stream"] + u["embed_grad"]
         weights = (self.dt + 4) * 3 * lay.experts_local * d * lay.f_local   # copies, f32 grads
         phases["moe_backward"] = self._routed("working", remat, backend) + common + weights
         return phases
