@@ -32,22 +32,28 @@ class DeviceSpec:
     cores_per_chip: int = 1   # TPU naming: v4-8 / v5p-8 count TensorCores
     max_granule: int = 0      # largest slice (chips) or node (GPUs)
     aot_name: str = ""        # libtpu topology prefix, e.g. "v5p" in "v5p:4x4x4"
+    hbm_bytes_per_s: float = 0.0   # memory bandwidth (the planner's roofline for memory-bound work)
 
 
 # Data-sheet figures (Google Cloud TPU system architecture pages; NVIDIA H100/H200/A100 data
-# sheets). ICI: one direction of one link; a TPU chip has 2 links per torus axis (wraparound), so
+# sheets; HBM bandwidth likewise). ICI: one direction of one link; a TPU chip has 2 links per torus axis (wraparound), so
 # a ring collective along one axis moves 2 x this. GPU "ici" is NVLink per GPU (one direction),
 # GPU "dcn" the node's InfiniBand per GPU (one 400 Gb/s NIC per H100/H200, 200 Gb/s per A100).
 DEVICES: dict[str, DeviceSpec] = {d.name: d for d in (
-    DeviceSpec("v4", ("TPU v4",), 32 * GiB, 275e12, 45e9, 6.25e9, 3, 2, 4096, "v4"),
+    DeviceSpec("v4", ("TPU v4",), 32 * GiB, 275e12, 45e9, 6.25e9, 3, 2, 4096, "v4",
+               hbm_bytes_per_s=1228e9),
     DeviceSpec("v5e", ("TPU v5 lite", "TPU v5e"), 16 * GiB, 197e12, 45e9, 3.125e9, 2, 1, 256,
-               "v5e"),
-    DeviceSpec("v5p", ("TPU v5p", "TPU v5"), 95 * GiB, 459e12, 90e9, 6.25e9, 3, 2, 8960, "v5p"),
+               "v5e", hbm_bytes_per_s=819e9),
+    DeviceSpec("v5p", ("TPU v5p", "TPU v5"), 95 * GiB, 459e12, 90e9, 6.25e9, 3, 2, 8960, "v5p",
+               hbm_bytes_per_s=2765e9),
     DeviceSpec("v6e", ("TPU v6 lite", "TPU v6e"), 32 * GiB, 918e12, 90e9, 12.5e9, 2, 1, 256,
-               "v6e"),
-    DeviceSpec("H100", ("NVIDIA H100",), 80e9, 989e12, 450e9, 50e9, 0, 1, 8),
-    DeviceSpec("H200", ("NVIDIA H200",), 141e9, 989e12, 450e9, 50e9, 0, 1, 8),
-    DeviceSpec("A100", ("NVIDIA A100",), 80e9, 312e12, 300e9, 25e9, 0, 1, 8),
+               "v6e", hbm_bytes_per_s=1640e9),
+    DeviceSpec("H100", ("NVIDIA H100",), 80e9, 989e12, 450e9, 50e9, 0, 1, 8,
+               hbm_bytes_per_s=3350e9),
+    DeviceSpec("H200", ("NVIDIA H200",), 141e9, 989e12, 450e9, 50e9, 0, 1, 8,
+               hbm_bytes_per_s=4800e9),
+    DeviceSpec("A100", ("NVIDIA A100",), 80e9, 312e12, 300e9, 25e9, 0, 1, 8,
+               hbm_bytes_per_s=2039e9),
 )}
 
 
@@ -81,9 +87,10 @@ def cpu_device(num_devices: int) -> DeviceSpec:
     """Emulated CPU devices share the host: memory split evenly, GEMM rate measured once."""
     memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     flops = measure_gemm_flops(jnp.float32, n=1024, repeats=2)
-    # Emulated devices run collectives through shared memory; ~5 GB/s is the copy rate of one core.
+    # Emulated devices run collectives through shared memory; ~5 GB/s is the copy rate of one core,
+    # and the memory bandwidth they share is of the order of 10 GB/s.
     return DeviceSpec("cpu", ("cpu",), memory / num_devices, flops / num_devices, 5e9, 5e9, 0, 1,
-                      num_devices)
+                      num_devices, hbm_bytes_per_s=10e9 / num_devices)
 
 
 # ------------------------------------------------------------------------------- the MFU peak

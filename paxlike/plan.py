@@ -67,7 +67,8 @@ def plan_json(c) -> dict:
             "pipeline_repeats": p.pipeline_repeats, "pipeline_fsdp_gather": p.pipeline_fsdp_gather,
             "bytes_per_device": int(c.bytes_per_device),
             "comm_bytes": {k: int(v) for k, v in sorted(c.comm.items())},
-            "step_time_s": c.step_time_s, "mfu": c.mfu}
+            "step_time_s": c.step_time_s, "mfu": c.mfu, "binding": c.binding,
+            "time_parts_s": dict(c.time_parts), "why": c.reason}
 
 
 def _gib(x: float) -> str:
@@ -122,9 +123,9 @@ def main(cfg):
               f"TFLOP/s bf16 each), {fleet.granules} slice/node(s); {len(result.plans)} "
               f"feasible of {result.considered} plans considered in {elapsed:.2f} s")
         print(table(result, shown))
-        print("step time = max(compute at peak, ICI time, DCN time), link time = bytes / "
-              "bandwidth + latency per collective; communication is assumed to overlap "
-              "compute fully, so MFU is an upper bound.")
+        print("step time = max(compute, weight traffic) + exposed activation traffic + DCN "
+              "traffic; compute at the fitted achievable fraction of peak with HBM floors "
+              "(docs/planner.md, \"Step time\").")
         if checked and verified is not None:
             print(f"verified by the TPU compiler: plan {verified + 1} "
                   f"({_gib(checked[verified]['bytes_per_device'])} GiB per chip compiled)")

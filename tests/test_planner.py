@@ -11,7 +11,8 @@ import sys
 import jax
 import pytest
 
-from configs import ROOT, assert_one_line_error, small_test_config
+from configs import (ROOT, assert_one_line_error, compile_on_cpu, prediction_vs_cpu_compile,
+                     small_test_config)
 from paxlike.experiments import transformer
 from paxlike import devices, loop
 from paxlike.errors import UserError
@@ -93,7 +94,7 @@ def test_fleet_for_devices_finds_the_granules(kind, platform, layout, granules, 
 # --------------------------------------------------------------- cost model vs the CPU compiler
 _BASE = {"model.d_model": 128, "model.num_layers": 2, "model.mlp_dim": 512, "batch_size": 16,
          "seq_len": 128}
-# name: (config overrides, mesh). The CPU working-set counts (paxlike/planner/workingset.py) were
+# name: (config overrides, mesh). The CPU working-set counts (models/transformer.py Profile) were
 # read off the compiler's buffer assignment of the first eight; the "heldout" ones were never
 # inspected: they were compiled once, after the counts were fixed (docs/planner.md has the
 # ratios), and differ in width, heads, vocabulary, depth, sequence, batch, remat and mesh.
@@ -134,33 +135,24 @@ def _compiled_case(name):
     if name not in _COMPILED:
         overrides, mesh = CPU_CASES[name]
         cfg = _case_config(overrides)
-        plan = cost.Plan.make(mesh, {}, cfg.sharding, cfg.microbatches, cfg.model.remat)
-        _COMPILED[name] = (cfg, plan, Trainer(cfg, build_mesh(mesh)).compile())
+        _COMPILED[name] = (cfg, *compile_on_cpu(cfg, mesh))
     return _COMPILED[name]
 
 
 @pytest.mark.parametrize("name", sorted(CPU_CASES))
 def test_memory_prediction_matches_cpu_compiler(name):
-    cfg, plan, compiled = _compiled_case(name)
-    predicted = cost.estimate(cfg, plan, fleets.parse_fleet("cpu-8"), "cpu")
-    m = compiled.memory_analysis()
-    actual = (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-              - m.alias_size_in_bytes)
-    assert abs(predicted.bytes_per_device / actual - 1) <= TOLERANCE, (predicted.memory, actual)
+    r = prediction_vs_cpu_compile(*_compiled_case(name))
+    assert abs(r["memory"] - 1) <= TOLERANCE, (r["predicted"].memory, r["bytes"])
 
 
 @pytest.mark.parametrize("name", sorted(CPU_CASES))
 def test_collective_prediction_matches_cpu_hlo(name):
-    cfg, plan, compiled = _compiled_case(name)
-    predicted = cost.estimate(cfg, plan, fleets.parse_fleet("cpu-8"), "cpu")
-    found = hlo.collectives(compiled.as_text(), 8)
-    volume = sum(v["volume"] for v in found.values())
-    assert abs(sum(predicted.comm_by_kind.values()) / volume - 1) <= TOLERANCE, (
-        predicted.comm_by_kind, found)
+    r = prediction_vs_cpu_compile(*_compiled_case(name))
+    assert abs(r["collectives"] - 1) <= TOLERANCE, (r["predicted"].comm_by_kind, r["found"])
     # On CPU the op kinds are predictable too (gradient reductions are all-reduces here).
     for kind in ("all-gather", "all-reduce"):
-        want, got = predicted.comm_by_kind.get(kind, 0.0), found[kind]["volume"]
-        assert abs(want - got) <= TOLERANCE * volume, (kind, want, got)
+        want, got = r["kinds"][kind]
+        assert abs(want - got) <= TOLERANCE * r["volume"], (kind, want, got)
 
 
 def test_hlo_reader_counts_loop_trips():
@@ -248,8 +240,10 @@ def test_plan_cli_json_format():
     for p in plans:
         assert list(p) == ["mesh", "dcn", "preset", "microbatches", "remat", "pipeline_repeats",
                            "pipeline_fsdp_gather", "bytes_per_device", "comm_bytes",
-                           "step_time_s", "mfu"]
+                           "step_time_s", "mfu", "binding", "time_parts_s", "why"]
         assert p["pipeline_repeats"] >= 1 and p["pipeline_fsdp_gather"] == "per_iteration"
+        assert set(p["time_parts_s"]) == {"compute", "hidden_ici", "exposed_ici", "dcn"}
+        assert p["why"].startswith("compute ") and 0 < p["mfu"] < 1
         assert all(k.endswith(("/ici", "/dcn")) for k in p["comm_bytes"])
 
 

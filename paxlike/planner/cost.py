@@ -9,15 +9,18 @@ collective volume with the optimized HLO (`paxlike.planner.hlo`). docs/planner.m
 Parameters, gradients and optimizer state are exact: they come from the model's own parameter
 shapes and logical axis names, sharded by the same rules code the trainer uses
 (`paxlike.sharding.logical_to_spec`). Saved activations are traced (`saved_residuals` under the
-config's remat policy). The working set XLA keeps beyond them is described by the model family
-(`paxlike.planner.workingset.TransformerActivations`, keyed by `model.module`; paxlike imports no
-model: the config names the module): on CPU counted in arrays of the model's own sizes, read from
-the compiler's buffer assignment at the peak; on TPU a fitted multiple of the same units
-(`CALIBRATION`).
+config's remat policy, `paxlike.planner.residuals`). The working set XLA keeps beyond them,
+remat's extra FLOPs and the tensor-parallel sums per layer are declared by the model family beside its definition
+(`planner_profile(model_cfg)` in the module `model.module` names, paxlike/family.py; the shared
+part is `paxlike.planner.workingset.Profile`; the planner imports no model): on CPU counted in
+arrays of the model's own sizes, read from the compiler's buffer assignment at the peak; on TPU a
+fitted multiple of the same units (`CALIBRATION`).
 
 Communication is counted per step, per mesh axis and link (ICI / DCN), as the full buffer each
 collective gathers / reduces / permutes (the figure `paxlike.planner.hlo` reads from compiled
-programs, comparable across backends), and converted to bytes on the wire for timing. The
+programs, comparable across backends), and converted to bytes on the wire for timing
+(`paxlike.planner.steptime`: compute, weight traffic hidden behind it, activation and DCN
+traffic on the critical path). The
 mixture-of-experts family adds its expert-parallel exchanges, routed buffers and FLOPs
 (`paxlike.planner.moe`); the pipeline axis its bubble, microbatches in flight, stage hand-offs
 and weight relayout (`paxlike.planner.pipeline`). The context axis is not priced yet: the planner
@@ -35,8 +38,9 @@ from paxlike.errors import UserError
 from paxlike.mesh import MESH_AXES
 from paxlike.planner.fleets import Fleet
 from paxlike.planner import pipeline as pipeline_model
+from paxlike.planner.residuals import saved_bytes
+from paxlike.planner import steptime
 from paxlike.planner.moe import MoEActivations
-from paxlike.planner.workingset import TransformerActivations
 
 REMATS = ("none", "save_dots", "full")
 # Fixed cost of one collective (launch and synchronisation), order of magnitude for TPU ICI and
@@ -45,7 +49,7 @@ REMATS = ("none", "save_dots", "full")
 LATENCY_S = {"ici": 20e-6, "dcn": 200e-6}
 
 # TPU (and, unverified, GPU) memory beyond parameters, optimizer state and gradients: multiples
-# of the saved activations and of the working-set units (TransformerActivations.units plus
+# of the saved activations and of the working-set units (the family profile's `units` plus
 # "gathered": one layer's and the output head's weights gathered whole), fitted per TPU
 # generation to compiled memory analyses (docs/planner.md lists the configurations and
 # residuals). The TPU compiler makes memory-dependent choices (v5e runs FSDP gathers as
@@ -190,124 +194,30 @@ class Cost:
     # full-buffer volume per step by the mesh axes of the group ("data+expert", mesh order), the
     # figure `hlo.volume_by_axes` reads where the compiler names the groups (XLA:CPU)
     volume_by_axes: dict[str, float] = dataclasses.field(default_factory=dict)
+    reason: str = ""                   # one line: where the step time goes (steptime.predict)
+    # seconds: compute, weight traffic not hidden, exposed ICI traffic, DCN (steptime.predict)
+    time_parts: dict[str, float] = dataclasses.field(default_factory=dict)
 
     @property
     def bytes_per_device(self) -> float:
         return self.memory["total"]
 
 
-# ------------------------------------------------------------------- saved activations, traced
-_PROBE_BATCH = 3   # traced batch size: a prime no model dimension is likely to equal
-_ROUTED_PROBE = 5  # a second batch size, to tell routed (flattened) arrays from weights
-
-
-@functools.lru_cache(maxsize=64)
-def _residuals(model_key: str, remat: str, seq_len: int, probe: int = _PROBE_BATCH
-               ) -> tuple[tuple[tuple[int, ...], int], ...]:
-    """(shape, itemsize) of every array autodiff saves for the backward pass of the training
-    loss, for a global batch of `probe` sequences. Traced abstractly (no FLOPs, no memory):
-    this is the model's own remat policy, not a formula that could drift from it."""
-    import json
-
-    import jax
-    import jax.numpy as jnp
-    import ml_collections
-    from flax import nnx
-    from jax._src.ad_checkpoint import saved_residuals
-
-    from paxlike import family
-    from paxlike.data import BATCH_KEYS
-    model_cfg = ml_collections.ConfigDict(json.loads(model_key))
-    model_cfg.remat = remat
-    model = nnx.eval_shape(lambda: family.load(model_cfg).build(model_cfg, nnx.Rngs(0)))
-    graphdef, params = nnx.split(model)
-
-    def loss(p, batch):   # the family's own training loss (paxlike/family.py)
-        return nnx.merge(graphdef, p).loss(batch).nll_sum
-
-    batch = {k: jax.ShapeDtypeStruct((probe, seq_len),
-                                     jnp.float32 if k == "weights" else jnp.int32)
-             for k in BATCH_KEYS}
-    out = []
-    for aval, source in saved_residuals(loss, params, batch):
-        if "from the argument" in source:   # parameters and inputs: counted elsewhere
-            continue
-        out.append((tuple(aval.shape), aval.dtype.itemsize))
-    return tuple(out)
-
-
-def saved_bytes(cfg, remat: str, b: int, t: int, tp: int, weight_ways: int = 1,
-                vocab_ways: int = 1, routed=None, split: bool = False):
-    """Per-device bytes of saved activations for `b` local sequences of `t` tokens, with heads /
-    MLP dimensions split `tp` ways and the output head's vocabulary dimension `vocab_ways` (for
-    arrays that carry the batch dimension). Arrays without a batch dimension are weights cast to
-    the compute dtype: sharded like the weights, `weight_ways` ways.
-
-    routed: for a mixture-of-experts model, a predicate on shapes: leave out the arrays that grow
-    with the batch but carry no batch dimension (its flattened [tokens·k, ...] rows, told apart by
-    a second trace with another batch size) and the batch-carrying arrays the predicate names:
-    their per-device size depends on the dispatch layout, and the family's activation model counts
-    them (`paxlike.planner.moe`).
-
-    split: return (per-layer bytes of the layer scan's residuals, bytes of the other arrays that
-    carry the batch) instead of the total: a pipeline keeps the layers' residuals per microbatch
-    in flight and takes its weights inside the layers' bodies (paxlike/planner/pipeline.py)."""
-    import json
-    m = cfg.model
-    key = json.dumps(m.to_dict(), sort_keys=True)
-    split_dims = {m.num_heads, m.num_kv_heads, m.mlp_dim} if tp > 1 else set()
-    found = _residuals(key, remat, t)
-    grows = [False] * len(found)
-    if routed is not None:
-        other = _residuals(key, remat, t, _ROUTED_PROBE)
-        if len(other) != len(found):
-            raise UserError("the model saves a different set of arrays at another batch size; "
-                            "the planner cannot tell its routed arrays apart")
-        grows = [a[0] != o[0] for a, o in zip(found, other)]
-    total, stacked_total, per_layer, weights = 0.0, 0.0, 0.0, 0.0
-    for (shape, itemsize), grown in zip(found, grows):
-        size = math.prod(shape) * itemsize
-        if _PROBE_BATCH not in shape:
-            if not grown:                  # a weight in the compute dtype
-                total += size / weight_ways
-                weights += size / weight_ways
-            continue
-        if routed is not None and routed(shape):
-            continue
-        size = size / _PROBE_BATCH * b
-        rest = list(shape)
-        stacked = rest.index(_PROBE_BATCH) == 1   # by the layer scan: [layers, batch, ...]
-        if stacked:
-            rest.pop(0)
-        rest.remove(_PROBE_BATCH)
-        if t in rest:
-            rest.remove(t)
-        if m.vocab_size in rest and not stacked:   # the output head's logits and their kin
-            size /= vocab_ways
-        elif split_dims & set(rest):
-            size /= tp
-        total += size
-        if stacked:
-            stacked_total += size
-            per_layer += size / shape[0]
-    if split:
-        return per_layer, total - stacked_total - weights
-    return total
-
-
 # --------------------------------------------------------------------------- model families
-ACTIVATION_MODELS = {"paxlike.models.transformer": TransformerActivations,
-                     "paxlike.models.moe": MoEActivations}
+def profile(cfg, required: bool = True):
+    """The family's planner profile (`planner_profile` in its module, paxlike/family.py); if it
+    has none, a UserError, or None when not `required`."""
+    from paxlike import family
+    hook = getattr(family.load(cfg.model), "planner_profile", None)
+    if hook is None and required:
+        raise UserError(f"the planner has no profile of model.module={cfg.model.module!r} (see "
+                        f"paxlike/family.py); set the mesh by hand (--config.mesh.*) and check "
+                        f"it with `python -m paxlike.aot --plan=config`")
+    return hook(cfg.model) if hook else None
 
 
-def activation_model(cfg):
-    name = cfg.model.get("module")
-    if name not in ACTIVATION_MODELS:
-        raise UserError(f"the planner has no activation model for model.module={name!r} "
-                        f"(known: {', '.join(ACTIVATION_MODELS)}); set the mesh by hand "
-                        f"(--config.mesh.*) and check it with `python -m paxlike.aot "
-                        f"--plan=config`")
-    return ACTIVATION_MODELS[name](cfg)
+def has_profile(cfg) -> bool:
+    return profile(cfg, required=False) is not None
 
 
 # ------------------------------------------------------------------------------- the estimate
@@ -335,7 +245,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                           "tpu" if fleet.device.torus_dims else "gpu")
     sizes, dcn = plan.sizes, plan.dcn_sizes
     rules = sharding.get_rules(plan.preset)
-    acts = activation_model(cfg)
+    acts = profile(cfg)
     infos = param_infos(cfg)
     # With a pipeline the layers run per microbatch in flight, the embedding and the head once
     # per step on the local rows B/W (paxlike/planner/pipeline.py). Its problems are said
@@ -378,13 +288,17 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     memory = dict.fromkeys(("params", "grads", "optimizer", "batch", "activations",
                             "temporaries"), 0.0)
     comm: dict[str, float] = {}
+    weight_comm: dict[str, float] = {}   # the part of `comm` that is weight / gradient traffic
     kinds = dict.fromkeys(("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
                            "ragged-all-to-all", "collective-permute"), 0.0)
     launches = {"ici": 0.0, "dcn": 0.0}   # collectives per step, for their fixed latency
     by_axes: dict[str, float] = {}
 
-    def send(kind: str, axes: list[str], full_bytes: float, times: float = 1.0):
-        """Records a collective over `axes` on a buffer of `full_bytes`, run `times` per step."""
+    def send(kind: str, axes: list[str], full_bytes: float, times: float = 1.0,
+             weights: bool = False):
+        """Records a collective over `axes` on a buffer of `full_bytes`, run `times` per step;
+        `weights`: weight or gradient traffic, which the step can overlap with compute
+        (`steptime`), rather than activations on the critical path."""
         g = math.prod(sizes[a] for a in axes)
         if g <= 1 or full_bytes <= 0:
             return
@@ -404,11 +318,14 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         for a in axes:
             key_ici, key_dcn = f"{a}/ici", f"{a}/dcn"
             part = sizes[a] / sum(sizes[x] for x in axes) if len(axes) > 1 else 1.0
-            comm[key_ici] = comm.get(key_ici, 0.0) + sent * (1 - share_dcn) * part
-            if share_dcn:
-                comm[key_dcn] = comm.get(key_dcn, 0.0) + sent * share_dcn * part
+            for key, share in ((key_ici, 1 - share_dcn), (key_dcn, share_dcn)):
+                if share:
+                    comm[key] = comm.get(key, 0.0) + sent * share * part
+                    if weights:
+                        weight_comm[key] = weight_comm.get(key, 0.0) + sent * share * part
 
     layer_weights = 0.0   # one layer's and the head's gathered weights (compute dtype)
+    run_bytes = {"layer": 0.0, "head": 0.0}   # weights one layer / head run reads from HBM
     tied = bool(cfg.model.get("tie_embeddings", False))   # the table is the head too
     local_layers = local_table = 0.0   # float32 bytes of the local stacked weights / table
     for p in infos:
@@ -435,8 +352,12 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         gathered = use_bytes * math.prod(sizes[a] for a in fsdp_axes)
         if scanned and matrix:
             layer_weights += gathered / depth
+            # what one layer run reads: the device's layers are this shard's 'layers' rows
+            local_depth = depth // math.prod(sizes[a] for a in ways[p.names.index("layers")])
+            run_bytes["layer"] += gathered / local_depth
         elif matrix and p.path not in acts.lookup_params:
             layer_weights += gathered   # the output head, gathered whole once per microbatch
+            run_bytes["head"] += gathered
         if p.path in acts.lookup_params and fsdp_axes:
             # The table is gathered row-wise by token: XLA moves activations, not weights.
             tokens = head_b * t
@@ -456,16 +377,16 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                 gathers = acts.expert_weight_gathers(plan.remat)
             if pipe and scanned:
                 gathers = pipe.gathers(backend, plan.remat, p.names)
-            send("all-gather", fsdp_axes, gathered, uses * gathers)
-            send("reduce-scatter", fsdp_axes, gathered, uses)
+            send("all-gather", fsdp_axes, gathered, uses * gathers, weights=True)
+            send("reduce-scatter", fsdp_axes, gathered, uses, weights=True)
         replicated = [a for a in batch_axes if a not in shard_axes]
         if (moe or (pipe and backend != "cpu")) and p.path in acts.lookup_params:
             # The table's gradient is an f32 scatter-add: reduced in f32 (v5p MoE HLO). The
             # dense family keeps its figures (its CI plans shard the table over fsdp), except
             # over `pipeline` on TPU (v5p HLO of the pipelined AOT case: f32 over DCN).
-            send("all-reduce", replicated, 4 * local, uses)
+            send("all-reduce", replicated, 4 * local, uses, weights=True)
         else:
-            send("all-reduce", replicated, use_bytes, uses)
+            send("all-reduce", replicated, use_bytes, uses, weights=True)
         if pipe and tied and p.path in acts.lookup_params and fsdp_axes:
             # A tied table is the head too. With a pipeline the head's rows are split over every
             # batch axis, and XLA gathers the table whole over the FSDP axes for it, like an
@@ -474,25 +395,14 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             # part of the gradient is also summed over `pipeline` in the compute dtype, beside
             # the lookup's float32 sum above.
             layer_weights += gathered
-            send("all-gather", fsdp_axes, gathered, uses)
-            send("reduce-scatter", fsdp_axes, gathered, uses)
+            send("all-gather", fsdp_axes, gathered, uses, weights=True)
+            send("reduce-scatter", fsdp_axes, gathered, uses, weights=True)
             if backend != "cpu":
-                send("all-reduce", replicated, use_bytes, uses)
+                send("all-reduce", replicated, use_bytes, uses, weights=True)
 
     if tp > 1:
-        # Row-parallel outputs (attention projection, MLP down) are summed over `tensor` in the
-        # forward pass (2). In the backward pass XLA:CPU sums the input gradient of each
-        # column-parallel matmul separately (q, k, v, gate, up: 5) where the TPU compiler sums
-        # q/k/v once and gate/up once (2; read from v5e and v5p HLO). Full remat recomputes the
-        # forward's sums: both on CPU; on TPU only the attention's, the MLP's output being
-        # unused by the backward pass (1b-class fsdp 16 x tensor 4 on v5p).
-        if backend == "cpu":
-            per_layer = 7 + (2 if plan.remat == "full" else 0)
-        else:
-            per_layer = 4 + (1 if plan.remat == "full" else 0)
-        if moe:   # the MoE block's sums are the expert-parallel ones (acts.collectives)
-            per_layer = acts.tensor_sums_per_layer(per_layer, backend, plan.remat)
-        per_layer += 2 * stats
+        # the residual stream's sums over `tensor` per layer: the family's (its profile)
+        per_layer = acts.tensor_sums_per_layer(backend, plan.remat) + 2 * stats
         layer_runs = pipe.layer_runs if pipe else mb * acts.layers   # per device
         send("all-reduce", ["tensor"], b * t * acts.d * dt, layer_runs * per_layer)
         send("all-reduce", ["tensor"], head_b * t * acts.d * 4,
@@ -508,10 +418,10 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     # dimension, so every matmul in a layer has a batch dimension and save_dots saves as full.
     layer_remat = pipeline_model.layer_remat(plan.remat) if pipe else plan.remat
     if pipe:
-        layer_saved = saved_bytes(cfg, layer_remat, b, t, tp, weight_ways, vocab_ways,
-                                  split=True)[0]
-        rest_saved = saved_bytes(cfg, plan.remat, head_b, t, tp, weight_ways, vocab_ways,
-                                 split=True)[1]
+        layer_saved = saved_bytes(cfg, acts, layer_remat, b, t, tp, weight_ways, vocab_ways,
+                                  split=True, backend=backend)[0]
+        rest_saved = saved_bytes(cfg, acts, plan.remat, head_b, t, tp, weight_ways, vocab_ways,
+                                 split=True, backend=backend)[1]
         extra = pipeline_model.memory(pipe, layer_saved, rest_saved, b, t, acts.d, dt,
                                       local_layers, math.prod(sizes[a] for a in batch_axes),
                                       backend, plan.remat)
@@ -519,8 +429,8 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         head_saved = extra.pop("head_saved")
         memory.update(extra)
     else:
-        saved = saved_bytes(cfg, plan.remat, b, t, tp, weight_ways, vocab_ways,
-                            routed=acts.routed_batch_array if moe else None)
+        saved = saved_bytes(cfg, acts, plan.remat, b, t, tp, weight_ways, vocab_ways,
+                            routed=acts.routed_batch_array if moe else None, backend=backend)
     if moe:
         saved += acts.routed_saved(plan.remat, backend)
     units = dict(acts.units(b, t, tp, vocab_ways), gathered=layer_weights, saved=saved)
@@ -533,13 +443,16 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     microbatch_grads = memory["grads"] if mb > 1 and not pipe else 0.0
     if backend == "cpu":
         # Derived from the model's shapes: the larger of the two candidate peaks (workingset.py).
-        phases = (acts.working_set(layer_remat, b, t, tp, vocab_ways, backend) if moe else
-                  acts.working_set(layer_remat, b, t, tp, vocab_ways))
+        phases = acts.working_set(layer_remat, b, t, tp, vocab_ways, backend)
         if pipe:
             # the loss on the local rows B/W (split over `pipeline` too), beside the head's
             # residuals: they are freed by the head's backward pass, before the stages' one
             phases["loss"] = (acts.working_set(plan.remat, head_b, t, tp, vocab_ways)["loss"]
                               + head_saved)
+        elif not acts.head_saved_at_layer_peak:   # freed by then (the family's profile)
+            phases["layer_backward"] -= saved_bytes(
+                cfg, acts, plan.remat, b, t, tp, weight_ways, vocab_ways, split=True,
+                backend=backend)[2]
         units.update(phases)
         memory["activations"] = saved
         memory["temporaries"] = max(phases.values()) + microbatch_grads
@@ -563,34 +476,31 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                                           + memory["temporaries"])
     memory["total"] = sum(memory.values())
 
-    # Time: compute at the device's peak; communication per link at its bandwidth; overlapped.
+    # Time (paxlike/planner/steptime.py): compute at an achievable fraction of peak with HBM
+    # floors; weight traffic hidden behind it; activation traffic and DCN on the critical path.
     n = math.prod(sizes.values())
     model_flops = acts.flops_per_step(cfg)
     tokens = cfg.batch_size * cfg.seq_len
     flops = model_flops + acts.flops_per_token_extra(plan.remat, cfg.seq_len, mb) * tokens
     peak = fleet.device.peak_flops * n
-    if pipe:
-        head = pipeline_model.head_flops(cfg)
-        compute_s = pipeline_model.compute_seconds(flops - head, head, pipe, peak)
-    else:
-        compute_s = flops / peak
-    comm_s = {"ici": 0.0, "dcn": 0.0}
-    slowest = ("compute", compute_s)
-    for key, value in comm.items():
-        axis, link = key.split("/")
-        seconds = value / _bandwidth(fleet, axis, link, sizes, dcn)
-        comm_s[link] += seconds
-    for link, count in launches.items():   # small collectives pay latency, not bandwidth
-        comm_s[link] += count * LATENCY_S[link]
-    for link, seconds in comm_s.items():
-        if seconds > slowest[1]:
-            busiest = max((k for k in comm if k.endswith(link)), key=lambda k: comm[k])
-            slowest = (f"{link.upper()} ({busiest.split('/')[0]} traffic)", seconds)
-    step = slowest[1]
+    head = pipeline_model.head_flops(cfg)
+    layers = (flops - head) / (1.0 - pipe.bubble) if pipe else flops - head
+    seconds = {k: v / _bandwidth(fleet, *k.split("/"), sizes, dcn) for k, v in comm.items()}
+    timing = steptime.predict(
+        layer_flops=layers / n, layer_runs=pipe.layer_runs if pipe else mb * acts.layers,
+        layer_weight_bytes=run_bytes["layer"], head_flops=head / n, head_runs=head_uses,
+        head_weight_bytes=run_bytes["head"], remat=plan.remat, local_param_bytes=memory["params"],
+        peak=fleet.device.peak_flops, hbm_bandwidth=fleet.device.hbm_bytes_per_s,
+        comm_s=seconds,
+        overlappable_s={k: v / _bandwidth(fleet, *k.split("/"), sizes, dcn)
+                        for k, v in weight_comm.items()},
+        latency_s={link: count * LATENCY_S[link] for link, count in launches.items()})
+    comm_s = {link: sum(v for k, v in seconds.items() if k.endswith(link)) for link in LATENCY_S}
     fits = memory["total"] <= fleet.device.hbm_bytes
-    mfu = min(model_flops / (step * peak), 1.0)   # 1 + rounding when compute-bound without remat
-    return Cost(plan, memory, comm, {k: v for k, v in kinds.items() if v}, compute_s, comm_s,
-                step, mfu, slowest[0], fits, fleet.device.hbm_bytes, units, by_axes)
+    mfu = model_flops / (timing.seconds * peak)
+    return Cost(plan, memory, comm, {k: v for k, v in kinds.items() if v},
+                timing.parts["compute"], comm_s, timing.seconds, mfu, timing.binding, fits,
+                fleet.device.hbm_bytes, units, by_axes, timing.reason, timing.parts)
 
 
 def _bandwidth(fleet: Fleet, axis: str, link: str, sizes, dcn) -> float:

@@ -13,7 +13,7 @@ split over `pipeline` by every preset's rules, so the exact per-parameter accoun
 (`sharding.logical_to_spec`) already divides them by S; the embedding and the head stay
 replicated over `pipeline`.
 
-Compute: a stage computes I·K layer-microbatches for M·R·K useful ones, so the layers' FLOPs take
+Compute (`steptime`): a stage computes I·K layer-microbatches for M·R·K useful ones, so the layers' FLOPs take
 1 / (1 − bubble) longer, bubble = (S − 1) / (R·M + S − 1); the embedding and the head run once per
 step on the local rows B/W (the batch is split over `pipeline` too outside the stages), so their
 FLOPs are not stretched.
@@ -45,7 +45,7 @@ HLO of the AOT case:
                   (each stage scatters a partial cotangent).
 
 Memory: GPipe keeps every iteration's residuals, so the saved activations are I·K layers of one
-microbatch's per-layer residuals (`cost.saved_bytes`, traced, split by the layer scan; save_dots
+microbatch's per-layer residuals (`residuals.saved_bytes`, traced, split by the layer scan; save_dots
 saves as full, `layer_remat`: the stages are vmapped, so every matmul has a batch dimension);
 the head's and the loss's residuals for the local rows B/W count in the loss phase on XLA:CPU
 (freed by the head's backward pass, before the stages' one) and beside the saved activations on
@@ -185,12 +185,6 @@ def layer_remat(remat: str) -> str:
     (`dots_with_no_batch_dims_saveable`) saves none of them: as full (XLA:CPU buffer assignment
     of the held-out case: only each layer's input is saved per iteration)."""
     return "full" if remat == "save_dots" else remat
-
-
-def compute_seconds(layer_flops: float, head_flops: float, pipe: Layout, peak: float) -> float:
-    """Step compute time at `peak` (all devices): the layers' FLOPs stretched by the bubble (its
-    slots compute on zeros); the head's are not (its rows are split over `pipeline` too)."""
-    return (layer_flops / (1.0 - pipe.bubble) + head_flops) / peak
 
 
 def head_flops(cfg) -> float:

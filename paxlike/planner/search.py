@@ -118,7 +118,7 @@ def _try(cfg, plan, fleet, backend):
 def enumerate_all(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool = False,
                   remats=cost.REMATS):
     """Every valid plan with every microbatch count (brute force; for tests and --all)."""
-    cost.activation_model(cfg)
+    cost.profile(cfg)
     for sizes, dcn in meshes(fleet, allow_dcn_fsdp, num_experts(cfg), _layers(cfg)):
         for preset in _presets(sizes):
             for repeats, counts in _schedules(cfg, sizes, preset):
@@ -138,20 +138,21 @@ class Result:
     considered: int
 
     def why(self, c: cost.Cost) -> str:
-        """The binding constraint of a plan, in words."""
+        """One line: where the plan's step time goes, and what memory forced."""
         use = c.bytes_per_device / c.hbm_bytes
-        parts = [f"{c.binding}-bound" if c.binding == "compute" else f"bound by {c.binding}"]
-        if c.plan.microbatches > 1 or c.plan.remat != "none":
-            parts.append(f"memory needs {c.plan.microbatches} microbatch"
-                         f"{'es' if c.plan.microbatches > 1 else ''}, remat={c.plan.remat}")
-        parts.append(f"{use:.0%} of HBM")
-        return "; ".join(parts)
+        forced = []
+        if c.plan.microbatches > 1:
+            forced.append(f"{c.plan.microbatches} microbatches")
+        if c.plan.remat != "none":
+            forced.append(f"remat={c.plan.remat}")
+        memory = f"{use:.0%} of HBM" + (f" with {', '.join(forced)}" if forced else "")
+        return f"{c.binding}-bound: {c.reason}; {memory}"
 
 
 def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool = False) -> Result:
     """All feasible plans, fastest first (ties: less communication time, less remat, fewer
     microbatches, less memory)."""
-    cost.activation_model(cfg)   # a family the planner cannot model is said as such, up front
+    cost.profile(cfg)   # a family the planner cannot model is said as such, up front
     plans, closest, considered = [], None, 0
     for sizes, dcn in meshes(fleet, allow_dcn_fsdp, num_experts(cfg), _layers(cfg)):
         pipelined = sizes.get("pipeline", 1) > 1
@@ -171,9 +172,9 @@ def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool =
                             if not pipelined:
                                 break    # more microbatches would only be slower
                             # (a pipeline's bubble shrinks with more microbatches: try them all)
-    # Ties (compute-bound plans) go to the one with the most communication slack, then to less
-    # recomputation and fewer microbatches (the model overlaps them for free; hardware does not),
-    # then to less memory.
+    # Plans are ranked by predicted step time (paxlike/planner/steptime.py); exact ties go to
+    # the one with the most communication slack, then to less recomputation and fewer
+    # microbatches, then to less memory.
     plans.sort(key=lambda c: (round(c.step_time_s, 12), round(sum(c.comm_s.values()), 9),
                               cost.REMATS.index(c.plan.remat), c.plan.microbatches,
                               c.bytes_per_device))
