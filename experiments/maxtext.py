@@ -37,6 +37,12 @@ def _shape(scale: int) -> dict:
 SIZES = {f"{s}b": dict(model=_shape(s), batch_size=256, seq_len=2048, steps=100000,
                        tokenizer="bpe")
          for s in (16, 32, 64, 128, 256, 512, 1024)}
+# Llama 2 7B as MaxText's GPU recipe runs it (src/maxtext/configs/gpu/models/llama2_7b.yml):
+# 32 layers, d 4096, 32 heads (as many KV heads), MLP 11008, sequence 4096.
+SIZES["llama2_7b"] = dict(model=dict(d_model=4096, num_heads=32, num_kv_heads=32, head_dim=128,
+                                     mlp_dim=11008, num_layers=32, vocab_size=32000,
+                                     compute_dtype="bfloat16", remat="save_dots"),
+                          batch_size=256, seq_len=4096, steps=100000, tokenizer="bpe")
 
 
 def get_config(size: str = "32b"):
@@ -84,6 +90,14 @@ V5E = (_rows("16b", zip(_V5E_SLICES, (120, 117, 117, 115, 111, 108),
                16))
 
 
+# H100 (src/maxtext/configs/gpu/a3/llama_2_7b/README.md and the <n>vm.sh scripts: FSDP over the
+# 8 GPUs of a node, data parallelism over nodes, per-device batch 4, remat minimal_with_context,
+# bfloat16, cuDNN flash attention): a second held-out table, TFLOP/s only (MFU here is over the
+# H100's 989 TFLOP/s dense bf16 peak).
+A3 = [Recipe("llama2_7b", (f"{n}x" if n > 1 else "") + "8xH100", 4, "save_dots", 1, tf, tf / 989)
+      for n, tf in ((1, 492), (2, 422), (4, 407), (8, 409), (16, 375))]
+
+
 def recipe_plan(recipe: Recipe):
     """(config, fleet, plan) of a published row: MaxText's recipe as a paxlike plan: tensor
     parallelism inside a slice, FSDP over the rest of it, data parallelism across slices (DCN),
@@ -93,7 +107,7 @@ def recipe_plan(recipe: Recipe):
     cfg = get_config(recipe.size)
     cfg.model.remat = recipe.remat
     cfg.batch_size = recipe.per_device_batch * fleet.num_devices
-    slices = fleet.granules
+    slices = fleet.granules   # TPU slices or GPU nodes
     plan = cost.Plan.make({"data": slices, "fsdp": fleet.per_granule // recipe.tensor,
                            "tensor": recipe.tensor}, {"data": slices}, "fsdp_tp", 1, recipe.remat)
     return cfg, fleet, plan
