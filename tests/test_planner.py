@@ -118,6 +118,9 @@ CPU_CASES = {
          "model.mlp_dim": 768, "model.vocab_size": 2048, "model.remat": "save_dots",
          "seq_len": 64, "microbatches": 2},
         {"fsdp": 4, "tensor": 2}),
+    # added 2026-12-07, the first tensor x full-remat case (compiled once, ratios only: 1.00
+    # memory, 1.04 collectives, the all-reduces 1.07)
+    "heldout_fsdp4_tensor2_full": ({"model.remat": "full"}, {"fsdp": 4, "tensor": 2}),
     "heldout_seq256_layers3_fsdp8": (
         {"model.d_model": 64, "model.num_heads": 2, "model.num_kv_heads": 1,
          "model.mlp_dim": 256, "model.num_layers": 3, "seq_len": 256, "batch_size": 8},
