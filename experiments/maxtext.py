@@ -114,22 +114,16 @@ def recipe_plan(recipe: Recipe):
 
 
 def fit_samples(recipes):
-    """(steptime.predict's arguments for each recipe's plan, its published step seconds): what
+    """(the step-time inputs of each recipe's plan, its published step seconds): what
     `paxlike.planner.steptime.fit` fits the step-time constants to. The published step time is
     the model FLOPs over the published TFLOP/s."""
     from paxlike import family
-    from paxlike.planner import cost, steptime
+    from paxlike.planner import cost
     samples = []
     for recipe in recipes:
         cfg, fleet, plan = recipe_plan(recipe)
-        calls = []
-        original = steptime.predict
-        steptime.predict = lambda **kw: calls.append(kw) or original(**kw)
-        try:
-            cost.estimate(cfg, plan, fleet, "tpu")
-        finally:
-            steptime.predict = original
         flops = family.load(cfg.model).flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size \
             * cfg.seq_len / fleet.num_devices
-        samples.append((calls[0], flops / (recipe.tflops_per_chip * 1e12)))
+        samples.append((cost.estimate(cfg, plan, fleet).step_inputs,
+                        flops / (recipe.tflops_per_chip * 1e12)))
     return samples

@@ -197,6 +197,8 @@ class Cost:
     reason: str = ""                   # one line: where the step time goes (steptime.predict)
     # seconds: compute, weight traffic not hidden, exposed ICI traffic, DCN (steptime.predict)
     time_parts: dict[str, float] = dataclasses.field(default_factory=dict)
+    # what the step time was predicted from (steptime.predict's arguments; steptime.fit refits)
+    step_inputs: dict = dataclasses.field(default_factory=dict)
 
     @property
     def bytes_per_device(self) -> float:
@@ -483,10 +485,10 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     tokens = cfg.batch_size * cfg.seq_len
     flops = model_flops + acts.flops_per_token_extra(plan.remat, cfg.seq_len, mb) * tokens
     peak = fleet.device.peak_flops * n
-    head = pipeline_model.head_flops(cfg)
+    head = acts.head_flops(tokens)
     layers = (flops - head) / (1.0 - pipe.bubble) if pipe else flops - head
     seconds = {k: v / _bandwidth(fleet, *k.split("/"), sizes, dcn) for k, v in comm.items()}
-    timing = steptime.predict(
+    inputs = dict(
         layer_flops=layers / n, layer_runs=pipe.layer_runs if pipe else mb * acts.layers,
         layer_weight_bytes=run_bytes["layer"], head_flops=head / n, head_runs=head_uses,
         head_weight_bytes=run_bytes["head"], remat=plan.remat, local_param_bytes=memory["params"],
@@ -495,12 +497,13 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         overlappable_s={k: v / _bandwidth(fleet, *k.split("/"), sizes, dcn)
                         for k, v in weight_comm.items()},
         latency_s={link: count * LATENCY_S[link] for link, count in launches.items()})
+    timing = steptime.predict(**inputs)
     comm_s = {link: sum(v for k, v in seconds.items() if k.endswith(link)) for link in LATENCY_S}
     fits = memory["total"] <= fleet.device.hbm_bytes
     mfu = model_flops / (timing.seconds * peak)
     return Cost(plan, memory, comm, {k: v for k, v in kinds.items() if v},
                 timing.parts["compute"], comm_s, timing.seconds, mfu, timing.binding, fits,
-                fleet.device.hbm_bytes, units, by_axes, timing.reason, timing.parts)
+                fleet.device.hbm_bytes, units, by_axes, timing.reason, timing.parts, inputs)
 
 
 def _bandwidth(fleet: Fleet, axis: str, link: str, sizes, dcn) -> float:

@@ -187,12 +187,6 @@ def layer_remat(remat: str) -> str:
     return "full" if remat == "save_dots" else remat
 
 
-def head_flops(cfg) -> float:
-    """Training FLOPs of the output head (forward and backward matmul: 6·d·vocab per token)."""
-    m = cfg.model
-    return 6.0 * m.d_model * m.vocab_size * cfg.batch_size * cfg.seq_len
-
-
 def options(num_layers: int, per_granule: int, granules: int) -> list[tuple[int, int]]:
     """(stages, DCN part) the search tries: none; all slices as stages (the pipeline alone
     crosses DCN); 2 or 4 stages inside a slice. Each divides the layer blocks. (A one-layer stage

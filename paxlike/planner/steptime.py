@@ -50,16 +50,24 @@ class StepTime:
     reason: str               # one line: where the time goes
 
 
-def roofline(flops: float, hbm_bytes: float, peak: float, hbm_bandwidth: float) -> float:
-    """Seconds of one kernel: its FLOPs at MXU_EFFICIENCY x peak or its HBM bytes, the longer."""
-    return max(flops / (MXU_EFFICIENCY * peak), hbm_bytes / hbm_bandwidth)
+def constants() -> tuple[float, float, float]:
+    """(MXU_EFFICIENCY, EXPOSED_ACTIVATION_TRAFFIC, DCN_EFFICIENCY): the fitted constants."""
+    return MXU_EFFICIENCY, EXPOSED_ACTIVATION_TRAFFIC, DCN_EFFICIENCY
+
+
+def roofline(flops: float, hbm_bytes: float, peak: float, hbm_bandwidth: float,
+             mxu_efficiency: float) -> float:
+    """Seconds of one kernel: its FLOPs at `mxu_efficiency` x peak or its HBM bytes, the
+    longer."""
+    return max(flops / (mxu_efficiency * peak), hbm_bytes / hbm_bandwidth)
 
 
 def predict(*, layer_flops: float, layer_runs: float, layer_weight_bytes: float,
             head_flops: float, head_weight_bytes: float, head_runs: float, remat: str,
             local_param_bytes: float, peak: float, hbm_bandwidth: float,
             comm_s: dict[str, float], overlappable_s: dict[str, float],
-            latency_s: dict[str, float]) -> StepTime:
+            latency_s: dict[str, float], fitted: tuple[float, float, float] | None = None
+            ) -> StepTime:
     """One device's step time.
 
     layer_flops / head_flops: FLOPs one device computes in the layers (remat included; a
@@ -68,19 +76,21 @@ def predict(*, layer_flops: float, layer_runs: float, layer_weight_bytes: float,
     weights one run reads (gathered, compute dtype); local_param_bytes: float32 parameter bytes
     on the device; comm_s: seconds per "axis/link" at the data-sheet bandwidth; overlappable_s:
     the part of those seconds that is weight traffic; latency_s: per-link launch latency of every
-    collective (counted in full)."""
+    collective (counted in full); fitted: the three constants (default `constants()`; `fit`
+    tries others)."""
+    mxu, exposed_share, dcn_share = fitted or constants()
     reads = WEIGHT_READS[remat]
     compute = (layer_runs * roofline(layer_flops / max(layer_runs, 1), reads * layer_weight_bytes,
-                                     peak, hbm_bandwidth)
+                                     peak, hbm_bandwidth, mxu)
                + head_runs * roofline(head_flops / max(head_runs, 1), 3 * head_weight_bytes,
-                                      peak, hbm_bandwidth)
+                                      peak, hbm_bandwidth, mxu)
                + local_param_bytes / 4 * OPTIMIZER_BYTES_PER_PARAM / hbm_bandwidth)
     activations = {k: s - overlappable_s.get(k, 0.0) for k, s in comm_s.items()}
     hidden = sum(s for k, s in overlappable_s.items() if k.endswith("/ici"))
-    exposed = (EXPOSED_ACTIVATION_TRAFFIC
+    exposed = (exposed_share
                * sum(s for k, s in activations.items() if k.endswith("/ici"))
                + latency_s.get("ici", 0.0))
-    dcn = (sum(s for k, s in comm_s.items() if k.endswith("/dcn")) / DCN_EFFICIENCY
+    dcn = (sum(s for k, s in comm_s.items() if k.endswith("/dcn")) / dcn_share
            + latency_s.get("dcn", 0.0))
     seconds = max(compute, hidden) + exposed + dcn
     parts = {"compute": compute, "hidden_ici": max(0.0, hidden - compute), "exposed_ici": exposed,
@@ -110,25 +120,21 @@ def predict(*, layer_flops: float, layer_runs: float, layer_weight_bytes: float,
 def fit(samples) -> tuple[float, float, tuple[float, float, float]]:
     """Grid search of (MXU_EFFICIENCY, EXPOSED_ACTIVATION_TRAFFIC, DCN_EFFICIENCY) minimising the
     largest relative error of predicted MFU over `samples` (then, among the constants that reach
-    it, the root-mean-square error): (predict's keyword
-    arguments for a plan, the measured step seconds). Returns (that RMS error, the largest
-    error, the constants); leaves the module's constants as they were."""
-    global MXU_EFFICIENCY, EXPOSED_ACTIVATION_TRAFFIC, DCN_EFFICIENCY
-    saved = MXU_EFFICIENCY, EXPOSED_ACTIVATION_TRAFFIC, DCN_EFFICIENCY
+    it, the root-mean-square error): (predict's keyword arguments for a plan, i.e.
+    `Cost.step_inputs`, the measured step seconds). Returns (that RMS error, the largest error,
+    the constants)."""
     best = None
-    try:
-        for eta in [x / 100 for x in range(60, 101)]:
-            for exposed in [x / 20 for x in range(21)]:
-                for dcn in [x / 10 for x in range(1, 11)]:
-                    MXU_EFFICIENCY, EXPOSED_ACTIVATION_TRAFFIC, DCN_EFFICIENCY = eta, exposed, dcn
-                    # MFU is inversely proportional to step time: compare measured / predicted
-                    errors = [measured / predict(**kw).seconds - 1 for kw, measured in samples]
-                    rms = math.sqrt(sum(e * e for e in errors) / len(errors))
-                    worst = max(map(abs, errors))
-                    # the bound the tests hold a table to is its largest error: minimise that
-                    # (to 0.1%), then the RMS error among the constants that reach it
-                    if best is None or (round(worst, 3), rms) < (round(best[1], 3), best[0]):
-                        best = (rms, worst, (eta, exposed, dcn))
-    finally:
-        MXU_EFFICIENCY, EXPOSED_ACTIVATION_TRAFFIC, DCN_EFFICIENCY = saved
+    for eta in [x / 100 for x in range(60, 101)]:
+        for exposed in [x / 20 for x in range(21)]:
+            for dcn in [x / 10 for x in range(1, 11)]:
+                trial = (eta, exposed, dcn)
+                # MFU is inversely proportional to step time: compare measured / predicted
+                errors = [measured / predict(**inputs, fitted=trial).seconds - 1
+                          for inputs, measured in samples]
+                rms = math.sqrt(sum(e * e for e in errors) / len(errors))
+                worst = max(map(abs, errors))
+                # the bound the tests hold a table to is its largest error: minimise that (to
+                # 0.1%), then the RMS error among the constants that reach it
+                if best is None or (round(worst, 3), rms) < (round(best[1], 3), best[0]):
+                    best = (rms, worst, trial)
     return best

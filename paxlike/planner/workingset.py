@@ -111,6 +111,12 @@ class Profile:
                 + u["embed_grad"])
         return {"layer_backward": layer, "loss": loss}
 
+    def head_flops(self, tokens: float) -> float:
+        """Training FLOPs of the output head on `tokens` (forward and backward matmul: 6·d·vocab
+        per token): part of the model FLOPs, run once per step (not stretched by a pipeline's
+        bubble) and on its own weights (the step-time roofline)."""
+        return 6.0 * self.d * self.vocab * tokens
+
     @staticmethod
     def flops_per_step(cfg) -> float:
         from paxlike import family
