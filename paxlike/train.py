@@ -10,6 +10,7 @@ runs/transformer-tiny. Running the same command again resumes from the latest ch
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 
 import logging as py_logging
 
@@ -25,17 +26,47 @@ _WORKDIR = flags.DEFINE_string(
 _CPU_DEVICES = flags.DEFINE_integer(
     "cpu_devices", None, "Emulate this many CPU devices (for meshes on a machine without accelerators).")
 _DISTRIBUTED = flags.DEFINE_bool(
-    "distributed", False, "Call jax.distributed.initialize() (multi-host). On TPU pods and SLURM "
-    "the arguments are detected; elsewhere give the three flags below.")
-_COORDINATOR = flags.DEFINE_string("coordinator_address", None, "host:port of process 0 (multi-host).")
+    "distributed", False, "Call jax.distributed.initialize() (multi-host). On TPU pods and in "
+    "SLURM srun steps the arguments are detected; elsewhere give the three flags below.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None,
+    "host:port of process 0 (multi-host; or env JAX_COORDINATOR_ADDRESS).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes (multi-host).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index (multi-host).")
+
+# What jax's SLURM detection reads (jax/_src/clusters/slurm_cluster.py, is_env_present).
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_STEP_NODELIST", "SLURM_NTASKS", "SLURM_PROCID",
+               "SLURM_LOCALID")
 
 
 def default_workdir(config_arg: str) -> str:
     path, _, size = config_arg.partition(":")
     name = os.path.splitext(os.path.basename(path))[0]
     return os.path.join("runs", f"{name}-{size}" if size else name)
+
+
+def one_task_per_node(env: Mapping[str, str]) -> bool:
+    """True in a SLURM job step that jax detects and that runs exactly one task on each node (srun
+    sets SLURM_STEP_NUM_NODES with SLURM_STEP_NODELIST)."""
+    return (all(v in env for v in _SLURM_VARS)
+            and env["SLURM_NTASKS"] == env.get("SLURM_STEP_NUM_NODES"))
+
+
+def distributed_args(env: Mapping[str, str], coordinator_address: str | None = None,
+                     num_processes: int | None = None, process_id: int | None = None) -> dict:
+    """Keyword arguments for jax.distributed.initialize: the flags as given (None: jax detects it
+    from the environment), plus `local_device_ids=[]` in a SLURM step with one task per node.
+
+    jax assumes one SLURM task per GPU: when local_device_ids is None it restricts each process to
+    the GPU numbered SLURM_LOCALID (clusters/cluster.py, auto_detect_unset_distributed_params), so
+    `srun --ntasks-per-node=1 --gpus-per-node=8` would train on 1 GPU per node. jax only applies
+    a non-empty list (distributed.py: `if local_device_ids:`) and only detects one that is None,
+    so [] keeps every GPU of the node. JAX_LOCAL_DEVICE_IDS, when set, still wins."""
+    args = dict(coordinator_address=coordinator_address, num_processes=num_processes,
+                process_id=process_id)
+    if one_task_per_node(env) and not env.get("JAX_LOCAL_DEVICE_IDS"):
+        args["local_device_ids"] = []
+    return args
 
 
 def _setup_jax():
@@ -45,9 +76,23 @@ def _setup_jax():
             raise UserError(f"--cpu_devices={_CPU_DEVICES.value} must be >= 1")
         jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
         jax.config.update("jax_platforms", "cpu")
-    if _DISTRIBUTED.value or _COORDINATOR.value:
-        jax.distributed.initialize(coordinator_address=_COORDINATOR.value,
-                                   num_processes=_NUM_PROCESSES.value, process_id=_PROCESS_ID.value)
+    given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    if not _DISTRIBUTED.value and given == (None, None, None):
+        return
+    args = distributed_args(os.environ, *given)
+    try:
+        jax.distributed.initialize(**args)
+    except (ValueError, TypeError) as e:  # jax's checks of missing or inconsistent arguments
+        raise UserError(f"cannot join the distributed job: {e} (no TPU pod or SLURM step was "
+                        "detected for the missing values; give --coordinator_address=HOST:PORT "
+                        "--num_processes=N --process_id=I)") from None
+    # One line per process saying what it joined and which devices it kept: where a recipe's
+    # promise (e.g. 8 GPUs per process) is seen kept or broken. jax has no public reader for the
+    # GPU restriction it applied ("all", or the ids of local_device_ids).
+    logging.info("distributed: process %d of %d, %d local devices of %d (%s), visible GPUs: %s",
+                 jax.process_index(), jax.process_count(), jax.local_device_count(),
+                 jax.device_count(), jax.default_backend(),
+                 jax.config._read("jax_cuda_visible_devices"))
 
 
 def main(cfg):
