@@ -11,7 +11,7 @@ import json
 
 import ml_collections
 
-from paxlike import family
+from paxlike import family, health
 from paxlike.data.pipeline import default_config as data_defaults
 from paxlike.errors import UserError
 from paxlike.mesh import MESH_AXES
@@ -34,6 +34,10 @@ def base_config() -> ml_collections.ConfigDict:
     # (docs/pipeline.md): R circular repeats, and when FSDP-sharded weights are gathered.
     c.pipeline_repeats = 1
     c.pipeline_fsdp_gather = "per_iteration"   # per_iteration | per_step
+    # Resuming a checkpoint on other devices with the same `microbatches` as the run that wrote
+    # it: microbatches are raised (or lowered) so that each device's share of a microbatch stays
+    # as planned. False: `microbatches` as given (paxlike/elastic.py).
+    c.elastic_microbatches = True
     c.sharding = "fsdp_tp"     # rules preset, see paxlike/sharding.py
     # Peak FLOP/s per device for MFU; 0 = known figure for TPUs/GPUs, GEMM rate measured on CPU.
     c.peak_tflops_per_device = 0.0
@@ -55,6 +59,20 @@ def base_config() -> ml_collections.ConfigDict:
         "clip_norm": 1.0,       # global-norm gradient clipping; 0 disables
     })
     c.data = data_defaults()   # one source: paxlike/data/pipeline.py
+    # Bad steps (non-finite or spiking loss) and what to do about them: paxlike/health.py.
+    c.health = ml_collections.ConfigDict({
+        "policy": "stop",       # stop | rollback (to the newest checkpoint, skipping the batch)
+        "spike_zscore": 0.0,    # > 0: a loss this many standard deviations above the recent mean
+        "spike_window": 32,     # recent good steps the mean and deviation are taken over
+        "max_rollbacks": 3,     # per run; one more bad step then stops the run
+    })
+    # Hang, straggler and program-mismatch detection across processes: paxlike/watchdog.py.
+    c.watchdog = ml_collections.ConfigDict({
+        "timeout_s": 300.0,        # a process silent this long is stuck; 0 disables the watchdog
+        "step_timeout_s": 1800.0,  # no train step finished anywhere this long; 0 disables
+        "straggler_ratio": 3.0,    # host time per step above this multiple of the others' median
+        "straggler_min_s": 0.05,   # ... and at least this much above it, is a straggler
+    })
     c.model = ml_collections.ConfigDict()  # filled in by the experiment file
     return c
 
@@ -96,11 +114,19 @@ def validate(cfg) -> None:
         problems.append(f"batch_size={cfg.batch_size} is not divisible by microbatches={cfg.microbatches}")
     if cfg.sharding not in PRESETS:
         problems.append(f"sharding={cfg.sharding!r}; choose one of {', '.join(PRESETS)}")
+    if not isinstance(cfg.get("elastic_microbatches", True), bool):
+        problems.append(f"elastic_microbatches={cfg.elastic_microbatches!r} must be true or false")
     opt = cfg.optimizer
     if opt.learning_rate <= 0:
         problems.append(f"optimizer.learning_rate={opt.learning_rate} must be > 0")
     if opt.warmup_steps < 0 or not 0 <= opt.min_lr_ratio <= 1:
         problems.append("optimizer.warmup_steps must be >= 0 and optimizer.min_lr_ratio in [0, 1]")
+    problems += health.validate(cfg.health)
+    dog = cfg.watchdog
+    if dog.timeout_s < 0 or dog.step_timeout_s < 0:
+        problems.append("watchdog.timeout_s and watchdog.step_timeout_s must be >= 0 (0 disables)")
+    if dog.straggler_ratio < 1 or dog.straggler_min_s < 0:
+        problems.append("watchdog.straggler_ratio must be >= 1 and watchdog.straggler_min_s >= 0")
     problems += family.validate(cfg.model)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))

@@ -6,8 +6,9 @@
     restore(run)            the workdir becomes the run's: half-written saves discarded, tokenizer
                             and config.json written; the state restored from the latest complete
                             checkpoint, or initialised
-    train(run, start)       the step loop: train step, hooks (health checks), metrics, eval,
-                            checkpoints; SIGTERM saves and stops
+    train(run, start)       the step loop: train step, bad-step policy (paxlike/health.py),
+                            hooks, metrics, eval, checkpoints, the watchdog (paxlike/watchdog.py);
+                            a preemption notice saves and stops, on every process at one step
 
 `run` chains them. Running the same command again resumes from the latest complete checkpoint.
 """
@@ -15,8 +16,10 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import math
 import os
+import re
 import signal
 import time
 from collections.abc import Sequence
@@ -28,7 +31,8 @@ import numpy as np
 from absl import logging
 
 from paxlike import config as config_lib
-from paxlike import data, metrics
+from paxlike import data, health, metrics, watchdog
+from paxlike import elastic, sharding
 from paxlike.checkpoint import Checkpoints, param_shapes
 from paxlike.devices import peak_flops
 from paxlike.errors import UserError
@@ -75,31 +79,25 @@ class Hook(Protocol):
     def after_step(self, event: StepEnd) -> None: ...
 
 
-class StopOnDivergence:
-    """Stops the run when the loss or gradient norm is not finite, checked on the steps that log
-    or save (so a diverged state is never checkpointed, and other steps do not wait)."""
-
-    def after_step(self, event: StepEnd) -> None:
-        if not (event.logs or event.saves):
-            return
-        loss, grad_norm = (float(event.metrics[k]) for k in ("loss", "grad_norm"))
-        if not (math.isfinite(loss) and math.isfinite(grad_norm)):
-            raise UserError(f"training diverged at step {event.step} (loss {loss}, gradient norm "
-                            f"{grad_norm}); lower optimizer.learning_rate or check the data. "
-                            f"Earlier checkpoints are kept.")
-
-
-DEFAULT_HOOKS = (StopOnDivergence(),)
-
-
 class _Preemption:
-    """Turns SIGTERM (how clusters announce preemption) into 'save a checkpoint and stop'."""
+    """Turns a preemption notice (SIGTERM, how clusters announce one) into "save a checkpoint and
+    stop", at the same step on every process.
+
+    Under `jax.distributed`, JAX's preemption service catches SIGTERM on whichever process gets
+    it and agrees with all the others on a step to stop after (`reached_preemption_sync_point`,
+    asked once per loop iteration with a counter that runs alike on every process); a Python
+    handler would replace its handler, so none is installed then. Otherwise SIGTERM is handled
+    here."""
 
     def __init__(self):
+        from jax._src import distributed   # the public API does not say whether it is running
         self.requested = False
         self._previous = None
+        self._synced = distributed.global_state.preemption_sync_manager is not None
 
     def __enter__(self):
+        if self._synced:
+            return self
         try:
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         except ValueError:  # not the main thread (e.g. a test runner thread): nothing to install
@@ -109,6 +107,14 @@ class _Preemption:
     def _handle(self, *_):
         logging.warning("SIGTERM received: saving a checkpoint after this step, then stopping")
         self.requested = True
+
+    def poll(self, iteration: int) -> bool:
+        if self._synced and not self.requested:
+            from jax.experimental import multihost_utils
+            if multihost_utils.reached_preemption_sync_point(iteration):
+                logging.warning("preemption notice: every process saves after this step and stops")
+                self.requested = True
+        return self.requested
 
     def __exit__(self, *_):
         if self._previous is not None:
@@ -145,17 +151,36 @@ def prepare(cfg, workdir: str, devices=None) -> Run:
     config_lib.validate(cfg)
     if os.path.exists(workdir) and not os.path.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a directory; choose another path")
-    if cfg.mesh.get("auto"):
-        _apply_top_plan(cfg, devices)
-    mesh = build_mesh({axis: cfg.mesh[axis] for axis in MESH_AXES}, cfg.mesh.dcn.to_dict(),
-                      devices)
-    trainer = Trainer(cfg, mesh)
     checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                               async_save=cfg.async_checkpoints)
+    # The newest checkpoint whose meta reads (newer unreadable ones are moved aside by
+    # `restore`): the layout that wrote it decides the microbatches before the trainer exists.
+    latest, saved_meta = checkpoints.newest_readable()
+    saved_layout = (saved_meta or {}).get("layout")
+    if cfg.mesh.get("auto"):
+        _apply_top_plan(cfg, devices)
+    try:
+        mesh = build_mesh({axis: cfg.mesh[axis] for axis in MESH_AXES}, cfg.mesh.dcn.to_dict(),
+                          devices)
+    except UserError as e:
+        num_devices = len(jax.devices() if devices is None else devices)
+        raise elastic.mesh_error(e, saved_layout, latest, num_devices) from None
+    stages = mesh.shape["pipeline"]
+    resume = elastic.plan_resume(
+        saved_layout, step=latest, devices=mesh.size,
+        processes=len({d.process_index for d in mesh.devices.flat}), mesh_shape=dict(mesh.shape),
+        batch_size=cfg.batch_size, microbatches=cfg.microbatches,
+        ways=elastic.batch_ways(mesh.shape, sharding.get_rules(cfg.sharding, mesh), stages),
+        elastic=cfg.get("elastic_microbatches", True) and not cfg.mesh.get("auto"),
+        multiple_of=stages)
+    if resume.message:
+        logging.info("%s", resume.message)
+    cfg.microbatches = resume.microbatches   # an existing key: a locked config accepts it
+    checkpoints.layout = resume.layout
+    trainer = Trainer(cfg, mesh)
     shapes = param_shapes(trainer.abstract_state().params)
-    latest = checkpoints.latest_step()
     if latest is not None:
-        checkpoints.check_compatible(latest, cfg.model.to_dict(), shapes)
+        checkpoints.check_compatible(latest, cfg.model.to_dict(), shapes, saved_meta)
     dataset = data.build(cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
                          seed=cfg.seed, workdir=workdir, batch_sharding=trainer.batch_sharding,
                          save_tokenizer=False)
@@ -166,8 +191,17 @@ def prepare(cfg, workdir: str, devices=None) -> Run:
 
 
 def restore(run: Run) -> Start:
-    """Takes the workdir (only the primary process writes files) and returns the starting state:
-    the latest complete checkpoint's, or a freshly initialised one."""
+    """The starting state: the newest checkpoint that restores, or a freshly initialised one.
+    Restoring comes first, so that when no checkpoint restores the run is refused with nothing
+    written; then the run takes the workdir (only the primary process writes files), and newer
+    checkpoints that failed to restore are moved aside to `checkpoints.damaged/` with a warning."""
+    restored = None
+    if run.latest_step is not None:
+        model = run.cfg.model.to_dict()
+        restored = run.checkpoints.restore_newest(
+            run.latest_step, run.trainer.abstract_state(),
+            check=lambda step, meta: run.checkpoints.check_compatible(
+                step, model, run.param_shapes, meta))
     if jax.process_index() == 0:
         os.makedirs(run.workdir, exist_ok=True)
         run.checkpoints.discard_incomplete()
@@ -175,12 +209,15 @@ def restore(run: Run) -> Start:
         _write_json_atomically(os.path.join(run.workdir, "config.json"),
                                config_lib.to_json(run.cfg))
     train_iter = run.dataset.train_iterator()
-    if run.latest_step is None:
+    if restored is None:
         return Start(0, run.trainer.init_state(), train_iter)
-    state, meta = run.checkpoints.restore(run.latest_step, run.trainer.abstract_state())
+    step, state, meta, damaged = restored
+    if damaged:
+        run.checkpoints.set_aside(damaged, resumed_from=step)
     train_iter.set_state(meta["data_state"])
-    logging.info("resumed from step %d", run.latest_step)
-    return Start(run.latest_step, state, train_iter)
+    run.latest_step = step
+    logging.info("resumed from step %d", step)
+    return Start(step, state, train_iter)
 
 
 def evaluate(trainer: Trainer, params, dataset, token_bytes) -> dict:
@@ -193,14 +230,64 @@ def evaluate(trainer: Trainer, params, dataset, token_bytes) -> dict:
             "bits_per_byte": sums["nll"] / math.log(2) / max(sums["bytes"], 1.0)}
 
 
-def train(run: Run, start: Start, hooks: Sequence[Hook] = DEFAULT_HOOKS,
+# Per-operation metadata, and the tables of source files, functions and stack frames it refers to.
+_HLO_DEBUG_INFO = re.compile(r", metadata=\{[^}]*\}|"
+                             r"^(?:FileNames|FunctionNames|FileLocations|StackFrames)\n(?:.+\n)*",
+                             re.M)
+
+
+def _fingerprint(compiled) -> str:
+    """A short hash of the compiled train step: equal on every process of a healthy job. The
+    debug information (source files and lines of each operation) is left out: it names the
+    Python files each process happened to run from."""
+    return hashlib.sha256(_HLO_DEBUG_INFO.sub("", compiled.as_text()).encode()).hexdigest()[:16]
+
+
+def _roll_back(run: Run, anomaly: health.Anomaly, position: int, train_iter, rollbacks: int):
+    """The state of the newest checkpoint (or a fresh one), with the data iterator at its
+    position and the bad step's batch skipped from now on. Returns (state, step)."""
+    run.checkpoints.close()   # waits for an asynchronous save still in flight
+    newest = run.checkpoints.latest_step()
+    back = None
+    if newest is not None:    # a damaged checkpoint is set aside, as on resume
+        back, state, meta, damaged = run.checkpoints.restore_newest(
+            newest, run.trainer.abstract_state(), check=lambda step, meta: None)
+        if damaged:
+            run.checkpoints.set_aside(damaged, resumed_from=back)
+        train_iter.set_state(meta["data_state"])
+    else:
+        state = run.trainer.init_state()
+        train_iter.set_state(dict(train_iter.get_state(), batch_index=0))
+    train_iter.skip(position)
+    logging.warning("bad step %d (%s): rolled back to %s, and the data batch at position %d is "
+                    "skipped from now on (rollback %d of at most %d, health.max_rollbacks)",
+                    anomaly.step, anomaly.reason,
+                    "a fresh start" if back is None else f"the checkpoint of step {back}",
+                    position, rollbacks, run.cfg.health.max_rollbacks)
+    return state, back or 0
+
+
+def _refusal(anomaly: health.Anomaly, policy: str, rollbacks: int) -> UserError:
+    what = ("training diverged" if not math.isfinite(anomaly.loss + anomaly.grad_norm)
+            else "loss spike")
+    if policy == "rollback":
+        advice = (f"{rollbacks} rollbacks already (health.max_rollbacks={rollbacks}): lower "
+                  f"optimizer.learning_rate or check the data")
+    else:
+        advice = ("lower optimizer.learning_rate or check the data, or set health.policy=rollback "
+                  "to return to the last checkpoint and skip the batch")
+    return UserError(f"{what} at step {anomaly.step} ({anomaly.reason}); {advice}. Earlier "
+                     f"checkpoints are kept.")
+
+
+def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
           stop_at: int | None = None) -> list[float]:
     """Steps from `start.step + 1` to `cfg.steps` (or `stop_at`, which stops early with a
     checkpoint exactly as a preemption would). Returns the logged losses."""
     cfg, trainer = run.cfg, run.trainer
     state, train_iter = start.state, start.train_iter
-    writer = metrics.MetricsWriter(run.workdir, enabled=jax.process_index() == 0,
-                                   total_steps=cfg.steps)
+    primary = jax.process_index() == 0
+    writer = metrics.MetricsWriter(run.workdir, enabled=primary, total_steps=cfg.steps)
     if start.step:
         writer.truncate_after(start.step)
     token_bytes = jnp.asarray(np.asarray(run.dataset.tokenizer.token_bytes, np.float32))
@@ -212,31 +299,62 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = DEFAULT_HOOKS,
     logging.info("mesh %s; %.2fM parameters; %d tokens/step; %.3g FLOPs/step; peak %.3g FLOP/s",
                  describe(trainer.mesh), num_params / 1e6, cfg.batch_size * cfg.seq_len,
                  flops_per_step, peak)
+    guard = health.LossGuard(cfg.health)
+    dog = watchdog.Watchdog(cfg.watchdog, process_index=jax.process_index(),
+                            num_processes=jax.process_count(),
+                            client=watchdog.distributed_client())
 
     def save(step):
+        dog.update(phase="save")
         run.checkpoints.save(step, state, {"step": step, "data_state": train_iter.get_state(),
                                            "model": cfg.model.to_dict(),
                                            "param_shapes": run.param_shapes})
 
-    losses = []
-    compile_start = time.perf_counter()
-    trainer.compile(state)
-    logging.info("compiled the train step in %.1f s", time.perf_counter() - compile_start)
-    interval_start, interval_steps = time.perf_counter(), 0
+    logged, rollbacks = [], 0     # logged: (step, loss) of the steps that stand
     # finally: an error (e.g. a diverged loss) still lets the last asynchronous save complete.
     try:
-        with _Preemption() as preemption:
-            for step in range(start.step + 1, cfg.steps + 1):
-                state, step_metrics = trainer.train_step(state, next(train_iter))
+        with dog, _Preemption() as preemption:
+            dog.update(phase="compile")
+            compile_start = time.perf_counter()
+            compiled = trainer.compile(state)
+            logging.info("compiled the train step in %.1f s", time.perf_counter() - compile_start)
+            dog.update(phase="train", fingerprint=_fingerprint(compiled))
+            interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+            step, iteration = start.step, 0
+            while step < cfg.steps:
+                step, iteration = step + 1, iteration + 1
+                position = train_iter.position
+                wait_start = time.perf_counter()
+                batch = next(train_iter)
+                data_wait += time.perf_counter() - wait_start
+                state, step_metrics = trainer.train_step(state, batch)
                 interval_steps += 1
                 if step == stop_at:
                     preemption.requested = True
-                last = step == cfg.steps or preemption.requested
+                last = step == cfg.steps or preemption.poll(iteration)
                 log_now = step % cfg.log_every == 0 or last
                 save_now = bool(cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or last
+                anomaly = None
+                if guard.reads_every_step or log_now or save_now:
+                    anomaly = guard.check(step, float(step_metrics["loss"]),
+                                          float(step_metrics["grad_norm"]))
+                if anomaly:
+                    if cfg.health.policy != "rollback" or rollbacks >= cfg.health.max_rollbacks:
+                        raise _refusal(anomaly, cfg.health.policy, rollbacks)
+                    rollbacks += 1
+                    state, step = _roll_back(run, anomaly, position, train_iter, rollbacks)
+                    writer.truncate_after(step)
+                    guard.forget_after(step)
+                    logged = [(s, loss) for s, loss in logged if s <= step]
+                    writer.write_event(anomaly.step, "rollback", {
+                        "to_step": step, "skipped_batch": position, "bad_loss": anomaly.loss,
+                        "reason": anomaly.reason})
+                    interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
+                    continue
                 event = StepEnd(step, state, step_metrics, logs=log_now, saves=save_now)
                 for hook in hooks:
                     hook.after_step(event)
+                dog.update(step=step, host_s=data_wait / interval_steps)
                 if log_now:
                     record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     step_time = (time.perf_counter() - interval_start) / interval_steps
@@ -244,25 +362,34 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = DEFAULT_HOOKS,
                                   tokens_per_sec=cfg.batch_size * cfg.seq_len / step_time,
                                   mfu=flops_per_step / step_time / peak)
                     writer.write_train(step, record)
-                    losses.append(record["loss"])
+                    logged.append((step, record["loss"]))
+                    dog.update(step_time_s=step_time)
+                    for straggler in (dog.stragglers() if primary else ()):
+                        logging.warning("straggler: process %d spends %.3g s per step on the "
+                                        "host (waiting for data), the others %.3g s",
+                                        straggler["process"], straggler["host_s"],
+                                        straggler["others_median_host_s"])
+                        writer.write_event(step, "straggler", straggler)
                 if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                    dog.update(phase="eval")
                     writer.write_eval(step, evaluate(trainer, state.params, run.dataset,
                                                      token_bytes))
                 if save_now:
                     save(step)
+                dog.update(phase="train")
                 if log_now:
-                    interval_start, interval_steps = time.perf_counter(), 0
+                    interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
                 if preemption.requested:
                     logging.warning("stopped at step %d; run again to resume", step)
                     break
     finally:
         run.checkpoints.close()
         writer.close()
-    return losses
+    return [loss for _, loss in logged]
 
 
 def run(cfg, workdir: str, devices=None, stop_at: int | None = None,
-        hooks: Sequence[Hook] = DEFAULT_HOOKS) -> list[float]:
+        hooks: Sequence[Hook] = ()) -> list[float]:
     """Trains `cfg` in `workdir` (resuming if it holds checkpoints). Returns the logged losses.
 
     `stop_at` stops early after that step with a checkpoint, exactly as a preemption would.

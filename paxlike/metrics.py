@@ -6,7 +6,8 @@ Everything a run records lives in its workdir:
   keeps its lines. Training records carry ``step, loss, learning_rate, grad_norm, tokens_per_sec,
   step_time_s, mfu`` plus the model family's auxiliary losses and metrics under their own names;
   eval records carry ``step, split ("val"), eval_loss, bits_per_byte`` (the schema in README.md,
-  "What a run produces"; tools parse these names, so keep them stable).
+  "What a run produces"; tools parse these names, so keep them stable); event records carry
+  ``step, event`` ("rollback", "straggler") and the event's details.
 - ``tensorboard/``: tensorboardX event files, scalars ``train/<key>`` and ``eval/<key>``.
 - ``loss.png``: train and eval loss against step, drawn from the whole metrics.jsonl at ``close()``.
 
@@ -31,7 +32,7 @@ PLOT_FILE = "loss.png"
 TRAIN_KEYS = ("loss", "learning_rate", "grad_norm", "tokens_per_sec", "step_time_s", "mfu")
 EVAL_KEYS = ("eval_loss", "bits_per_byte")
 # Every key the trainer writes itself: a model family may not name a loss or metric after one.
-RESERVED_KEYS = ("step", "split") + TRAIN_KEYS + EVAL_KEYS
+RESERVED_KEYS = ("step", "split", "event") + TRAIN_KEYS + EVAL_KEYS
 
 
 def _to_python(value: Any) -> Any:
@@ -183,6 +184,17 @@ class MetricsWriter:
         if record.get("bits_per_byte") is not None:
             parts.append(f"bpb {record['bits_per_byte']:.3f}")
         self._print("  ".join(parts))
+
+    def write_event(self, step: int, event: str, values: Mapping[str, Any]) -> None:
+        """Append a record of something that happened to the run ({"step", "event": "rollback"
+        or "straggler", ...}) and print it as one line."""
+        if not self.enabled:
+            return
+        record = {"step": int(step), "event": event}
+        record.update({k: _json_number(_to_python(v)) for k, v in values.items()})
+        self._append(record)
+        self._print(f"{event} at step {step}: " + "  ".join(
+            f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in values.items()))
 
     def progress_line(self, record: Mapping[str, Any]) -> str:
         """`step   120/300  loss 2.3412  lr 1.0e-03  grad 0.84  12.3k tok/s  0.21 s/step  ...`."""

@@ -31,6 +31,9 @@ DEFAULTS = {
     'tokenizer': 'byte',       # 'byte' | 'bpe'
     'bpe_vocab_size': 4096,    # BPE vocabulary size including the EOS token
     'eval_batches': 4,         # global batches per eval (fewer if the val split is smaller)
+    # Global batch positions never trained on, comma-separated ("120,121"): batches known to be
+    # bad. A loss-spike rollback (health.policy=rollback) adds to this list in the checkpoint.
+    'skip_batches': '',
 }
 
 
@@ -86,17 +89,47 @@ def process_row_range(sharding, global_shape, devices=None) -> tuple[int, int]:
     return lo, hi
 
 
-class TrainIterator:
-    """Infinite iterator of global training batches with a small JSON-able position."""
+def parse_skip_batches(text) -> set[int]:
+    """data.skip_batches ("120,121") as a set of global batch positions."""
+    try:
+        positions = {int(p) for p in str(text).replace(' ', '').split(',') if p}
+    except ValueError:
+        positions = {-1}
+    if any(p < 0 for p in positions):
+        raise UserError(f'data.skip_batches={text!r} must be comma-separated batch positions '
+                        f'>= 0, e.g. "120,121"')
+    return positions
 
-    def __init__(self, ds: 'Dataset'):
+
+class TrainIterator:
+    """Infinite iterator of global training batches with a small JSON-able position. Positions
+    in `skipped` are passed over (they stay part of the position: batch k is still batch k)."""
+
+    def __init__(self, ds: 'Dataset', skipped=()):
         self._ds = ds
         self._it = iter(ds._local_train_batches())
+        self.skipped = set(skipped)
 
     def __iter__(self):
         return self
 
+    @property
+    def position(self) -> int:
+        """The global batch position the next batch is read from (skipped ones passed over)."""
+        index = int(self._it.get_state()['next_index'])
+        while index in self.skipped:
+            index += 1
+        return index
+
+    def skip(self, position: int) -> None:
+        self.skipped.add(int(position))
+
     def __next__(self) -> dict[str, jax.Array]:
+        index = self.position
+        if index != self._it.get_state()['next_index']:
+            inner = self._it.get_state()
+            inner['next_index'] = index
+            self._it.set_state(inner)
         return self._ds._to_global(next(self._it))
 
     def get_state(self) -> dict:
@@ -109,6 +142,7 @@ class TrainIterator:
             'seed': ds.seed,
             'train_rows': ds.train.num_rows,
             'tokenizer': ds.tokenizer.fingerprint(),
+            'skipped': sorted(self.skipped),
         }
 
     def set_state(self, state: dict) -> None:
@@ -130,6 +164,12 @@ class TrainIterator:
             logging.warning('data: global batch size changed %d → %d; %d rows were consumed, '
                             'continuing at batch %d (skipping %d rows)', old_batch,
                             ds.global_batch_size, rows, index, index * ds.global_batch_size - rows)
+            if state.get('skipped'):
+                logging.warning('data: the skipped batch positions %s of the checkpoint count '
+                                'batches of %d rows; they are not carried over', state['skipped'],
+                                old_batch)
+        else:
+            self.skipped |= {int(p) for p in state.get('skipped', ())}
         inner = self._it.get_state()
         inner['next_index'] = index
         self._it.set_state(inner)
@@ -140,7 +180,8 @@ class Dataset:
 
     def __init__(self, *, tokenizer, train: packing.PackedSplit, val: packing.PackedSplit | None,
                  seq_len: int, global_batch_size: int, seed: int, eval_batches: int,
-                 batch_sharding, description: str = '', workdir: str | None = None):
+                 batch_sharding, description: str = '', workdir: str | None = None,
+                 skip_batches=()):
         self.tokenizer = tokenizer
         self.train, self.val = train, val
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
@@ -150,6 +191,7 @@ class Dataset:
         self.local_rows = process_rows(batch_sharding, self.global_shape)
         self.description = description
         self.workdir = workdir
+        self.skip_batches = set(skip_batches)
 
     # ---- host-side views (also what tests compare across process layouts) ----
     def _train_rows_dataset(self) -> grain.MapDataset:
@@ -178,7 +220,7 @@ class Dataset:
         tokenizer_lib.save_if_new(self.tokenizer, self.workdir)
 
     def train_iterator(self) -> TrainIterator:
-        return TrainIterator(self)
+        return TrainIterator(self, self.skip_batches)
 
     def eval_row_ids(self) -> list[np.ndarray]:
         """Global row ids of each eval batch: the val split in order, the last batch padded."""
@@ -225,6 +267,7 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
         raise UserError(f'data.val_fraction must be a number in [0, 1); got {val_fraction!r}')
     if seq_len < 1 or global_batch_size < 1:
         raise UserError(f'seq_len and batch_size must be >= 1; got {seq_len}, {global_batch_size}')
+    skip_batches = parse_skip_batches(_get(cfg_data, 'skip_batches'))
     process_rows(batch_sharding, (global_batch_size, seq_len))   # fails early on a bad split
 
     corpus = sources.load_corpus(source, paths=paths, jsonl_field=field,
@@ -260,4 +303,4 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
     return Dataset(tokenizer=tok, train=train, val=val, seq_len=seq_len,
                    global_batch_size=global_batch_size, seed=seed, eval_batches=n_eval,
                    batch_sharding=batch_sharding, description=corpus.description,
-                   workdir=workdir)
+                   workdir=workdir, skip_batches=skip_batches)

@@ -1,0 +1,243 @@
+"""The watchdog and cross-process preemption, with real processes: a killed process is named by
+the survivor, which exits within watchdog.timeout_s; a process slow in its data loading is
+reported as the straggler; SIGTERM to one of two processes makes both save the same step and
+exit 0, and the run resumes from it. The verdict logic itself is checked first, on a fake
+key-value store and clock."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import ml_collections
+import pytest
+
+from configs import ROOT, cli_overrides, subprocess_env
+from paxlike import metrics
+from paxlike.watchdog import EXIT_STATUS, Watchdog
+
+TIMEOUT_S = 4.0
+
+
+# ------------------------------------------------------------------ the verdicts, in process
+class _Store:
+    """The coordination service's key-value store, as the watchdog uses it."""
+
+    def __init__(self):
+        self.values, self.reachable = {}, True
+
+    def key_value_set(self, key, value, allow_overwrite=False):
+        if not self.reachable:
+            raise RuntimeError("DEADLINE_EXCEEDED")
+        self.values[key] = value
+
+    def key_value_dir_get(self, prefix):
+        if not self.reachable:
+            raise RuntimeError("DEADLINE_EXCEEDED")
+        return [(k, v) for k, v in self.values.items() if k.startswith(prefix)]
+
+
+class _Clock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+def _config(**overrides):
+    return ml_collections.ConfigDict({"timeout_s": 10.0, "step_timeout_s": 30.0,
+                                      "straggler_ratio": 3.0, "straggler_min_s": 0.05,
+                                      **overrides})
+
+
+def _pair(**overrides):
+    store, clock = _Store(), _Clock()
+    dogs = [Watchdog(_config(**overrides), process_index=i, num_processes=2, client=store,
+                     clock=clock) for i in range(2)]
+    for dog in dogs:
+        dog._changed_at = {p: clock() for p in range(2)}   # what start() does, without threads
+        dog.update(phase="train", step=5, fingerprint="abc")
+    return dogs, store, clock
+
+
+def _tick(clock, dogs, seconds):
+    for _ in range(int(seconds)):
+        clock.now += 1
+        for dog in dogs:
+            dog.exchange()
+
+
+def test_a_silent_process_is_named_after_the_timeout():
+    (d0, d1), _, clock = _pair()
+    _tick(clock, [d0, d1], 3)             # process 0 reads process 1's last beat at 104 s
+    _tick(clock, [d0], 11)
+    assert d0.verdict() is None           # silent for exactly the timeout: not yet
+    _tick(clock, [d0], 1)
+    assert "process 1 (pid" in d0.verdict() and "no heartbeat for 11.0 s" in d0.verdict()
+    d1.update(phase="done")               # a process that finished is not stuck
+    d1.exchange()
+    _tick(clock, [d0], 20)
+    assert d0.verdict() is None
+
+
+def test_an_unreachable_store_names_process_0():
+    (d0, d1), store, clock = _pair()
+    _tick(clock, [d0, d1], 2)
+    store.reachable = False
+    clock.now += 11
+    with pytest.raises(RuntimeError):
+        d1.exchange()
+    assert "has not answered for 11.0 s: process 0 is stuck or gone" in d1.verdict()
+
+
+def test_no_step_anywhere_names_the_processes_at_the_lowest_step():
+    (d0, d1), _, clock = _pair()
+    d1.update(step=4)
+    _tick(clock, [d0, d1], 2)             # from here on, process 0 sees both at their steps
+    _tick(clock, [d0, d1], 30)
+    assert d0.verdict() is None
+    _tick(clock, [d0, d1], 1)
+    assert "no train step finished for 31.0 s" in d0.verdict()
+    assert d0.verdict().endswith("process 1 at step 4")
+    d0.update(phase="eval")               # an eval is not a stuck step: the clock restarts
+    _tick(clock, [d0, d1], 31)
+    assert d0.verdict() is None
+
+
+def test_different_programs_are_named():
+    (d0, d1), _, clock = _pair()
+    d1.update(fingerprint="def")
+    _tick(clock, [d0, d1], 2)
+    assert "compiled different train steps (process 0: abc; process 1: def)" in d1.verdict()
+
+
+def test_straggler_is_the_process_with_outlying_host_time():
+    (d0, d1), _, clock = _pair()
+    d0.update(host_s=0.004)
+    d1.update(host_s=0.30)
+    _tick(clock, [d0, d1], 2)
+    assert d0.stragglers() == [{"process": 1, "host_s": 0.30, "others_median_host_s": 0.004}]
+    d1.update(host_s=0.04)                # 10x, but only 36 ms above: noise, not a straggler
+    _tick(clock, [d0, d1], 2)
+    assert d0.stragglers() == []
+
+
+# ------------------------------------------------------------------ real processes
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _start(workdir, *, steps, program=("-m", "paxlike.train"), slow_process=None, **overrides):
+    """Two jax.distributed processes of 2 CPU devices each, data parallel across them."""
+    port, env = _free_port(), subprocess_env()
+    procs = []
+    for i in range(2):
+        cmd = [sys.executable, *(("tests/slow_data_train.py",) if i == slow_process else program),
+               f"--workdir={workdir}", "--cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
+               "--num_processes=2", f"--process_id={i}",
+               *cli_overrides(steps=steps, **{"mesh.data": 2, "mesh.dcn.data": 2, "mesh.fsdp": 2,
+                                              "watchdog.timeout_s": TIMEOUT_S, **overrides})]
+        procs.append(subprocess.Popen(
+            cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env=dict(env, PAXLIKE_TEST_DATA_DELAY_S="0.3")))
+    return procs
+
+
+def _records(workdir):
+    path = os.path.join(workdir, metrics.METRICS_FILE)
+    return metrics.read_records(path) if os.path.exists(path) else []
+
+
+def _wait_for(condition, procs, seconds, what):
+    deadline = time.time() + seconds
+    while not condition():
+        if time.time() > deadline or any(p.poll() is not None for p in procs):
+            for p in procs:
+                p.kill()
+            outputs = [[l for l in p.communicate()[0].splitlines() if "watchdog" in l][:3] for p in procs]
+            raise AssertionError(f"{what} did not happen; outputs: {outputs}")
+        time.sleep(0.05)
+
+
+def test_straggler_reported_then_killed_process_named_by_the_survivor(tmp_path):
+    workdir = str(tmp_path / "run")
+    procs = _start(workdir, steps=1000, slow_process=1)
+    stragglers = lambda: [r for r in _records(workdir) if r.get("event") == "straggler"]  # noqa: E731
+    _wait_for(stragglers, procs, 240, "a straggler report")
+    assert {r["process"] for r in stragglers()} == {1}
+    first = stragglers()[0]
+    assert first["host_s"] > 3 * first["others_median_host_s"] and first["host_s"] > 0.05
+
+    procs[1].send_signal(signal.SIGKILL)
+    killed_at = time.time()
+    out, _ = procs[0].communicate(timeout=60)
+    detected_s = time.time() - killed_at
+    assert procs[0].returncode == EXIT_STATUS, out[-3000:]
+    assert "watchdog: process 1 (pid" in out and "it is stuck or gone" in out, out[-3000:]
+    assert "Thread MainThread" in out          # this process's own Python stacks
+    # Detection within the timeout, plus one heartbeat interval and process exit.
+    assert TIMEOUT_S < detected_s < TIMEOUT_S + 3, detected_s
+    procs[1].wait()
+    print(f"SIGKILL detected after {detected_s:.1f} s (watchdog.timeout_s={TIMEOUT_S})")
+
+
+def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path):
+    workdir = str(tmp_path / "run")
+    procs = _start(workdir, steps=1000)
+    _wait_for(lambda: len(_records(workdir)) >= 3, procs, 240, "three logged steps")
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    stopped = [int(o.rsplit("stopped at step ", 1)[1].split(";")[0]) for o in outputs]
+    assert stopped[0] == stopped[1] < 1000, outputs[0][-2000:]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped[0])]
+
+    procs = _start(workdir, steps=stopped[0] + 2)
+    outputs = [p.communicate(timeout=240)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    assert f"resumed from step {stopped[0]}" in outputs[0]
+    steps = [r["step"] for r in _records(workdir) if "loss" in r]
+    assert steps == list(range(1, stopped[0] + 3))
+
+
+def _child_with_process_id(launcher_pid: int, index: int) -> int:
+    pids = set()
+    for task in os.listdir(f"/proc/{launcher_pid}/task"):
+        with open(f"/proc/{launcher_pid}/task/{task}/children") as f:
+            pids |= {int(p) for p in f.read().split()}
+    for pid in pids:
+        with open(f"/proc/{pid}/cmdline") as f:
+            if f"--process_id={index}" in f.read().split("\0"):
+                return pid
+    raise AssertionError(f"no child with --process_id={index} among {pids}")
+
+
+def test_a_stopped_process_is_named_and_the_launcher_ends_the_job(tmp_path):
+    workdir = str(tmp_path / "run")
+    launcher = subprocess.Popen(
+        [sys.executable, "-m", "paxlike.launch", "--processes=2", "--cpu_devices_per_process=2",
+         "--grace_s=2", "--", f"--workdir={workdir}",
+         *cli_overrides(steps=1000, **{"mesh.data": 2, "mesh.dcn.data": 2, "mesh.fsdp": 2,
+                                       "watchdog.timeout_s": TIMEOUT_S})],
+        cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    _wait_for(lambda: len(_records(workdir)) >= 3, [launcher], 240, "three logged steps")
+    stopped = _child_with_process_id(launcher.pid, 1)
+    os.kill(stopped, signal.SIGSTOP)
+    stopped_at = time.time()
+    out, _ = launcher.communicate(timeout=60)
+    elapsed = time.time() - stopped_at
+    named = [line for line in out.splitlines()
+             if line.startswith("[0] ") and "watchdog: process 1 (pid" in line]
+    assert named and f"pid {stopped} on" in named[0], out[-3000:]
+    assert launcher.returncode == EXIT_STATUS, out[-3000:]
+    with pytest.raises(ProcessLookupError):
+        os.kill(stopped, 0)                    # the stopped process is gone too
+    # The watchdog's timeout and one heartbeat interval, then the launcher's 2 s grace period.
+    assert elapsed < TIMEOUT_S + 1 + 2 + 2, elapsed
+    print(f"SIGSTOP: job ended {elapsed:.1f} s later (watchdog.timeout_s={TIMEOUT_S})")
