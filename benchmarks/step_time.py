@@ -23,22 +23,17 @@ from paxlike.experiments import maxtext  # noqa: E402
 from paxlike.planner import cost, fleets, search, steptime  # noqa: E402
 
 
-def predicted(recipe: maxtext.Recipe) -> cost.Cost:
-    cfg, fleet, plan = maxtext.recipe_plan(recipe)
-    return cost.estimate(cfg, plan, fleet)
-
-
 def table(rows, label: str) -> float:
     """Prints one table; returns the largest relative MFU error."""
     print(f"\n| {label} | fleet | batch/chip | remat | tensor | published MFU | predicted MFU | "
           f"error | where the time goes |\n|---|---|---|---|---|---|---|---|---|")
     worst = 0.0
     for r in rows:
-        c = predicted(r)
-        error = c.mfu / r.mfu - 1
+        mfu, c = maxtext.predicted_mfu(r)
+        error = mfu / r.mfu - 1
         worst = max(worst, abs(error))
         print(f"| {r.size} | {r.fleet} | {r.per_device_batch} | {r.remat} | {r.tensor} | "
-              f"{r.mfu:.1%} | {c.mfu:.1%} | {error:+.1%} | {c.reason} |", flush=True)
+              f"{r.mfu:.1%} | {mfu:.1%} | {error:+.1%} | {c.reason} |", flush=True)
     return worst
 
 

@@ -13,8 +13,10 @@ layers q times; head dimension 128, vocabulary 32000, SwiGLU MLP, untied output 
 Recipes and figures: AI-Hypercomputer/maxtext, `src/maxtext/configs/tpu/v5p/README.md`,
 `src/maxtext/configs/tpu/v5e/README.md` and the `<size>.sh` scripts beside them (per-device batch,
 remat policy, ICI tensor parallelism; FSDP takes the rest of a slice, slices are data parallel
-over DCN). Their TFLOP/s count the same training FLOPs as paxlike's `flops_per_token` (6 N
-plus the full T x T attention), so predicted and published MFU compare directly. MaxText's remat
+over DCN). Their TFLOP/s count 6 N plus the whole T x T attention (`published_flops_per_token`):
+the tables (December 2023 to June 2024) predate MaxText's halving of causal attention in its
+count (July 2025), which paxlike's MFU follows; `predicted_mfu` states a prediction in the
+tables' convention. MaxText's remat
 policies map onto paxlike's: `minimal` (save the matmul outputs) is `save_dots`, `full` is
 `full`, and `qkv_proj_offloaded` (the 128b v5e recipe: every activation but the q/k/v
 projections recomputed, those kept in host memory) is counted as `full`.
@@ -113,17 +115,32 @@ def recipe_plan(recipe: Recipe):
     return cfg, fleet, plan
 
 
+def published_flops_per_token(cfg) -> float:
+    """Training FLOPs per token as the published tables count them: paxlike's model FLOPs
+    (causal attention as half) plus the other half of the attention matrix."""
+    return (transformer.flops_per_token(cfg.model, cfg.seq_len)
+            + 0.5 * transformer.attention_flops_per_token(cfg.model, cfg.seq_len))
+
+
+def predicted_mfu(recipe) -> tuple[float, object]:
+    """(the planner's MFU for a published recipe in the tables' convention (whole attention),
+    its cost estimate)."""
+    from paxlike.planner import cost
+    cfg, fleet, plan = recipe_plan(recipe)
+    estimate = cost.estimate(cfg, plan, fleet)
+    model = transformer.flops_per_token(cfg.model, cfg.seq_len)
+    return estimate.mfu * published_flops_per_token(cfg) / model, estimate
+
+
 def fit_samples(recipes):
     """(the step-time inputs of each recipe's plan, its published step seconds): what
     `paxlike.planner.steptime.fit` fits the step-time constants to. The published step time is
     the model FLOPs over the published TFLOP/s."""
-    from paxlike import family
     from paxlike.planner import cost
     samples = []
     for recipe in recipes:
         cfg, fleet, plan = recipe_plan(recipe)
-        flops = family.load(cfg.model).flops_per_token(cfg.model, cfg.seq_len) * cfg.batch_size \
-            * cfg.seq_len / fleet.num_devices
+        flops = published_flops_per_token(cfg) * cfg.batch_size * cfg.seq_len / fleet.num_devices
         samples.append((cost.estimate(cfg, plan, fleet).step_inputs,
                         flops / (recipe.tflops_per_chip * 1e12)))
     return samples

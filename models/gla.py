@@ -251,12 +251,13 @@ def build(cfg, rngs: nnx.Rngs) -> GLALanguageModel:
 def flops_per_token(cfg, seq_len: int) -> float:
     """Training FLOPs per token (forward + backward, no rematerialisation).
 
-    6 · N_matmul + 3 · L · (2 · C · (K + V) + 4 · K · V / H), where N_matmul counts the weights
+    6 · N_matmul + 3 · L · (C · (K + V) + 4 · K · V / H), where N_matmul counts the weights
     used in matrix multiplies (q, k, v, output-gate, output and low-rank gate projections, MLP,
     output head; not the embedding lookup), K and V are the total key and value dims, C the chunk
     size and H the heads. The second term is the chunked GLA itself, per layer and token in the
     forward pass: intra-chunk scores Q Kᵀ and their product with V over whole C × C blocks
-    (2 · C · K/H + 2 · C · V/H per head, counted as the XLA path computes it, not causally halved),
+    (2 · C · K/H + 2 · C · V/H per head as computed, counted as half: causal, the convention
+    of the Transformer's attention, models/transformer.py),
     plus reading and writing the K/H × V/H state (2 · 2 · K/H · V/H per head); the backward
     pass is counted as twice the forward. `seq_len` does not enter: the cost is linear in T.
     """
@@ -266,7 +267,7 @@ def flops_per_token(cfg, seq_len: int) -> float:
     mixer = d * (2 * K + 2 * V) + V * d + d * R + R * K
     mlp = 3 * d * cfg.mlp_dim
     n_matmul = L * (mixer + mlp) + d * cfg.vocab_size
-    gla = 2 * cfg.chunk_size * (K + V) + 4 * K * V / H
+    gla = cfg.chunk_size * (K + V) + 4 * K * V / H     # intra-chunk blocks causally halved
     return 6.0 * n_matmul + 3.0 * L * gla
 
 
@@ -359,11 +360,13 @@ class Profile(workingset.Profile):
         return 4 + (1 if remat == "full" else 0)
 
     def flops_per_token_extra(self, remat: str, seq_len: int, microbatches: int = 1) -> float:
-        """Remat recomputes the layers' forward pass (`full`), or only the chunked GLA, whose
-        einsums carry batch dimensions and are not saved by `save_dots`."""
+        """The masked half of the causal intra-chunk blocks (computed, not counted as model
+        FLOPs), and remat's recomputation: the layers' forward pass (`full`), or only the
+        chunked GLA, whose einsums carry batch dimensions and are not saved by `save_dots`."""
         L, d, K, V, H = self.layers, self.d, self.K, self.V, self.h
         gla = 2 * self.chunk * (K + V) + 4 * K * V / H
+        masked = 3 * L * self.chunk * (K + V)    # the causal blocks' computed, uncounted half
         if remat == "full":
             matmul = d * (2 * K + 3 * V + self.r) + self.r * K + 3 * d * self.mlp
-            return L * (2 * matmul + gla)
-        return L * gla if remat == "save_dots" else 0.0
+            return masked + L * (2 * matmul + gla)
+        return masked + (L * gla if remat == "save_dots" else 0.0)

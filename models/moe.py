@@ -340,11 +340,11 @@ def active_params_per_token(cfg) -> dict[str, float]:
 
 
 def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token: 6 · (weights each token uses) + attention, as for the dense
-    Transformer (models/transformer.py) but counting only the k routed experts a token goes to
-    (capacity padding and dropped tokens are not model FLOPs)."""
+    """Training FLOPs per token: 6 · (weights each token uses) + causal attention counted as
+    half, as for the dense Transformer (models/transformer.py) but counting only the k routed
+    experts a token goes to (capacity padding and dropped tokens are not model FLOPs)."""
     return (6.0 * sum(active_params_per_token(cfg).values())
-            + 12.0 * cfg.num_layers * cfg.num_heads * transformer.head_dim(cfg) * seq_len)
+            + 0.5 * transformer.attention_flops_per_token(cfg, seq_len))
 
 
 # ------------------------------------------------------------------------- the planner's profile

@@ -142,21 +142,29 @@ def build(cfg, rngs: nnx.Rngs) -> Transformer:
     return Transformer(cfg, rngs)
 
 
-def flops_per_token(cfg, seq_len: int) -> float:
-    """Training FLOPs per token (forward + backward, no rematerialisation).
+def attention_flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token of the attention scores and their weighted sum over the whole
+    T × T matrix: 12 · L · H · D_h · T (2 · 2 · T · H · D_h per layer per token in the forward
+    pass, tripled for the backward). XLA's `jax.nn.dot_product_attention` computes all of it,
+    the causally masked half included."""
+    return 12.0 * cfg.num_layers * cfg.num_heads * head_dim(cfg) * seq_len
 
-    6 · N_matmul + 12 · L · H · D_h · T, where N_matmul counts the weights used in matrix
-    multiplies (attention projections, MLP, output head; not the embedding lookup) and the second
-    term is the attention scores and weighted sum (2 · 2 · T · H · D_h per layer per token in the
-    forward pass, tripled for the backward). Attention is counted over the full T × T matrix,
-    which is what `jax.nn.dot_product_attention` computes on XLA; a causal-skipping kernel does
-    half of it.
+
+def flops_per_token(cfg, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward, no rematerialisation): the numerator of MFU.
+
+    6 · N_matmul + half of `attention_flops_per_token`, where N_matmul counts the weights used in
+    matrix multiplies (attention projections, MLP, output head; not the embedding lookup).
+    Causal attention is counted as half of the T × T matrix, the convention of MaxText (since
+    July 2025), Megatron-LM and NeMo, so that MFU figures compare with theirs; the masked half
+    that XLA computes anyway is work without model FLOPs (the planner prices it:
+    `Profile.flops_per_token_extra`).
     """
     d, hd, L = cfg.d_model, head_dim(cfg), cfg.num_layers
     attn = d * hd * (2 * cfg.num_heads + 2 * cfg.num_kv_heads)
     mlp = 3 * d * cfg.mlp_dim
     n_matmul = L * (attn + mlp) + d * cfg.vocab_size
-    return 6.0 * n_matmul + 12.0 * L * cfg.num_heads * hd * seq_len
+    return 6.0 * n_matmul + 0.5 * attention_flops_per_token(cfg, seq_len)
 
 
 # ------------------------------------------------------------------------- the planner's profile
@@ -222,12 +230,14 @@ class Profile(workingset.Profile):
         return 4 + (1 if remat == "full" else 0)
 
     def flops_per_token_extra(self, remat: str, seq_len: int, microbatches: int = 1) -> float:
-        """Recomputation FLOPs per token added by remat (beyond the 6N model FLOPs)."""
+        """FLOPs per token computed beyond the model FLOPs: the causally masked half of the
+        attention matrix (computed, not counted) and remat's recomputation."""
         d, hd, L = self.d, self.hd, self.layers
         matmul = L * (d * hd * (2 * self.h + 2 * self.kv) + 3 * d * self.mlp)
-        attn = L * 4 * self.h * hd * seq_len
+        attn = L * 4 * self.h * hd * seq_len        # the forward pass's whole T x T attention
+        masked = 1.5 * attn                         # half of forward + backward (3 x forward)
         if remat == "full":
-            return 2 * matmul + attn
+            return masked + 2 * matmul + attn
         if remat == "save_dots":
-            return attn
-        return 0.0
+            return masked + attn
+        return masked

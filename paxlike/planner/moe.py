@@ -335,13 +335,14 @@ class MoEActivations(Profile):
         return attention + dense + experts + router
 
     def flops_per_token_extra(self, remat: str, seq_len: int, microbatches: int = 1) -> float:
-        """FLOPs per token beyond the model FLOPs (6 · active weights + attention): capacity
-        padding (E·C slots computed instead of N·k), remat's recomputed forward pass and the
-        statistics pass with microbatches."""
+        """FLOPs per token beyond the model FLOPs (6 · active weights + half the attention):
+        the masked half of causal attention, capacity padding (E·C slots computed instead of
+        N·k), remat's recomputed forward pass and the statistics pass with microbatches."""
         d, L = self.d, self.layers
         padding = 6 * self.moe_layers * 3 * d * self.f * (self._expert_rows_per_token() - self.k)
         forward = 2 * self._forward_matmul_params() + 4 * L * self.h * self.hd * seq_len
-        extra = padding
+        masked = 6 * L * self.h * self.hd * seq_len   # causal attention's computed, uncounted half
+        extra = padding + masked
         if remat == "full":
             extra += forward
         elif remat == "save_dots":
