@@ -5,7 +5,9 @@ the restoring run has) and `meta` (JSON: the data iterator's position, the model
 parameter's shape and the device layout that wrote it). A run resumes from the latest *complete*
 step; orbax writes a step into a temporary directory and renames it when done, so a save killed
 halfway leaves a temporary directory, which we report and skip, and delete only once the run's
-checks have passed.
+checks have passed. On gs:// orbax writes a step in place and marks it complete with a
+`commit_success.txt` file last (an object store has no renames): a step directory without it is
+what a killed save leaves there, reported and deleted the same way.
 
 A complete step can still fail to restore (a torn write on a file system without atomic renames,
 a disk error, a file removed by hand): orbax's OCDBT format detects truncated or garbled data
@@ -20,7 +22,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 import sys
 from collections.abc import Callable
 
@@ -30,9 +31,14 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from paxlike import storage
 from paxlike.errors import UserError
 
 _INCOMPLETE = re.compile(r"^(\d+)\.orbax-checkpoint-tmp")
+_STEP = re.compile(r"^(\d+)$")
+# What orbax writes last into a step saved on gs:// (orbax/checkpoint/_src/path/atomicity.py,
+# CommitFileTemporaryPath), where a step is written in place instead of renamed.
+_COMMIT_FILE = "commit_success.txt"
 _CAUSE_BYTES = 400   # how much of a failure's description other processes learn
 
 
@@ -41,11 +47,19 @@ def param_shapes(params) -> dict[str, list[int]]:
     return {jax.tree_util.keystr(path): list(x.shape) for path, x in flat}
 
 
+def _incomplete(directory: str) -> dict[str, int]:
+    """{name: step} of what killed saves left in `directory`: orbax's temporary directories, and on
+    gs:// the step directories without orbax's commit file."""
+    names = storage.listdir(directory)
+    found = {name: int(m.group(1)) for name in names if (m := _INCOMPLETE.match(name))}
+    if storage.scheme(directory) == "gs":
+        found.update({name: int(name) for name in names if _STEP.match(name)
+                      and not storage.exists(storage.join(directory, name, _COMMIT_FILE))})
+    return found
+
+
 def incomplete_steps(directory: str) -> list[int]:
-    if not os.path.isdir(directory):
-        return []
-    return sorted(int(m.group(1)) for name in os.listdir(directory)
-                  if (m := _INCOMPLETE.match(name)))
+    return sorted(_incomplete(directory).values())
 
 
 def describe_failure(error: BaseException, directory: str = "") -> str:
@@ -140,7 +154,8 @@ class Checkpoints:
     """Saving and restoring one run's checkpoints in `<workdir>/checkpoints`."""
 
     def __init__(self, directory: str, *, keep: int, async_save: bool):
-        self.directory = os.path.abspath(directory)
+        storage.check_workdir(directory, "the checkpoint directory")
+        self.directory = storage.absolute(directory)
         self.damaged_directory = self.directory + ".damaged"
         self.keep, self.async_save = keep, async_save
         self._manager = None
@@ -163,7 +178,7 @@ class Checkpoints:
 
     def latest_step(self) -> int | None:
         """The newest complete step, warning about newer steps whose save did not finish."""
-        if not os.path.isdir(self.directory):
+        if not storage.isdir(self.directory):
             return None
         incomplete = incomplete_steps(self.directory)
         latest = self._open().latest_step()
@@ -177,17 +192,14 @@ class Checkpoints:
 
     def steps(self) -> list[int]:
         """Every complete step, oldest first."""
-        if not os.path.isdir(self.directory):
+        if not storage.isdir(self.directory):
             return []
         return sorted(self._open().all_steps())
 
     def discard_incomplete(self) -> None:
         """Deletes what killed saves left behind; called once the run is known to go ahead."""
-        if not os.path.isdir(self.directory):
-            return
-        for name in os.listdir(self.directory):
-            if _INCOMPLETE.match(name):
-                shutil.rmtree(os.path.join(self.directory, name))
+        for name in _incomplete(self.directory):
+            storage.rmtree(storage.join(self.directory, name))
 
     def _step_dir(self, step: int) -> epath.Path:
         return epath.Path(self.directory) / str(step)
@@ -283,15 +295,15 @@ class Checkpoints:
         moved, failure = {}, None
         if jax.process_index() == 0:
             try:
-                os.makedirs(self.damaged_directory, exist_ok=True)
+                storage.makedirs(self.damaged_directory)
                 for step in sorted(damaged):
-                    target = os.path.join(self.damaged_directory, str(step))
+                    target = storage.join(self.damaged_directory, str(step))
                     n = 1
-                    while os.path.exists(target):   # damaged at this step before: keep both
-                        target, n = os.path.join(self.damaged_directory, f"{step}.{n}"), n + 1
-                    os.rename(os.path.join(self.directory, str(step)), target)
+                    while storage.exists(target):   # damaged at this step before: keep both
+                        target, n = storage.join(self.damaged_directory, f"{step}.{n}"), n + 1
+                    storage.move_tree(storage.join(self.directory, str(step)), target)
                     moved[step] = target
-            except OSError as e:
+            except Exception as e:  # noqa: BLE001 - OSError, or a remote file system's own error
                 failure = describe_failure(e)
         failure = _agree(failure)
         if failure is not None:

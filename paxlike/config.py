@@ -51,7 +51,11 @@ def base_config() -> ml_collections.ConfigDict:
     c.optimizer = ml_collections.ConfigDict({
         "learning_rate": 1e-3,
         "warmup_steps": 30,
-        "min_lr_ratio": 0.1,    # cosine decays to learning_rate * min_lr_ratio at `steps`
+        "min_lr_ratio": 0.1,    # cosine decays to learning_rate * min_lr_ratio at decay_steps
+        # Length of the warmup + cosine schedule, after which the rate stays at the floor. 0: the
+        # `steps` the run was started with; a resumed run keeps the length its checkpoint
+        # recorded, so raising `steps` later continues at the floor (paxlike/optim.py).
+        "decay_steps": 0,
         "weight_decay": 0.1,    # applied to matrices only (not norms)
         "b1": 0.9,
         "b2": 0.95,
@@ -66,12 +70,27 @@ def base_config() -> ml_collections.ConfigDict:
         "spike_window": 32,     # recent good steps the mean and deviation are taken over
         "max_rollbacks": 3,     # per run; one more bad step then stops the run
     })
+    # A jax.profiler trace of steps A to B ("A:B", inclusive) into <workdir>/tensorboard (its
+    # Profile tab; XProf and Perfetto read the same files); "" traces nothing.
+    c.profile_steps = ""
+    # Where compiled programs are kept between runs (a restart skips most compiling): "auto" is
+    # $JAX_COMPILATION_CACHE_DIR if set, else <user cache>/paxlike/jax; "off"; or a directory.
+    c.compilation_cache = "auto"
     # Hang, straggler and program-mismatch detection across processes: paxlike/watchdog.py.
     c.watchdog = ml_collections.ConfigDict({
         "timeout_s": 300.0,        # a process silent this long is stuck; 0 disables the watchdog
         "step_timeout_s": 1800.0,  # no train step finished anywhere this long; 0 disables
         "straggler_ratio": 3.0,    # host time per step above this multiple of the others' median
         "straggler_min_s": 0.05,   # ... and at least this much above it, is a straggler
+    })
+    # Where metrics go besides metrics.jsonl (always written): paxlike/metrics.py.
+    c.metrics = ml_collections.ConfigDict({
+        "tensorboard": True,    # <workdir>/tensorboard event files
+        "wandb": False,         # Weights & Biases; needs pip install 'paxlike[wandb]'
+        "wandb_project": "paxlike",
+        "wandb_entity": "",     # "": your default entity
+        "wandb_name": "",       # "": the workdir's name (also the group of a run's launches)
+        "wandb_mode": "",       # online | offline | disabled; "": $WANDB_MODE, else online
     })
     c.model = ml_collections.ConfigDict()  # filled in by the experiment file
     return c
@@ -121,6 +140,14 @@ def validate(cfg) -> None:
         problems.append(f"optimizer.learning_rate={opt.learning_rate} must be > 0")
     if opt.warmup_steps < 0 or not 0 <= opt.min_lr_ratio <= 1:
         problems.append("optimizer.warmup_steps must be >= 0 and optimizer.min_lr_ratio in [0, 1]")
+    decay_steps = opt.get("decay_steps", 0)
+    if isinstance(decay_steps, bool) or not isinstance(decay_steps, int) or decay_steps < 0:
+        problems.append(f"optimizer.decay_steps={decay_steps!r} must be an integer >= 0 "
+                        "(0 = the run's steps)")
+    try:
+        profile_range(cfg.profile_steps)
+    except ValueError as e:
+        problems.append(str(e))
     problems += health.validate(cfg.health)
     dog = cfg.watchdog
     if dog.timeout_s < 0 or dog.step_timeout_s < 0:
@@ -130,6 +157,21 @@ def validate(cfg) -> None:
     problems += family.validate(cfg.model)
     if problems:
         raise UserError("invalid config: " + "; ".join(problems))
+
+
+def profile_range(text: str) -> tuple[int, int] | None:
+    """profile_steps "A:B" as (A, B); None for ""."""
+    if not text:
+        return None
+    first, sep, last = str(text).partition(":")
+    try:
+        a, b = int(first), int(last if sep else first)
+    except ValueError:
+        a = b = 0
+    if not 1 <= a <= b:
+        raise ValueError(f"profile_steps={text!r} must be A:B with 1 <= A <= B (steps to trace, "
+                         f"e.g. 10:12), or empty")
+    return a, b
 
 
 def to_json(cfg) -> str:

@@ -32,7 +32,8 @@ from absl import logging
 
 from paxlike import config as config_lib
 from paxlike import data, health, metrics, watchdog
-from paxlike import elastic, sharding
+from paxlike import elastic, optim, sharding, storage
+from paxlike.data import tokenizer as tokenizer_lib
 from paxlike.checkpoint import Checkpoints, param_shapes
 from paxlike.devices import peak_flops
 from paxlike.errors import UserError
@@ -121,11 +122,33 @@ class _Preemption:
             signal.signal(signal.SIGTERM, self._previous)
 
 
+class _Profiler:
+    """`profile_steps` "A:B": a jax.profiler trace from the dispatch of step A until step B has
+    finished, written where TensorBoard's Profile tab (and XProf, Perfetto) read it."""
+
+    def __init__(self, steps: str, log_dir: str):
+        self.range, self.log_dir, self.active = config_lib.profile_range(steps), log_dir, False
+
+    def before(self, step: int) -> None:
+        if self.range and step == self.range[0] and not self.active:
+            jax.profiler.start_trace(self.log_dir)
+            self.active = True
+
+    def after(self, step: int, outputs) -> None:
+        if self.active and step >= self.range[1]:
+            jax.block_until_ready(outputs)     # the trace must hold step B's device work
+            self.stop()
+            logging.info("profile of steps %d-%d written to %s (tensorboard --logdir %s, "
+                         "Profile tab)", *self.range, self.log_dir, self.log_dir)
+
+    def stop(self) -> None:
+        if self.active:
+            jax.profiler.stop_trace()
+            self.active = False
+
+
 def _write_json_atomically(path: str, text: str) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    storage.write_atomically(path, text)   # local: path.tmp renamed over path; gs://: one write
 
 
 def _apply_top_plan(cfg, devices) -> None:
@@ -149,14 +172,17 @@ def prepare(cfg, workdir: str, devices=None) -> Run:
     """Every check that could refuse the run, in the order a user would fix them. Writes
     nothing (the checkpoint manager is opened read-only here)."""
     config_lib.validate(cfg)
-    if os.path.exists(workdir) and not os.path.isdir(workdir):
+    metrics.check_config(cfg.get("metrics"))
+    storage.check_workdir(workdir)
+    if storage.exists(workdir) and not storage.isdir(workdir):
         raise UserError(f"--workdir={workdir} is a file, not a directory; choose another path")
-    checkpoints = Checkpoints(os.path.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
+    checkpoints = Checkpoints(storage.join(workdir, "checkpoints"), keep=cfg.keep_checkpoints,
                               async_save=cfg.async_checkpoints)
     # The newest checkpoint whose meta reads (newer unreadable ones are moved aside by
     # `restore`): the layout that wrote it decides the microbatches before the trainer exists.
     latest, saved_meta = checkpoints.newest_readable()
     saved_layout = (saved_meta or {}).get("layout")
+    optim.resolve_decay_steps(cfg, saved_meta)   # the schedule's length, before the trainer
     if cfg.mesh.get("auto"):
         _apply_top_plan(cfg, devices)
     try:
@@ -184,9 +210,7 @@ def prepare(cfg, workdir: str, devices=None) -> Run:
     dataset = data.build(cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
                          seed=cfg.seed, workdir=workdir, batch_sharding=trainer.batch_sharding,
                          save_tokenizer=False)
-    if dataset.tokenizer.vocab_size > cfg.model.vocab_size:
-        raise UserError(f"the {cfg.data.tokenizer} tokenizer has {dataset.tokenizer.vocab_size} "
-                        f"tokens but model.vocab_size={cfg.model.vocab_size}; raise model.vocab_size")
+    tokenizer_lib.check_vocab_size(dataset.tokenizer, cfg.model.vocab_size)
     return Run(cfg, workdir, trainer, checkpoints, dataset, shapes, latest)
 
 
@@ -203,10 +227,10 @@ def restore(run: Run) -> Start:
             check=lambda step, meta: run.checkpoints.check_compatible(
                 step, model, run.param_shapes, meta))
     if jax.process_index() == 0:
-        os.makedirs(run.workdir, exist_ok=True)
+        storage.makedirs(run.workdir)
         run.checkpoints.discard_incomplete()
         run.dataset.save_tokenizer()
-        _write_json_atomically(os.path.join(run.workdir, "config.json"),
+        _write_json_atomically(storage.join(run.workdir, "config.json"),
                                config_lib.to_json(run.cfg))
     train_iter = run.dataset.train_iterator()
     if restored is None:
@@ -287,7 +311,7 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
     cfg, trainer = run.cfg, run.trainer
     state, train_iter = start.state, start.train_iter
     primary = jax.process_index() == 0
-    writer = metrics.MetricsWriter(run.workdir, enabled=primary, total_steps=cfg.steps)
+    writer = metrics.MetricsWriter.from_config(cfg, run.workdir, enabled=primary)
     if start.step:
         writer.truncate_after(start.step)
     token_bytes = jnp.asarray(np.asarray(run.dataset.tokenizer.token_bytes, np.float32))
@@ -308,9 +332,11 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
         dog.update(phase="save")
         run.checkpoints.save(step, state, {"step": step, "data_state": train_iter.get_state(),
                                            "model": cfg.model.to_dict(),
-                                           "param_shapes": run.param_shapes})
+                                           "param_shapes": run.param_shapes,
+                                           **optim.schedule_meta(cfg)})
 
     logged, rollbacks = [], 0     # logged: (step, loss) of the steps that stand
+    profiler = _Profiler(cfg.profile_steps, os.path.join(run.workdir, metrics.TENSORBOARD_DIR))
     # finally: an error (e.g. a diverged loss) still lets the last asynchronous save complete.
     try:
         with dog, _Preemption() as preemption:
@@ -327,7 +353,9 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
                 wait_start = time.perf_counter()
                 batch = next(train_iter)
                 data_wait += time.perf_counter() - wait_start
+                profiler.before(step)
                 state, step_metrics = trainer.train_step(state, batch)
+                profiler.after(step, step_metrics)
                 interval_steps += 1
                 if step == stop_at:
                     preemption.requested = True
@@ -358,7 +386,8 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
                 if log_now:
                     record = {k: float(v) for k, v in jax.device_get(step_metrics).items()}
                     step_time = (time.perf_counter() - interval_start) / interval_steps
-                    record.update(step_time_s=step_time,
+                    record.update(tokens_seen=step * cfg.batch_size * cfg.seq_len,
+                                  step_time_s=step_time,
                                   tokens_per_sec=cfg.batch_size * cfg.seq_len / step_time,
                                   mfu=flops_per_step / step_time / peak)
                     writer.write_train(step, record)
@@ -383,6 +412,7 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
                     logging.warning("stopped at step %d; run again to resume", step)
                     break
     finally:
+        profiler.stop()
         run.checkpoints.close()
         writer.close()
     return [loss for _, loss in logged]

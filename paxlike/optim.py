@@ -1,7 +1,15 @@
 """The update rule: gradients -> new parameters and optimizer state.
 
 Today one rule, `OptaxUpdate`: AdamW with linear warmup, cosine decay and global-norm clipping,
-weight decay on matrices only. This is the seam where an outer optimizer (DiLoCo-style: every H
+weight decay on matrices only.
+
+The schedule's length is `optimizer.decay_steps` (warmup included); after it the rate stays at
+`learning_rate * min_lr_ratio`. 0 means the run's `steps`, taken once, when the run starts: the
+loop calls `resolve_decay_steps` before building the trainer, which writes the effective length
+into the config (so config.json shows it) and the loop records it in every checkpoint's meta
+(`schedule_meta`). A resumed run with decay_steps=0 takes the length its checkpoint recorded, so
+raising `--config.steps` on a finished run continues at the floor rate instead of stretching the
+cosine over the new total; an explicit decay_steps > 0 always wins (e.g. to decay again). This is the seam where an outer optimizer (DiLoCo-style: every H
 steps an outer step on the averaged parameter change) wraps the inner rule: `make_update_rule`
 chooses the rule from the config, and the train step (paxlike/step.py) only calls `init` and
 `apply`.
@@ -13,14 +21,75 @@ import dataclasses
 
 import jax
 import optax
+from absl import logging
+
+# The checkpoint meta key holding the schedule length a run was started with.
+DECAY_STEPS_META = "decay_steps"
+
+
+def decay_length(opt_cfg, total_steps: int) -> int:
+    """The schedule length: `opt_cfg.decay_steps` when > 0, else `total_steps`."""
+    decay_steps = opt_cfg.get("decay_steps", 0) or 0
+    return int(decay_steps) if decay_steps > 0 else int(total_steps)
 
 
 def learning_rate_schedule(opt_cfg, total_steps: int) -> optax.Schedule:
+    """Linear warmup to `learning_rate`, cosine decay to `learning_rate * min_lr_ratio` at
+    `decay_length(opt_cfg, total_steps)`, then constant. The value at optimizer step count c is the
+    rate of step c + 1 (what metrics.jsonl logs as that step's learning_rate)."""
     peak = opt_cfg.learning_rate
-    warmup = min(opt_cfg.warmup_steps, max(total_steps - 1, 0))
+    length = decay_length(opt_cfg, total_steps)
+    warmup = min(opt_cfg.warmup_steps, max(length - 1, 0))
     return optax.warmup_cosine_decay_schedule(
         init_value=0.0, peak_value=peak, warmup_steps=warmup,
-        decay_steps=max(total_steps, warmup + 1), end_value=peak * opt_cfg.min_lr_ratio)
+        decay_steps=max(length, warmup + 1), end_value=peak * opt_cfg.min_lr_ratio)
+
+
+def resolve_decay_steps(cfg, saved_meta: dict | None = None) -> int:
+    """Fixes the schedule length of this run in `cfg.optimizer.decay_steps` and returns it.
+
+    An explicit `optimizer.decay_steps > 0` stays. 0 takes the length recorded in the meta of the
+    checkpoint being resumed (`saved_meta`), and for a new run (no checkpoint) `cfg.steps`. A
+    checkpoint written before the length was recorded resumes with `cfg.steps`, as before.
+    """
+    opt = cfg.optimizer
+    explicit = opt.get("decay_steps", 0) or 0
+    saved = (saved_meta or {}).get(DECAY_STEPS_META)
+    saved = int(saved) if isinstance(saved, (int, float)) and saved > 0 else None
+    if explicit > 0:
+        length = int(explicit)
+        if saved is not None and saved != length:
+            step = int((saved_meta or {}).get("step", 0))
+            logging.info("optimizer.decay_steps=%d replaces the schedule length %d recorded in "
+                         "the checkpoint of step %d: the learning rate follows the new schedule "
+                         "from there (it may jump)", length, saved, step)
+    elif saved is not None:
+        length = saved
+        if length != cfg.steps:
+            logging.info("learning-rate schedule: keeping the length %d the run was started with "
+                         "(recorded in its checkpoint; steps=%d now): the rate stays at "
+                         "learning_rate * min_lr_ratio after step %d; set "
+                         "--config.optimizer.decay_steps to change it", length, cfg.steps, length)
+    else:
+        length = int(cfg.steps)
+        if saved_meta is not None:
+            logging.info("the checkpoint of step %s records no learning-rate schedule length "
+                         "(written before optimizer.decay_steps existed): the schedule spans "
+                         "steps=%d; if the run was started with fewer steps, pass that number as "
+                         "--config.optimizer.decay_steps to keep its schedule",
+                         saved_meta.get("step"), length)
+    if "decay_steps" in opt:
+        opt.decay_steps = length
+    else:   # a config made without the key (not from config.base_config)
+        with opt.unlocked():
+            opt.decay_steps = length
+    return length
+
+
+def schedule_meta(cfg) -> dict:
+    """What the loop adds to every checkpoint's meta: the schedule length (after
+    `resolve_decay_steps`, the effective one)."""
+    return {DECAY_STEPS_META: decay_length(cfg.optimizer, cfg.steps)}
 
 
 @dataclasses.dataclass(frozen=True)

@@ -181,8 +181,9 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, schedule: Gra
                update: UpdateRule, update_buffers: Callable | None = None
                ) -> tuple[TrainState, dict]:
     """One optimizer step over the global batch. Returns the new state and the step's metrics:
-    loss (mean token NLL), grad_norm, the update rule's (learning_rate), every auxiliary loss and
-    every model metric under its name.
+    loss (mean token NLL), grad_norm, param_norm (of the parameters the step started from: read
+    while they are live anyway, it adds no memory), the update rule's
+    (learning_rate), every auxiliary loss and every model metric under its name.
 
     `update_buffers(params, stats) -> params`, when given, then changes the model's non-trainable
     variables from the step's global-batch statistics (a router's load-balancing bias); their
@@ -193,8 +194,9 @@ def train_step(state: TrainState, batch: dict, *, loss_fn: LossFn, schedule: Gra
                                                      state.step)
     if update_buffers is not None:
         params = update_buffers(params, result.stats)
-    metrics = {"loss": result.loss, "grad_norm": optax.tree.norm(result.grads), **update_metrics,
-               **result.aux, **result.metrics}
+    metrics = {"loss": result.loss, "grad_norm": optax.tree.norm(result.grads),
+               "param_norm": optax.tree.norm(state.params), **update_metrics, **result.aux,
+               **result.metrics}
     new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
     return new_state, metrics
 

@@ -24,12 +24,16 @@ from paxlike.errors import UserError
 STATE_VERSION = 1
 
 DEFAULTS = {
-    'source': 'stdlib',        # 'stdlib' | 'text' | 'jsonl'
-    'paths': '',               # comma-separated files, directories or globs (text / jsonl)
+    'source': 'stdlib',        # 'stdlib' | 'text' | 'jsonl' | 'prepared'
+    # comma-separated files, directories or globs (text / jsonl); for 'prepared', the directory
+    # written by `python -m paxlike.data prepare --out=DIR` (paxlike/data/prepared.py)
+    'paths': '',
     'jsonl_field': 'text',     # JSONL field holding the document text
     'val_fraction': 0.05,      # share of documents (files / records) held out for eval
-    'tokenizer': 'byte',       # 'byte' | 'bpe'
+    'tokenizer': 'byte',       # 'byte' | 'bpe' | path of a pretrained tokenizer.json
     'bpe_vocab_size': 4096,    # BPE vocabulary size including the EOS token
+    'eos_token': '',           # pretrained file only: the token ending each document (required)
+    'bos_token': '',           # pretrained file only: a token starting each document ('' = none)
     'eval_batches': 4,         # global batches per eval (fewer if the val split is smaller)
     # Global batch positions never trained on, comma-separated ("120,121"): batches known to be
     # bad. A loss-spike rollback (health.policy=rollback) adds to this list in the checkpoint.
@@ -256,11 +260,11 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
     paths, field = _get(cfg_data, 'paths'), _get(cfg_data, 'jsonl_field')
     val_fraction, n_eval = _get(cfg_data, 'val_fraction'), _get(cfg_data, 'eval_batches')
     # Cheap checks first, so a typo fails before minutes of reading and tokenizing.
-    if source not in sources.SOURCES:
-        raise UserError(f'data.source must be one of {", ".join(sources.SOURCES)}; got {source!r}')
-    if tok_name not in tokenizer_lib.TOKENIZERS:
-        raise UserError(f'data.tokenizer must be one of {", ".join(tokenizer_lib.TOKENIZERS)}; '
-                        f'got {tok_name!r}')
+    if source not in sources.SOURCES + ('prepared',):
+        raise UserError(f'data.source must be one of {", ".join(sources.SOURCES)}, prepared; '
+                        f'got {source!r}')
+    tokenizer_lib.check_config(tok_name, eos_token=_get(cfg_data, 'eos_token'),
+                               bos_token=_get(cfg_data, 'bos_token'))
     if not isinstance(n_eval, int) or n_eval < 0:
         raise UserError(f'data.eval_batches must be an integer >= 0; got {n_eval!r}')
     if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
@@ -270,14 +274,26 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
     skip_batches = parse_skip_batches(_get(cfg_data, 'skip_batches'))
     process_rows(batch_sharding, (global_batch_size, seq_len))   # fails early on a bad split
 
-    corpus = sources.load_corpus(source, paths=paths, jsonl_field=field,
-                                 val_fraction=float(val_fraction))
-    settings = {'source': source, 'paths': paths if source != 'stdlib' else '',
-                'jsonl_field': field if source == 'jsonl' else '',
-                'val_fraction': float(val_fraction)}
-    tok = tokenizer_lib.build_tokenizer(
-        tok_name, bpe_vocab_size=_get(cfg_data, 'bpe_vocab_size'), workdir=workdir,
-        train_texts_fn=lambda: [d.text for d in corpus.train], settings=settings)
+    if source == 'prepared':
+        # Tokenized and packed once by `python -m paxlike.data prepare`: the same rows, read
+        # record by record (each process reads only its own rows' records).
+        from paxlike.data import prepared
+        train, val, tok, description = prepared.open_prepared(
+            paths, seq_len=seq_len, tokenizer=tok_name,
+            bpe_vocab_size=_get(cfg_data, 'bpe_vocab_size'), val_fraction=float(val_fraction),
+            eos_token=_get(cfg_data, 'eos_token'), bos_token=_get(cfg_data, 'bos_token'),
+            workdir=workdir)
+    else:
+        corpus = sources.load_corpus(source, paths=paths, jsonl_field=field,
+                                     val_fraction=float(val_fraction))
+        description = corpus.description
+        settings = {'source': source, 'paths': paths if source != 'stdlib' else '',
+                    'jsonl_field': field if source == 'jsonl' else '',
+                    'val_fraction': float(val_fraction)}
+        tok = tokenizer_lib.build_tokenizer(
+            tok_name, bpe_vocab_size=_get(cfg_data, 'bpe_vocab_size'), workdir=workdir,
+            train_texts_fn=lambda: [d.text for d in corpus.train], settings=settings,
+            eos_token=_get(cfg_data, 'eos_token'), bos_token=_get(cfg_data, 'bos_token'))
     if jax.process_count() > 1:
         # Each process trains or loads its own BPE; training is deterministic, but a stale
         # tokenizer.json on one host's local disk would silently scramble the data: check.
@@ -286,15 +302,16 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
         multihost_utils.assert_equal(fp, 'the tokenizer differs between processes (a stale '
                                      'tokenizer.json in one workdir?)')
 
-    train = _pack(tok, corpus.train, seq_len, 'train')
-    val = _pack(tok, corpus.val, seq_len, 'val') if corpus.val else None
+    if source != 'prepared':
+        train = _pack(tok, corpus.train, seq_len, 'train')
+        val = _pack(tok, corpus.val, seq_len, 'val') if corpus.val else None
     if train.num_rows < global_batch_size:
         raise UserError(
-            f'the training split of {corpus.description} has {train.num_tokens} tokens = '
+            f'the training split of {description} has {train.num_tokens} tokens = '
             f'{train.num_rows} rows of seq_len {seq_len}, fewer than one global batch of '
             f'{global_batch_size} rows; add data (data.paths) or lower batch_size / seq_len')
     if n_eval > 0 and (val is None or val.num_rows == 0):
-        raise UserError(f'the val split of {corpus.description} is empty; raise data.val_fraction '
+        raise UserError(f'the val split of {description} is empty; raise data.val_fraction '
                         '(or set data.eval_batches=0 to train without eval)')
     if save_tokenizer:
         tokenizer_lib.save_if_new(tok, workdir)
@@ -302,5 +319,5 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
                  train.num_rows, val.num_rows if val else 0, seq_len, tok.name, tok.vocab_size)
     return Dataset(tokenizer=tok, train=train, val=val, seq_len=seq_len,
                    global_batch_size=global_batch_size, seed=seed, eval_batches=n_eval,
-                   batch_sharding=batch_sharding, description=corpus.description,
+                   batch_sharding=batch_sharding, description=description,
                    workdir=workdir, skip_batches=skip_batches)

@@ -1,11 +1,15 @@
-"""Text sources: the built-in standard-library corpus, text files and JSONL, split train/val.
+"""Text sources: the built-in standard-library corpus, text files, JSONL, Parquet and local Hugging
+Face datasets, split train/val.
 
-A source yields *documents* (strings). The train/val split is decided per document by a stable hash
+A source yields *documents* (strings), one at a time (`open_source(...)`: a pass reads one document
+into memory, never the whole corpus). The train/val split is decided per document by a stable hash
 of a key that does not depend on the seed, the machine's paths or the number of processes, so every
 run (and every process of a run) sees the same two disjoint sets:
   * stdlib: key = the file's path relative to the stdlib directory;
   * text:   key = the file's content (identical files always land in the same split);
-  * jsonl:  key = the record's text.
+  * jsonl, parquet, hf: key = the record's text.
+`Splitter` applies that rule document by document; `load_corpus` (the in-memory pipeline) and the
+streaming `python -m paxlike.data prepare` (prepared.py) both use it, so they split alike.
 """
 
 from __future__ import annotations
@@ -13,15 +17,21 @@ from __future__ import annotations
 import dataclasses
 import glob
 import hashlib
+import importlib
 import json
 import os
 import sysconfig
+from typing import Iterator
 
 from absl import logging
+from etils import epath
 
 from paxlike.errors import UserError
 
-SOURCES = ('stdlib', 'text', 'jsonl')
+SOURCES = ('stdlib', 'text', 'jsonl')   # data.source of the in-memory pipeline (plus 'prepared')
+# `python -m paxlike.data prepare --source=...`: also Parquet files and a Hugging Face `datasets`
+# directory (each only where its package is installed).
+PREPARE_SOURCES = ('stdlib', 'text', 'jsonl', 'parquet', 'hf')
 
 # Directories under the stdlib that are not "the standard library's source": installed packages,
 # the (huge, repetitive) regression test suite, build configuration and compiled extensions.
@@ -79,27 +89,53 @@ def stdlib_files(root: str | None = None) -> list[str]:
     return sorted(out)
 
 
-def _read_text(path: str) -> str:
+def _read_bytes(path: str) -> bytes:
     try:
-        with open(path, 'rb') as f:
-            raw = f.read()
+        return epath.Path(path).read_bytes()
     except OSError as e:
         raise UserError(f'cannot read data file {path!r}: {e.strerror or e}; '
                         'check that the path in data.paths exists and is readable') from None
+
+
+def _read_text(path: str) -> str:
     # Invalid UTF-8 is kept (as U+FFFD) rather than failing a long run over one stray byte.
-    return raw.decode('utf-8', errors='replace')
+    return _read_bytes(path).decode('utf-8', errors='replace')
 
 
-def _split(docs: list[Document], val_fraction: float) -> tuple[list[Document], list[Document]]:
-    train = [d for d in docs if not is_val(d.key, val_fraction)]
-    val = [d for d in docs if is_val(d.key, val_fraction)]
-    if val_fraction > 0 and not val and len(docs) >= 2:
-        # Too few documents for the hash to put any in val: take the one with the lowest score, which
-        # is still a deterministic choice that does not depend on the order of the inputs.
-        pick = min(train, key=lambda d: split_score(d.key))
-        train = [d for d in train if d is not pick]
-        val = [pick]
-    return train, val
+class Splitter:
+    """The train/val rule applied one document at a time, in the source's order.
+
+    A document is val when `is_val(key)`. When that puts no document at all in val although
+    val_fraction > 0 and there are at least two documents, the first train document with the lowest
+    score is held out instead (still independent of the order of the inputs); `fallback()` names it
+    after a pass, and a second pass with `force_val=` that ordinal splits exactly as reading
+    everything first would have.
+    """
+
+    def __init__(self, val_fraction: float, force_val: int | None = None):
+        self.val_fraction, self.force_val = val_fraction, force_val
+        self.count = 0           # documents routed so far (empty ones included)
+        self.num_val = 0
+        self._best = None        # (score, ordinal) of the lowest-scoring train document
+
+    def is_val(self, doc: Document) -> bool:
+        ordinal = self.count
+        self.count += 1
+        if ordinal == self.force_val:
+            val = True
+        else:
+            score = split_score(doc.key)
+            val = score < self.val_fraction
+            if not val and (self._best is None or score < self._best[0]):
+                self._best = (score, ordinal)
+        self.num_val += val
+        return val
+
+    def fallback(self) -> int | None:
+        """Ordinal of the document to hold out when the hash put none in val, else None."""
+        if self.val_fraction > 0 and self.num_val == 0 and self.count >= 2:
+            return self._best[1]
+        return None
 
 
 def _tail_split(doc: Document, val_fraction: float) -> tuple[Document, Document]:
@@ -112,13 +148,21 @@ def _tail_split(doc: Document, val_fraction: float) -> tuple[Document, Document]
 
 
 def expand_paths(paths: str) -> list[str]:
-    """Comma-separated files, directories (all files below, recursively) and globs → sorted files."""
+    """Comma-separated files, directories (all files below, recursively) and globs → sorted files.
+    A URL-like entry (gs://bucket/file) is taken as one file (no globbing or listing there yet)."""
     specs = [p.strip() for p in (paths or '').split(',') if p.strip()]
     if not specs:
         raise UserError("data.paths is empty; set --config.data.paths=FILE_OR_GLOB[,...] "
                         "(or use data.source='stdlib' for the built-in corpus)")
     files: list[str] = []
+    remote: list[str] = []
     for spec in specs:
+        if '://' in spec:
+            if not epath.Path(spec).exists():
+                raise UserError(f'data path {spec!r} does not exist; fix data.paths '
+                                '(comma-separated files, directories or globs)')
+            remote.append(spec)
+            continue
         spec_x = os.path.expanduser(os.path.expandvars(spec))
         if glob.has_magic(spec_x):
             matched = [m for m in glob.glob(spec_x, recursive=True) if os.path.isfile(m)]
@@ -140,77 +184,265 @@ def expand_paths(paths: str) -> list[str]:
             raise UserError(f'data path {spec!r} does not exist; fix data.paths '
                             '(comma-separated files, directories or globs)')
     # Sorted and de-duplicated so the document order never depends on the shell or the filesystem.
-    return sorted(set(os.path.normpath(f) for f in files))
+    return sorted(set(os.path.normpath(f) for f in files) | set(remote))
 
 
-def _stdlib_corpus(val_fraction: float) -> Corpus:
+def _file_size(path: str) -> int:
+    try:
+        return int(epath.Path(path).stat().length)
+    except (OSError, AttributeError):
+        return 0
+
+
+class DocumentSource:
+    """A corpus read one document at a time. Iterating makes one pass over it, in a fixed order
+    (sorted files, records in file order); `consumed` counts the input read so far (bytes of files,
+    or rows for Parquet / Hugging Face), out of `total`, for progress lines."""
+
+    def __init__(self, kind: str, inputs: list[str], reader, *, total: int = 0, unit: str = 'B',
+                 describe, tail_split: bool = False):
+        self.kind, self.inputs, self._reader = kind, inputs, reader
+        self.total, self.unit = total, unit
+        self._describe = describe
+        # One text file cannot be split by file: its last val_fraction (at a line break) is val.
+        self.tail_split = tail_split
+        self.consumed = 0
+        self.num_documents = 0   # documents of the last complete pass
+
+    def description(self, val_fraction: float) -> str:
+        return self._describe(self, val_fraction)
+
+    def __iter__(self) -> Iterator[Document]:
+        self.consumed, count = 0, 0
+        for doc in self._reader(self):
+            count += 1
+            yield doc
+        self.num_documents = count
+
+    def split(self, val_fraction: float, force_val: int | None = None):
+        """One pass as (is_val, document) pairs, empty documents included (callers drop them).
+        Returns (pairs iterator, the Splitter): after the pass, `splitter.fallback()` says whether
+        a second pass with force_val is needed to hold out one document."""
+        splitter = Splitter(val_fraction, force_val)
+
+        def pairs():
+            if self.tail_split and val_fraction > 0:
+                splitter.num_val = 1   # the tail is the val split: no fallback
+                for doc in self:
+                    head, tail = _tail_split(doc, val_fraction)
+                    yield False, head
+                    yield True, tail
+            else:
+                for doc in self:
+                    yield splitter.is_val(doc), doc
+        return pairs(), splitter
+
+
+def _stdlib_reader(src):
     root = stdlib_dir()
-    rels = stdlib_files(root)
-    logging.info('data: reading %d standard-library files from %s', len(rels), root)
-    docs = [Document(rel, rel, _read_text(os.path.join(root, rel))) for rel in rels]
-    train, val = _split(docs, val_fraction)
-    return Corpus(train, val, f'Python standard library at {root} ({len(rels)} files)')
+    for rel in src.inputs:
+        raw = _read_bytes(os.path.join(root, rel))
+        src.consumed += len(raw)
+        yield Document(rel, rel, raw.decode('utf-8', errors='replace'))
 
 
-def _text_corpus(paths: str, val_fraction: float) -> Corpus:
+def _text_reader(src):
+    for f in src.inputs:
+        raw = _read_bytes(f)
+        src.consumed += len(raw)
+        text = raw.decode('utf-8', errors='replace')
+        digest = hashlib.sha256(text.encode('utf-8', 'surrogatepass')).hexdigest()
+        yield Document('sha256:' + digest, f, text)
+
+
+def _jsonl_reader(src, field: str):
+    for f in src.inputs:
+        try:
+            handle = epath.Path(f).open('rb')
+        except OSError as e:
+            raise UserError(f'cannot read data file {f!r}: {e.strerror or e}; '
+                            'check that the path in data.paths exists and is readable') from None
+        with handle:
+            # Lines end at b'\n' only: a JSON string may hold U+2028 or U+0085 unescaped.
+            for lineno, raw in enumerate(handle, 1):
+                src.consumed += len(raw)
+                line = raw.decode('utf-8', errors='replace')
+                if not line.strip():
+                    continue
+                where = f'{f}:{lineno}'
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise UserError(f'{where}: not valid JSON ({e.msg}); each line of a JSONL file '
+                                    'must be one JSON object') from None
+                if not isinstance(record, dict) or field not in record:
+                    keys = sorted(record) if isinstance(record, dict) else type(record).__name__
+                    raise UserError(f'{where}: record has no field {field!r} (it has {keys}); set '
+                                    '--config.data.jsonl_field (prepare: --field) to the field '
+                                    'that holds the text')
+                value = record[field]
+                if not isinstance(value, str):
+                    raise UserError(f'{where}: field {field!r} is a {type(value).__name__}, '
+                                    'not a string')
+                yield Document(value, where, value)
+
+
+def _require(module: str, source: str, package: str):
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f'--source={source} needs the {package!r} package, which is not '
+                        f'installed: pip install {package}') from None
+
+
+def _check_text_column(where: str, names, field: str, kind_of) -> None:
+    """`field` must be a column of strings (`kind_of(name)` describes a column's type)."""
+    if field not in names:
+        raise UserError(f'{where} has no column {field!r} (it has {sorted(names)}); set --field to '
+                        'the column that holds the text')
+    kind = str(kind_of(field))
+    if kind not in ('string', 'large_string', 'string_view'):
+        raise UserError(f'{where}: column {field!r} holds {kind}, not strings; set --field to the '
+                        'column that holds the text')
+
+
+def _parquet_reader(src, field: str):
+    pq = _require('pyarrow.parquet', 'parquet', 'pyarrow')
+    for f in src.inputs:
+        try:
+            handle = epath.Path(f).open('rb')
+            pf = pq.ParquetFile(handle)
+        except OSError as e:
+            raise UserError(f'cannot read Parquet file {f!r}: {e}') from None
+        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid for a non-Parquet file
+            raise UserError(f'{f!r} is not a readable Parquet file: {e}') from None
+        with handle:
+            schema = pf.schema_arrow
+            _check_text_column(f, schema.names, field, lambda n: schema.field(n).type)
+            row = 0
+            for batch in pf.iter_batches(batch_size=1024, columns=[field]):
+                for value in batch.column(0).to_pylist():
+                    src.consumed += 1
+                    row += 1
+                    text = value or ''   # a null text is an empty document (dropped)
+                    yield Document(text, f'{f}:row {row}', text)
+
+
+def _hf_reader(src, field: str, split: str | None):
+    datasets = _require('datasets', 'hf', 'datasets')
+    (path,) = src.inputs
+    ds = _load_hf(datasets, path, split)
+    for row, batch in enumerate(ds.iter(batch_size=1024)):
+        for i, value in enumerate(batch[field]):
+            src.consumed += 1
+            text = value or ''
+            yield Document(text, f'{path}:row {row * 1024 + i + 1}', text)
+
+
+def _load_hf(datasets, path: str, split: str | None):
+    try:
+        ds = datasets.load_from_disk(path)
+    except FileNotFoundError as e:
+        raise UserError(f'{path!r} is not a dataset saved with datasets save_to_disk: '
+                        f'{e}') from None
+    if isinstance(ds, datasets.DatasetDict):
+        splits = list(ds)
+        name = split or ('train' if 'train' in ds else None)
+        if name not in ds:
+            raise UserError(f'the Hugging Face dataset at {path!r} has splits {splits}; choose one '
+                            'with --hf_split=NAME')
+        ds = ds[name]
+    elif split:
+        raise UserError(f'the Hugging Face dataset at {path!r} has no splits; drop --hf_split')
+    return ds
+
+
+def open_source(source: str, *, paths: str = '', field: str = 'text',
+                hf_split: str | None = None) -> DocumentSource:
+    """The documents of a source, to be read one at a time. Raises UserError for a missing input
+    (paths that match nothing, a missing package) before any document is read."""
+    if source not in PREPARE_SOURCES:
+        raise UserError(f'the source must be one of {", ".join(PREPARE_SOURCES)}; got {source!r}')
+    if source == 'stdlib':
+        root = stdlib_dir()
+        rels = stdlib_files(root)
+        logging.info('data: reading %d standard-library files from %s', len(rels), root)
+        return DocumentSource(
+            'stdlib', rels, _stdlib_reader,
+            total=sum(_file_size(os.path.join(root, r)) for r in rels),
+            describe=lambda s, f: f'Python standard library at {root} ({len(rels)} files)')
+    if source == 'hf':
+        _require('datasets', 'hf', 'datasets')
+        specs = [p.strip() for p in (paths or '').split(',') if p.strip()]
+        if len(specs) != 1:
+            raise UserError('--source=hf takes one directory written by datasets save_to_disk in '
+                            f'--paths; got {paths!r}')
+        if '://' not in specs[0] and not os.path.isdir(os.path.expanduser(specs[0])):
+            raise UserError(f'data path {specs[0]!r} does not exist or is not a directory; '
+                            '--source=hf reads a directory written by datasets save_to_disk')
+        path = os.path.expanduser(specs[0])
+        import datasets
+        ds = _load_hf(datasets, path, hf_split)
+        _check_text_column(path, ds.column_names, field,
+                           lambda n: getattr(ds.features[n], 'dtype',
+                                             type(ds.features[n]).__name__))
+        return DocumentSource('hf', [path], lambda s: _hf_reader(s, field, hf_split),
+                              total=len(ds), unit='rows',
+                              describe=lambda s, f: f'Hugging Face dataset {path} '
+                                                    f'({s.num_documents} records)')
+    if source == 'parquet':
+        _require('pyarrow.parquet', 'parquet', 'pyarrow')
     files = expand_paths(paths)
-    logging.info('data: reading %d text files', len(files))
-    docs = []
+    if source == 'text':
+        logging.info('data: reading %d text files', len(files))
+        return DocumentSource(
+            'text', files, _text_reader, total=sum(_file_size(f) for f in files),
+            tail_split=len(files) == 1,
+            describe=lambda s, f: (f'text file {files[0]}' if len(files) == 1 and f > 0
+                                   else f'{len(files)} text files'))
+    if source == 'jsonl':
+        logging.info('data: reading %d JSONL files (field %r)', len(files), field)
+        return DocumentSource(
+            'jsonl', files, lambda s: _jsonl_reader(s, field),
+            total=sum(_file_size(f) for f in files),
+            describe=lambda s, f: f'{len(files)} JSONL files ({s.num_documents} records)')
+    import pyarrow.parquet as pq
+    rows = 0
     for f in files:
-        text = _read_text(f)
-        docs.append(Document('sha256:' + hashlib.sha256(text.encode('utf-8', 'surrogatepass'))
-                             .hexdigest(), f, text))
-    if len(docs) == 1 and val_fraction > 0:
-        # One file cannot be split by file; hold out its tail instead so val is still unseen text.
-        head, tail = _tail_split(docs[0], val_fraction)
-        logging.info('data: a single text file; its last %.1f%% is the val split', 100 * val_fraction)
-        return Corpus([head], [tail], f'text file {files[0]}')
-    train, val = _split(docs, val_fraction)
-    return Corpus(train, val, f'{len(files)} text files')
-
-
-def _jsonl_corpus(paths: str, field: str, val_fraction: float) -> Corpus:
-    files = expand_paths(paths)
-    logging.info('data: reading %d JSONL files (field %r)', len(files), field)
-    docs = []
-    for f in files:
-        text = _read_text(f)
-        for lineno, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            where = f'{f}:{lineno}'
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(f'{where}: not valid JSON ({e.msg}); each line of a JSONL file must '
-                                'be one JSON object') from None
-            if not isinstance(record, dict) or field not in record:
-                keys = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise UserError(f'{where}: record has no field {field!r} (it has {keys}); set '
-                                '--config.data.jsonl_field to the field that holds the text')
-            value = record[field]
-            if not isinstance(value, str):
-                raise UserError(f'{where}: field {field!r} is a {type(value).__name__}, not a string')
-            docs.append(Document(value, where, value))
-    train, val = _split(docs, val_fraction)
-    return Corpus(train, val, f'{len(files)} JSONL files ({len(docs)} records)')
+        try:
+            with epath.Path(f).open('rb') as handle:
+                rows += pq.ParquetFile(handle).metadata.num_rows
+        except Exception as e:  # noqa: BLE001 - pyarrow raises ArrowInvalid for a non-Parquet file
+            raise UserError(f'{f!r} is not a readable Parquet file: {e}') from None
+    logging.info('data: reading %d Parquet files (column %r, %d rows)', len(files), field, rows)
+    return DocumentSource('parquet', files, lambda s: _parquet_reader(s, field), total=rows,
+                          unit='rows',
+                          describe=lambda s, f: f'{len(files)} Parquet files ({rows} rows)')
 
 
 def load_corpus(source: str, *, paths: str = '', jsonl_field: str = 'text',
                 val_fraction: float = 0.05) -> Corpus:
-    """Reads a whole source and splits it. Raises UserError for anything the user can fix."""
+    """Reads a whole source into memory and splits it. Raises UserError for anything the user can
+    fix. (The streaming `prepare` splits the same way, document by document.)"""
     if source not in SOURCES:
         raise UserError(f'data.source must be one of {", ".join(SOURCES)}; got {source!r}')
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f'data.val_fraction must be in [0, 1); got {val_fraction}')
-    if source == 'stdlib':
-        corpus = _stdlib_corpus(val_fraction)
-    elif source == 'text':
-        corpus = _text_corpus(paths, val_fraction)
-    else:
-        corpus = _jsonl_corpus(paths, jsonl_field, val_fraction)
-    corpus.train = [d for d in corpus.train if d.text]
-    corpus.val = [d for d in corpus.val if d.text]
+    src = open_source(source, paths=paths, field=jsonl_field)
+    pairs, splitter = src.split(val_fraction)
+    train, val = [], []
+    for ordinal, (is_v, doc) in enumerate(pairs):
+        (val if is_v else train).append((ordinal, doc))
+    pick = splitter.fallback()
+    if pick is not None:
+        # Too few documents for the hash to put any in val: hold out the lowest-scoring one.
+        val = [x for x in train if x[0] == pick]
+        train = [x for x in train if x[0] != pick]
+    if src.tail_split and val_fraction > 0:
+        logging.info('data: a single text file; its last %.1f%% is the val split',
+                     100 * val_fraction)
+    corpus = Corpus([d for _, d in train if d.text], [d for _, d in val if d.text],
+                    src.description(val_fraction))
     if not corpus.train:
         raise UserError(f'the training split of {corpus.description} is empty (no non-empty '
                         'documents); add data to data.paths or lower data.val_fraction')
