@@ -244,6 +244,15 @@ def test_order_is_deterministic_per_seed(stdlib_ds):
         assert not np.array_equal(a['inputs'], c['inputs'])
 
 
+def test_read_threads_do_not_change_the_batches(stdlib_ds):
+    threaded = _build(_cfg(read_threads=3))
+    it_a, it_b = stdlib_ds.train_iterator(), threaded.train_iterator()
+    for _ in range(5):
+        _assert_batches_equal(_host(next(it_a)), _host(next(it_b)))
+    with pytest.raises(UserError, match="data.read_threads must be an integer >= 1; got 0"):
+        _build(_cfg(read_threads=0))
+
+
 def test_epochs_are_reshuffled(tmp_path):
     _write_text_corpus(tmp_path, n_files=3, lines=8)
     ds = _build(_cfg(source='text', paths=str(tmp_path), val_fraction=0.0, eval_batches=0),

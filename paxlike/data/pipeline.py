@@ -35,6 +35,9 @@ DEFAULTS = {
     'eos_token': '',           # pretrained file only: the token ending each document (required)
     'bos_token': '',           # pretrained file only: a token starting each document ('' = none)
     'eval_batches': 4,         # global batches per eval (fewer if the val split is smaller)
+    # Threads building the next training batches while the device runs the current step (the
+    # batch order does not depend on it): raise it when the host cannot keep up (docs/data.md).
+    'read_threads': 1,
     # Global batch positions never trained on, comma-separated ("120,121"): batches known to be
     # bad. A loss-spike rollback (health.policy=rollback) adds to this list in the checkpoint.
     'skip_batches': '',
@@ -184,12 +187,14 @@ class Dataset:
 
     def __init__(self, *, tokenizer, train: packing.PackedSplit, val: packing.PackedSplit | None,
                  seq_len: int, global_batch_size: int, seed: int, eval_batches: int,
+                 read_threads: int = 1,
                  batch_sharding, description: str = '', workdir: str | None = None,
                  skip_batches=()):
         self.tokenizer = tokenizer
         self.train, self.val = train, val
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
         self.num_eval_batches = eval_batches
+        self.read_threads = read_threads
         self.batch_sharding = batch_sharding
         self.global_shape = (global_batch_size, seq_len)
         self.local_rows = process_rows(batch_sharding, self.global_shape)
@@ -210,8 +215,9 @@ class Dataset:
     def _local_train_batches(self) -> grain.IterDataset:
         local = self.local_rows
         ds = self._train_rows_dataset().map(lambda row_ids: self.train.rows(row_ids[local]))
-        # One background thread builds the next batches while the device runs the current step.
-        return ds.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
+        # Background threads build the next batches while the device runs the current step.
+        return ds.to_iter_dataset(grain.ReadOptions(num_threads=self.read_threads,
+                                                    prefetch_buffer_size=max(2, self.read_threads)))
 
     def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         return {k: jax.make_array_from_process_local_data(self.batch_sharding, v,
@@ -267,6 +273,9 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
                                bos_token=_get(cfg_data, 'bos_token'))
     if not isinstance(n_eval, int) or n_eval < 0:
         raise UserError(f'data.eval_batches must be an integer >= 0; got {n_eval!r}')
+    read_threads = _get(cfg_data, 'read_threads')
+    if isinstance(read_threads, bool) or not isinstance(read_threads, int) or read_threads < 1:
+        raise UserError(f'data.read_threads must be an integer >= 1; got {read_threads!r}')
     if not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
         raise UserError(f'data.val_fraction must be a number in [0, 1); got {val_fraction!r}')
     if seq_len < 1 or global_batch_size < 1:
@@ -319,5 +328,6 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
                  train.num_rows, val.num_rows if val else 0, seq_len, tok.name, tok.vocab_size)
     return Dataset(tokenizer=tok, train=train, val=val, seq_len=seq_len,
                    global_batch_size=global_batch_size, seed=seed, eval_batches=n_eval,
+                   read_threads=read_threads,
                    batch_sharding=batch_sharding, description=description,
                    workdir=workdir, skip_batches=skip_batches)
