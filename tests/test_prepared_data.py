@@ -7,7 +7,6 @@ import os
 # tests/conftest.py sets 8 emulated devices; setdefault keeps this module runnable on its own.
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 
-import importlib.util
 import json
 import socket
 import subprocess
@@ -436,10 +435,11 @@ def test_prepare_refuses_bad_input_and_never_overwrites_silently(corpus, tmp_pat
         assert json.loads((out / 'manifest.json').read_text())['seq_len'] == 16, kw
 
 
-@pytest.mark.parametrize('source, package', [('parquet', 'pyarrow'), ('hf', 'datasets')])
-def test_optional_sources_name_their_package(corpus, tmp_path, source, package):
-    if importlib.util.find_spec(package) is not None:
-        pytest.skip(f'{package} is installed here')
+@pytest.mark.parametrize('source, package, module', [('parquet', 'pyarrow', 'pyarrow.parquet'),
+                                                     ('hf', 'datasets', 'datasets')])
+def test_optional_sources_name_their_package(corpus, tmp_path, monkeypatch, source, package,
+                                             module):
+    monkeypatch.setitem(sys.modules, module, None)   # as if not installed: importing it fails
     with pytest.raises(UserError, match=rf'--source={source} needs the {package!r} package, '
                                         rf'which is not installed: pip install {package}'):
         _prepare(tmp_path / 'out', source=source, paths=str(corpus / 'text'))
