@@ -42,8 +42,8 @@ def _cpu_sharding():
 
 
 def child_prepare(a) -> dict:
-    from paxlike.data import prepared
-    m = prepared.prepare(source='jsonl', paths=a.paths, tokenizer=a.tokenizer, seq_len=a.seq_len,
+    from paxlike.data import prepare
+    m = prepare.prepare(source='jsonl', paths=a.paths, tokenizer=a.tokenizer, seq_len=a.seq_len,
                          out=a.out, bpe_vocab_size=a.bpe_vocab_size, overwrite=True,
                          progress=False, compression=a.compression)
     return {**m['prepare'], 'rows': m['splits']['train']['rows']}

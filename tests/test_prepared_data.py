@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from configs import ROOT, assert_one_line_error, snapshot
 from paxlike import data
 from paxlike.data import __main__ as data_cli
-from paxlike.data import prepared
+from paxlike.data import prepare
 from paxlike.errors import UserError
 
 AUTO = jax.sharding.AxisType.Auto
@@ -72,7 +72,7 @@ def _write_corpus(d):
 
 def _prepare(out, **kw):
     kw = {'source': 'text', 'seq_len': SEQ, 'progress': False, 'shard_mb': 0.002, **kw}
-    return prepared.prepare(out=str(out), **kw)
+    return prepare.prepare(out=str(out), **kw)
 
 
 @pytest.fixture(scope='module')

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from paxlike.data import prepared, sources
+from paxlike.data import prepare, sources
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,10 +55,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--eos_token', default='', help='pretrained tokenizer: the document-end token')
     p.add_argument('--bos_token', default='',
                    help='pretrained tokenizer: a document-start token (default none)')
-    p.add_argument('--shard_mb', type=float, default=prepared.DEFAULT_SHARD_MB,
+    p.add_argument('--shard_mb', type=float, default=prepare.DEFAULT_SHARD_MB,
                    help='shards roll at this size (MiB of records)')
-    p.add_argument('--compression', default=prepared.DEFAULT_COMPRESSION,
-                   choices=prepared.COMPRESSIONS, help='ArrayRecord compression of each record')
+    p.add_argument('--compression', default=prepare.DEFAULT_COMPRESSION,
+                   choices=prepare.COMPRESSIONS, help='ArrayRecord compression of each record')
     p.add_argument('--overwrite', action='store_true',
                    help='replace prepared data already in --out (never anything else)')
     p.add_argument('--quiet', action='store_true', help='no progress line')
@@ -73,7 +73,7 @@ def main(argv=None) -> int:
         _parser().print_help()
         return 2
     try:
-        m = prepared.prepare(
+        m = prepare.prepare(
             source=args.source, paths=args.paths, tokenizer=args.tokenizer,
             seq_len=args.seq_len, out=args.out, val_fraction=args.val_fraction,
             field=args.field, bpe_vocab_size=args.bpe_vocab_size, eos_token=args.eos_token,
