@@ -38,7 +38,7 @@ class PackedSplit:
     def rows(self, row_ids) -> dict[str, np.ndarray]:
         """The packed rows `row_ids` (PADDING_ROW for an empty row): dict of [len(row_ids), L]."""
         row_ids = np.asarray(row_ids, np.int64).reshape(-1)
-        n, L, N = row_ids.shape[0], self.seq_len, self.num_tokens
+        L, N = self.seq_len, self.num_tokens
         if np.any((row_ids < PADDING_ROW) | (row_ids >= self.num_rows)):
             raise IndexError(f'row ids out of range [0, {self.num_rows}): {row_ids}')
         col = np.arange(L + 1, dtype=np.int64)
@@ -50,20 +50,29 @@ class PackedSplit:
         # Document number of each position; -1 on padding so it never equals a real document.
         doc = np.where(valid, np.searchsorted(self.doc_ends, safe, side='right'), -1)
 
-        inputs, targets = tok[:, :L], tok[:, 1:]
-        d_in, d_tg = doc[:, :L], doc[:, 1:]
-        v_in, v_tg = valid[:, :L], valid[:, 1:]
-        weights = (v_tg & (d_in == d_tg)).astype(np.float32)
+        return rows_from_windows(tok, valid, doc, L)
 
-        c = col[None, :L]
-        starts = v_in & ((c == 0) | (d_in != np.concatenate([d_in[:, :1], d_in[:, :-1]], axis=1)))
-        segment_ids = np.cumsum(starts, axis=1, dtype=np.int32) * v_in
-        seg_start_col = np.maximum.accumulate(np.where(starts, c, 0), axis=1)
-        positions = ((c - seg_start_col) * v_in).astype(np.int32)
-        return {
-            'inputs': inputs,
-            'targets': targets,
-            'segment_ids': segment_ids.astype(np.int32),
-            'positions': positions,
-            'weights': weights,
-        }
+
+def rows_from_windows(tok: np.ndarray, valid: np.ndarray, doc: np.ndarray, L: int) -> dict:
+    """The batch dict of rows from [n, L+1] token windows, their validity and the document number
+    of each position (only equality of neighbouring numbers matters; never equal on padding):
+    inputs / targets shifted by one, loss weights 0 where the target starts another document or
+    is padding, segment ids and positions restarting at each document. Shared by the in-memory
+    rows above and the prepared records (paxlike/data/prepared.py)."""
+    col = np.arange(L + 1, dtype=np.int64)
+    inputs, targets = tok[:, :L], tok[:, 1:]
+    d_in, d_tg = doc[:, :L], doc[:, 1:]
+    v_in, v_tg = valid[:, :L], valid[:, 1:]
+    weights = (v_tg & (d_in == d_tg)).astype(np.float32)
+    c = col[None, :L]
+    starts = v_in & ((c == 0) | (d_in != np.concatenate([d_in[:, :1], d_in[:, :-1]], axis=1)))
+    segment_ids = np.cumsum(starts, axis=1, dtype=np.int32) * v_in
+    seg_start_col = np.maximum.accumulate(np.where(starts, c, 0), axis=1)
+    positions = ((c - seg_start_col) * v_in).astype(np.int32)
+    return {
+        'inputs': np.ascontiguousarray(inputs),
+        'targets': np.ascontiguousarray(targets),
+        'segment_ids': segment_ids.astype(np.int32),
+        'positions': positions,
+        'weights': weights,
+    }

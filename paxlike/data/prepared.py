@@ -100,28 +100,6 @@ class RecordLayout:
         return tok, valid, doc
 
 
-def finish_rows(tok: np.ndarray, valid: np.ndarray, doc: np.ndarray, L: int) -> dict:
-    """The batch dict of packing.PackedSplit.rows from [n, L+1] tokens, validity and document
-    numbers (only equality of neighbouring document numbers matters). Same rules as packing.py."""
-    col = np.arange(L + 1, dtype=np.int64)
-    inputs, targets = tok[:, :L], tok[:, 1:]
-    d_in, d_tg = doc[:, :L], doc[:, 1:]
-    v_in, v_tg = valid[:, :L], valid[:, 1:]
-    weights = (v_tg & (d_in == d_tg)).astype(np.float32)
-    c = col[None, :L]
-    starts = v_in & ((c == 0) | (d_in != np.concatenate([d_in[:, :1], d_in[:, :-1]], axis=1)))
-    segment_ids = np.cumsum(starts, axis=1, dtype=np.int32) * v_in
-    seg_start_col = np.maximum.accumulate(np.where(starts, c, 0), axis=1)
-    positions = ((c - seg_start_col) * v_in).astype(np.int32)
-    return {
-        'inputs': np.ascontiguousarray(inputs),
-        'targets': np.ascontiguousarray(targets),
-        'segment_ids': segment_ids.astype(np.int32),
-        'positions': positions,
-        'weights': weights,
-    }
-
-
 def token_dtype(vocab_size: int) -> str:
     return '<u2' if vocab_size <= 2**16 else '<u4'
 
@@ -188,7 +166,7 @@ class PreparedSplit:
         if real.any():
             records = self.source.__getitems__(row_ids[real].tolist())
             tok[real], valid[real], doc[real] = self.layout.decode(records)
-        return finish_rows(tok, valid, doc, self.seq_len)
+        return packing.rows_from_windows(tok, valid, doc, self.seq_len)
 
 
 def _load_bpe(text: str):
