@@ -79,11 +79,16 @@ def config_first(argv: list[str]) -> tuple[list[str], str | None]:
     return head + configs + rest, given
 
 
-def fail(message: str) -> None:
-    """Prints `paxlike: error: <message>` as one line on stderr and exits with status 2."""
+def print_error(message: str) -> None:
+    """Prints `paxlike: error: <message>` as one line on stderr."""
     logging.flush()
     line = "; ".join(part.strip() for part in str(message).splitlines() if part.strip())
     print(f"paxlike: error: {line}", file=sys.stderr)
+
+
+def fail(message: str) -> None:
+    """Prints `paxlike: error: <message>` as one line on stderr and exits with status 2."""
+    print_error(message)
     sys.exit(2)
 
 

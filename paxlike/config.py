@@ -86,6 +86,7 @@ def base_config() -> ml_collections.ConfigDict:
     # Where metrics go besides metrics.jsonl (always written): paxlike/metrics.py.
     c.metrics = ml_collections.ConfigDict({
         "tensorboard": True,    # <workdir>/tensorboard event files
+        "plot": True,           # <workdir>/loss.png at the end of a run
         "wandb": False,         # Weights & Biases; needs pip install 'paxlike[wandb]'
         "wandb_project": "paxlike",
         "wandb_entity": "",     # "": your default entity

@@ -338,8 +338,10 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
     logged, rollbacks = [], 0     # logged: (step, loss) of the steps that stand
     profiler = _Profiler(cfg.profile_steps, os.path.join(run.workdir, metrics.TENSORBOARD_DIR))
     # finally: an error (e.g. a diverged loss) still lets the last asynchronous save complete.
+    dog.start()
+    finished = False
     try:
-        with dog, _Preemption() as preemption:
+        with _Preemption() as preemption:
             dog.update(phase="compile")
             compile_start = time.perf_counter()
             compiled = trainer.compile(state)
@@ -411,10 +413,20 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
                 if preemption.requested:
                     logging.warning("stopped at step %d; run again to resume", step)
                     break
+        dog.update(phase="save")     # closing the checkpoints waits for the last save
+        finished = True
+    except BaseException as e:
+        dog.report_failure(e)
+        raise
     finally:
         profiler.stop()
         run.checkpoints.close()
         writer.close()
+        # After an error in a multi-process job the watchdog stays armed until this process
+        # exits: the cleanup above, and jax's shutdown barrier at exit, wait for peers that may be
+        # dead (the error is often a failed collective), and the watchdog is what ends that wait.
+        if finished or jax.process_count() == 1:
+            dog.close()
     return [loss for _, loss in logged]
 
 

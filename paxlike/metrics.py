@@ -16,7 +16,8 @@ Everything a run records lives in its workdir (a local path or gs://..., via pax
 - Weights & Biases (``metrics.wandb``, ``pip install 'paxlike[wandb]'``): the same scalars, against
   the metric ``step``; one W&B run per launch, grouped by the run's name. Its own files go to
   ``<workdir>/wandb/`` (offline mode keeps them there for ``wandb sync``).
-- ``loss.png``: train and eval loss against step, drawn from the whole metrics.jsonl at ``close()``.
+- ``loss.png``: train and eval loss against step, drawn from the whole metrics.jsonl at ``close()``
+  (``metrics.plot``).
 
 Each destination is a `Writer` (``write_scalars(step, values, split)``, ``write_event``,
 ``truncate_after``, ``close``); `MetricsWriter` hands every record to each of them and prints
@@ -318,10 +319,11 @@ class MetricsWriter:
 
     def __init__(self, workdir: str, *, enabled: bool = True, total_steps: int | None = None,
                  stream: TextIO | None = None, eta_window: int = 20, tensorboard: bool = True,
-                 wandb: Mapping[str, Any] | None = None):
+                 wandb: Mapping[str, Any] | None = None, plot: bool = True):
         """`wandb`: None (off), or WandbWriter's keyword arguments (project, entity, name, mode,
-        config)."""
+        config). `plot`: draw loss.png at close()."""
         self.workdir = workdir
+        self.plot = plot
         self.enabled = enabled
         self.total_steps = total_steps
         self._stream = stream  # None -> sys.stdout at print time (so capsys/redirects work)
@@ -345,7 +347,7 @@ class MetricsWriter:
                          entity=m.get("wandb_entity", ""), name=m.get("wandb_name", ""),
                          mode=m.get("wandb_mode", ""), config=cfg.to_dict())
         return cls(workdir, enabled=enabled, total_steps=cfg.steps,
-                   tensorboard=m.get("tensorboard", True), wandb=wandb)
+                   tensorboard=m.get("tensorboard", True), wandb=wandb, plot=m.get("plot", True))
 
     def _print(self, line: str) -> None:
         stream = self._stream if self._stream is not None else sys.stdout
@@ -443,7 +445,8 @@ class MetricsWriter:
             return
         for w in self.writers:
             w.close()
-        plot_losses(self.path, storage.join(self.workdir, PLOT_FILE))
+        if self.plot:
+            plot_losses(self.path, storage.join(self.workdir, PLOT_FILE))
 
 
 def plot_losses(metrics_path: str, png_path: str) -> bool:

@@ -10,6 +10,8 @@ runs/transformer-tiny. Running the same command again resumes from the latest ch
 from __future__ import annotations
 
 import os
+import sys
+import traceback
 from collections.abc import Mapping
 
 import logging as py_logging
@@ -127,7 +129,28 @@ def main(cfg):
     config_arg = cli.config_argument(_DEFAULT_CONFIG)
     workdir = _WORKDIR.value or default_workdir(config_arg)
     logging.info("training %s in %s", config_arg, workdir)
-    loop.run(cfg, workdir)
+    try:
+        loop.run(cfg, workdir)
+    except BaseException as e:
+        import jax
+        if jax.process_count() > 1:
+            _end_failed_process(e)
+        raise
+
+
+def _end_failed_process(error: BaseException) -> None:
+    """Reports `error` as the CLI would and exits at once. At a normal exit jax waits at a
+    shutdown barrier for every process, and the others, blocked in a collective with this one or
+    dead, would hold it there for minutes; the watchdog has already told them this process failed."""
+    if isinstance(error, UserError):
+        cli.print_error(str(error))
+        status = 2
+    else:
+        logging.error("this process failed:\n%s", "".join(traceback.format_exception(error)))
+        status = 1
+    for stream in (sys.stdout, sys.stderr):
+        stream.flush()
+    os._exit(status)
 
 
 def _quiet_library_logs(record) -> bool:

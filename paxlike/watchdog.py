@@ -18,7 +18,10 @@ clocks are never compared). It stops the job when
 - every process is training and no step has finished anywhere for `step_timeout_s` (all alive
   but stuck in a collective or on a device),
 - processes compiled different train-step programs (their configs or software differ: they
-  would hang or silently diverge).
+  would hang or silently diverge),
+- another process reported that it failed (`report_failure`: an error it raised, whose traceback
+  is in its own log), and has not been followed by this process failing too within
+  `2 * interval_s` (the same error at the same step on every process is each one's own to report).
 
 Stopping means: log which process is stuck and why, dump this process's Python stacks, and exit
 with `EXIT_STATUS` without waiting for anything (a hung collective cannot be unwound). A
@@ -75,6 +78,7 @@ class Watchdog:
         self._changed_at: dict[int, float] = {}    # process -> local time its heartbeat changed
         self._progress = (None, None)              # (steps and phases, local time they changed)
         self._answered_at = self.clock()           # local time the key-value store last answered
+        self._failed_at: dict[int, float] = {}     # process -> local time it was seen failed
         self._stop = threading.Event()
         self._threads = []
 
@@ -84,6 +88,34 @@ class Watchdog:
         fingerprint); published by the next beat."""
         with self._lock:
             self._own.update(fields)
+
+    def report_failure(self, error: BaseException) -> None:
+        """Tells the other processes that this one failed: they stop instead of waiting for it
+        in their next collective. Process 0 then waits (at most 10 heartbeat intervals) until
+        they have stopped: its exit takes the coordination service down, and a process that loses
+        the service aborts with a C++ error naming no one. The watchdog itself stays armed."""
+        self.update(phase="failed")
+        if self.client is None or not self._threads:
+            return
+        logging.error("this process failed (%s: %s); telling the other processes",
+                      type(error).__name__, str(error).splitlines()[0] if str(error) else "")
+        deadline = self.clock() + 10 * self.interval_s
+        while True:
+            try:
+                self.exchange()
+            except Exception:   # noqa: BLE001 - the publisher tries again
+                pass
+            if self.process_index != 0 or self.clock() > deadline or self._others_stopped():
+                return
+            time.sleep(self.interval_s / 2)
+
+    def _others_stopped(self) -> bool:
+        """Every other process has finished, failed, or not beaten for 2 intervals."""
+        now = self.clock()
+        with self._lock:
+            return all(self._beats.get(p, {}).get("phase") in ("done", "failed")
+                       or now - self._changed_at.get(p, now) > 2 * self.interval_s
+                       for p in range(self.num_processes) if p != self.process_index)
 
     def stragglers(self) -> list[dict]:
         """Processes whose host-side time per step is an outlier against the others' median:
@@ -119,7 +151,8 @@ class Watchdog:
         self._stop.set()
         for thread in self._threads:
             thread.join(timeout=2 * self.interval_s + 1)
-        self.update(phase="done")
+        if self._own["phase"] != "failed":
+            self.update(phase="done")
         if self.client is not None and self._threads:
             try:
                 self.exchange()
@@ -170,6 +203,8 @@ class Watchdog:
             for p, beat in beats.items():
                 if self._beats.get(p, {}).get("count") != beat["count"]:
                     self._changed_at[p] = now
+                if beat["phase"] == "failed":
+                    self._failed_at.setdefault(p, now)
                 self._beats[p] = beat
             progress = tuple(sorted((p, b["step"], b["phase"]) for p, b in self._beats.items()))
             if progress != self._progress[0]:
@@ -183,9 +218,15 @@ class Watchdog:
         with self._lock:
             beats, changed_at = dict(self._beats), dict(self._changed_at)
             answered_at, (progress, progress_at) = self._answered_at, self._progress
+            failed_at, own_phase = dict(self._failed_at), self._own["phase"]
         if self.client is not None and now - answered_at > cfg.timeout_s:
             return (f"the coordination service (run by process 0) has not answered for "
                     f"{now - answered_at:.1f} s: process 0 is stuck or gone")
+        failed = [p for p in sorted(failed_at) if p != self.process_index
+                  and now - failed_at[p] > 2 * self.interval_s]
+        if failed and own_phase != "failed":
+            return "; ".join(f"process {p} (pid {beats[p]['pid']} on {beats[p]['host']}) failed "
+                             f"at step {beats[p]['step']}: its log has the error" for p in failed)
         stale = [p for p in sorted(changed_at) if p != self.process_index
                  and beats.get(p, {}).get("phase") != "done"
                  and now - changed_at[p] > cfg.timeout_s]

@@ -16,7 +16,7 @@ def subprocess_env() -> dict[str, str]:
     import jax
     return {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
             "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
-            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0.2",
+            "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
 
 
@@ -42,6 +42,7 @@ def shrunk_config(experiment, model: dict, *, steps: int = 5, **overrides):
                checkpoint_every=0, async_checkpoints=False)
     cfg.optimizer.warmup_steps = 2
     cfg.data.eval_batches = 1
+    cfg.metrics.plot = False      # drawing loss.png costs 0.1-0.7 s a run; its own tests draw it
     return set_keys(cfg, overrides)
 
 
@@ -95,7 +96,7 @@ def cli_overrides(**overrides) -> list[str]:
     flags = [f"--config.model.{k}={v}" for k, v in dict(
         d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, mlp_dim=64).items()]
     settings = {"batch_size": 16, "seq_len": 32, "log_every": 1, "eval_every": 0,
-                "optimizer.warmup_steps": 2, **overrides}
+                "optimizer.warmup_steps": 2, "metrics.plot": False, **overrides}
     flags += [f"--config.{k}={v}" for k, v in settings.items()]
     return flags
 

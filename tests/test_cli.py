@@ -24,7 +24,8 @@ def _cli(*args, tool="paxlike.train", cwd=ROOT):
 def trained_workdir(tmp_path_factory):
     """A workdir holding a finished 3-step run, to check bad commands leave it untouched."""
     workdir = str(tmp_path_factory.mktemp("cli") / "run")
-    result = _cli(f"--workdir={workdir}", "--cpu_devices=8", *cli_overrides(steps=3))
+    result = _cli(f"--workdir={workdir}", "--cpu_devices=8",
+                  *cli_overrides(steps=3, **{"metrics.plot": True}))
     assert result.returncode == 0, result.stderr[-2000:]
     assert {"config.json", "metrics.jsonl", "loss.png"} <= set(os.listdir(workdir))
     return workdir

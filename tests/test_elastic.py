@@ -1,4 +1,4 @@
-"""Elastic restart: a checkpoint written by 4 processes x 2 devices resumes on 2 processes x 2
+"""Elastic restart: a checkpoint written by 2 processes x 4 devices resumes on 2 processes x 2
 devices with the same global batch and data order, microbatches raised so that each device holds
 no more rows of a microbatch than before, and losses equal to a run on the new mesh resumed from
 the same checkpoint; a newer checkpoint torn on one process only is set aside by both processes
@@ -29,15 +29,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _train(workdir, num_processes: int, **settings) -> list[str]:
-    """Trains with `num_processes` real processes of 2 CPU devices each; their outputs. A job
+def _train(workdir, num_processes: int, devices: int, **settings) -> list[str]:
+    """Trains with `num_processes` real processes of `devices` CPU devices each; their outputs. A job
     still running after 240 s is stopped with its Python stacks in the failure message."""
     port = _free_port()
     env = {**subprocess_env(), "PYTHONFAULTHANDLER": "1"}   # SIGABRT prints every thread's stack
-    logs = [workdir.parent / f"{workdir.name}-{num_processes}-{i}.log"
+    logs = [workdir.parent / f"{workdir.name}-{num_processes}x{devices}-{i}.log"
             for i in range(num_processes)]
     procs = [subprocess.Popen(
-        [sys.executable, "-m", "paxlike.train", f"--workdir={workdir}", "--cpu_devices=2",
+        [sys.executable, "-m", "paxlike.train", f"--workdir={workdir}", f"--cpu_devices={devices}",
          f"--coordinator_address=127.0.0.1:{port}", f"--num_processes={num_processes}",
          f"--process_id={i}", *cli_overrides(**settings)],
         cwd=ROOT, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
@@ -70,21 +70,21 @@ def test_restart_on_half_the_devices_keeps_the_global_batch_and_data_order(tmp_p
     settings = {"steps": 8, "checkpoint_every": 3}
     workdir = tmp_path / "elastic"
     # 6 steps on mesh fsdp=8: 16 rows, 2 per device, in 1 microbatch; checkpoints 3 and 6.
-    _train(workdir, 4, **{**settings, "steps": 6})
+    _train(workdir, 2, 4, **{**settings, "steps": 6})
     ckpts = workdir / "checkpoints"
-    # The pod is lost while step 6 is written: a torn write truncates the data files process 3
-    # wrote. The new process 1 reads those shards and fails, process 0 reads fine: both must
+    # The pod is lost while step 6 is written: a torn write truncates the data files process 1
+    # wrote. One new process reads those shards and fails, the other reads fine: both must
     # agree to set step 6 aside and resume from step 3 (continuing to step 8).
-    torn = list((ckpts / "6" / "state" / "ocdbt.process_3" / "d").iterdir())
+    torn = list((ckpts / "6" / "state" / "ocdbt.process_1" / "d").iterdir())
     assert torn
     for path in torn:
         os.truncate(path, path.stat().st_size // 2)
     reference_dir = tmp_path / "reference"
     shutil.copytree(workdir, reference_dir)
 
-    outputs = _train(workdir, 2, **settings)   # mesh fsdp=4: 4 rows per device in 1 microbatch
+    outputs = _train(workdir, 2, 2, **settings)   # mesh fsdp=4: 4 rows per device in 1 microbatch
     out = outputs[0]
-    assert ("elastic restart: checkpoints written on 4 processes x 2 devices, mesh fsdp=8, 1 "
+    assert ("elastic restart: checkpoints written on 2 processes x 4 devices, mesh fsdp=8, 1 "
             "microbatch of 2 rows per device -> now 2 processes x 2 devices, mesh fsdp=4, 2 "
             "microbatches of 2 rows per device (microbatches raised to keep at most 2 rows per "
             "device per microbatch); the global batch (16 sequences) and the data order are "

@@ -1,7 +1,8 @@
-"""The local launcher (paxlike.launch) and the multi-host recipes of BUILD.md, each rehearsed with
-local processes that see the environment the recipe's scheduler would give them: two processes of
-2 CPU devices each join one `jax.distributed` job and train 3 steps. The runs share one shape, so
-after the first the compiled programs come from the session's compilation cache.
+"""The local launcher (paxlike.launch), whose two processes train exactly like one process with
+the same 8 devices, and the multi-host recipes of BUILD.md, each rehearsed with local processes
+that see the environment the recipe's scheduler would give them: two processes of 2 CPU devices
+each join one `jax.distributed` job and train 3 steps. The recipe runs share one shape, so after
+the first the compiled programs come from the session's compilation cache.
 
 Run as a module (`python -m test_launch`), this file is also the child program of the launcher's
 supervision tests: see `_child` at the end."""
@@ -17,6 +18,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 
 from configs import ROOT, assert_one_line_error, cli_overrides, subprocess_env
@@ -57,20 +59,37 @@ def _train(*flags) -> list[str]:
 
 
 # ---------------------------------------------------------------------------------- the launcher
-def test_launcher_trains_two_processes(tmp_path):
+def test_launcher_trains_two_processes_exactly_like_one(tmp_path):
+    # Two processes of 4 CPU devices each, the data axis spanning the processes (DCN) and fsdp
+    # inside each, train exactly like one process with 8 devices.
+    mesh = {"mesh.data": 2, "mesh.fsdp": 4}
+    reference = _reference_losses(str(tmp_path / "one_process"), mesh)
     workdir = str(tmp_path / "run")
     result = subprocess.run(
-        [sys.executable, "-m", "paxlike.launch", "--processes=2", "--cpu_devices_per_process=2",
-         "--", f"--workdir={workdir}", *TRAIN],
+        [sys.executable, "-m", "paxlike.launch", "--processes=2", "--cpu_devices_per_process=4",
+         "--", f"--workdir={workdir}", *cli_overrides(steps=STEPS, **mesh, **{"mesh.dcn.data": 2})],
         env=_env(), cwd=ROOT, capture_output=True, text=True, timeout=240)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     lines = result.stdout.splitlines()
     assert lines and all(line.startswith(("[0] ", "[1] ")) for line in lines), lines[:5]
     by_process = ["\n".join(line[4:] for line in lines if line.startswith(f"[{i}] "))
                   for i in range(2)]
-    _assert_trained_as_one_job([(0, out) for out in by_process], workdir)
+    for i, out in enumerate(by_process):
+        assert f"distributed: process {i} of 2, 4 local devices of 8 (cpu)" in out, out[-3000:]
     assert f"step {STEPS}/{STEPS}" in by_process[0]  # progress: process 0 only
     assert not re.search(r"step \d+/\d+", by_process[1])
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        losses = [r["loss"] for r in map(json.loads, f) if "loss" in r]
+    np.testing.assert_allclose(losses, reference, rtol=1e-5)
+    assert os.path.isdir(os.path.join(workdir, "checkpoints", str(STEPS)))
+
+
+def _reference_losses(workdir: str, mesh: dict) -> list[float]:
+    """The same training in this process, on its 8 devices (imported here: the launcher tests'
+    child program, this module, must start quickly)."""
+    from configs import small_test_config
+    from paxlike import loop
+    return loop.run(small_test_config(steps=STEPS, **mesh), workdir)
 
 
 def test_launcher_refuses_bad_input():

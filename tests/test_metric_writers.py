@@ -129,7 +129,7 @@ def test_config_keys_choose_the_writers(fake_wandb, tmp_path):
     workdir = tmp_path / "run"
     losses = loop.run(small_test_config(steps=2, **{
         "metrics.wandb": True, "metrics.wandb_project": "proj", "metrics.wandb_name": "exp-1",
-        "metrics.tensorboard": False}), str(workdir))
+        "metrics.tensorboard": False, "metrics.plot": True}), str(workdir))
     init = fake_wandb[0][1]
     assert (init["project"], init["name"], init["group"]) == ("proj", "exp-1", "exp-1")
     assert init["config"]["steps"] == 2 and init["config"]["metrics"]["wandb"] is True

@@ -160,6 +160,13 @@ def test_loss_png_covers_whole_file(tmp_path):
     assert not os.path.exists(str(png) + ".tmp.png")
 
 
+def test_no_loss_png_when_plot_is_off(tmp_path):
+    w = metrics.MetricsWriter(str(tmp_path), total_steps=6, plot=False)
+    w.write_train(1, _train_values(1))
+    w.close()
+    assert sorted(os.listdir(tmp_path)) == ["metrics.jsonl", "tensorboard"]
+
+
 def test_disabled_writer_writes_and_prints_nothing(tmp_path, capsys):
     workdir = tmp_path / "run"
     w = _run(workdir, enabled=False)

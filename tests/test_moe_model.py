@@ -105,14 +105,19 @@ def lbl_only(trainer):
     return loss
 
 
-def lbl_gradients(trainer, params, batch, microbatches, loss_fn=None):
+def lbl_gradient_fn(trainer, microbatches, loss_fn=None):
+    """A compiled (params, batch) -> the schedule's output for the balancing loss alone."""
     schedule = step.Accumulate(microbatches, {"load_balance": 1.0, "router_z": 0.0})
     loss_fn = loss_fn or lbl_only(trainer)
 
     def run(p, b):
         with sharding.use_rules(trainer.mesh, trainer.rules):
             return schedule(loss_fn, p, b, jax.random.PRNGKey(0))
-    return jax.jit(run)(params, batch)
+    return jax.jit(run)
+
+
+def lbl_gradients(trainer, params, batch, microbatches, loss_fn=None):
+    return lbl_gradient_fn(trainer, microbatches, loss_fn)(params, batch)
 
 
 @pytest.fixture(scope="module")
@@ -158,9 +163,10 @@ def test_per_shard_and_one_over_dp_variants_fail_the_invariance(lbl_trainers):
         return out.replace(aux={**out.aux, "load_balance": out.aux["load_balance"] / dp})
 
     mean = lambda trees: jax.tree.map(lambda *g: sum(g) / dp, *trees)
-    per_shard = mean([lbl_gradients(one, params, s, 1).grads for s in shards])
-    one_over_dp = mean([lbl_gradients(one, params, s, 1, global_counts_local_mean).grads
-                        for s in shards])
+    per_shard_fn = lbl_gradient_fn(one, 1)          # one compile serves both shards
+    per_shard = mean([per_shard_fn(params, s).grads for s in shards])
+    one_over_dp_fn = lbl_gradient_fn(one, 1, global_counts_local_mean)
+    one_over_dp = mean([one_over_dp_fn(params, s).grads for s in shards])
     for grads in (per_shard, one_over_dp):
         with pytest.raises(AssertionError):
             chex.assert_trees_all_close(grads, whole.grads, rtol=1e-6, atol=1e-8)

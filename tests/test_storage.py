@@ -169,7 +169,8 @@ def test_metrics_writer_on_gcs(gcs, tmp_path, monkeypatch):
 
 def test_whole_run_on_gcs_resumes_bit_for_bit(gcs, tmp_path, monkeypatch, caplog):
     monkeypatch.chdir(tmp_path)
-    cfg = lambda steps: small_test_config(steps=steps, checkpoint_every=2)  # noqa: E731
+    cfg = lambda steps: small_test_config(  # noqa: E731
+        steps=steps, checkpoint_every=2, **{"metrics.plot": True})
     straight = loop.run(cfg(8), str(tmp_path / "local"))
     workdir = f"{gcs}/run"
     ckpts = f"{workdir}/checkpoints"

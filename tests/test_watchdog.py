@@ -1,10 +1,11 @@
 """The watchdog and cross-process preemption, with real processes: a killed process is named by
 the survivor, which exits within watchdog.timeout_s; a process slow in its data loading is
 reported as the straggler; SIGTERM to one of two processes makes both save the same step and
-exit 0, and the run resumes from it. The verdict logic itself is checked first, on a fake
-key-value store and clock."""
+exit 0, and the run resumes from it; a stopped (frozen) process is named and the launcher ends
+the job. The verdict logic itself is checked first, on a fake key-value store and clock."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -114,6 +115,19 @@ def test_different_programs_are_named():
     assert "compiled different train steps (process 0: abc; process 1: def)" in d1.verdict()
 
 
+def test_a_failed_process_is_named_unless_this_one_failed_too():
+    (d0, d1), _, clock = _pair()
+    d1.report_failure(OSError("disk full"))
+    _tick(clock, [d0, d1], 2)             # process 0 reads the failure on the second tick
+    _tick(clock, [d0, d1], 2)
+    assert d0.verdict() is None           # 2 intervals of grace for this process's own error
+    _tick(clock, [d0, d1], 1)
+    assert d0.verdict() == f"process 1 (pid {os.getpid()} on {socket.gethostname()}) failed at " \
+        "step 5: its log has the error"
+    d0.report_failure(OSError("disk full"))
+    assert d0.verdict() is None and d1.verdict() is None
+
+
 def test_straggler_is_the_process_with_outlying_host_time():
     (d0, d1), _, clock = _pair()
     d0.update(host_s=0.004)
@@ -132,19 +146,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _start(workdir, *, steps, program=("-m", "paxlike.train"), slow_process=None, **overrides):
-    """Two jax.distributed processes of 2 CPU devices each, data parallel across them."""
+def _start(workdir, *, steps, faulty_process=None, fault=("PAXLIKE_TEST_DATA_DELAY_S", "0.3"),
+           **overrides):
+    """Two jax.distributed processes of 2 CPU devices each, data parallel across them;
+    `faulty_process` loads its data as `fault` says (tests/faulty_data_train.py)."""
     port, env = _free_port(), subprocess_env()
     procs = []
     for i in range(2):
-        cmd = [sys.executable, *(("tests/slow_data_train.py",) if i == slow_process else program),
+        program = ("tests/faulty_data_train.py",) if i == faulty_process else ("-m", "paxlike.train")
+        cmd = [sys.executable, *program,
                f"--workdir={workdir}", "--cpu_devices=2", f"--coordinator_address=127.0.0.1:{port}",
                "--num_processes=2", f"--process_id={i}",
                *cli_overrides(steps=steps, **{"mesh.data": 2, "mesh.dcn.data": 2, "mesh.fsdp": 2,
                                               "watchdog.timeout_s": TIMEOUT_S, **overrides})]
         procs.append(subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-            env=dict(env, PAXLIKE_TEST_DATA_DELAY_S="0.3")))
+            env=dict(env, **dict([fault]))))
     return procs
 
 
@@ -164,46 +181,70 @@ def _wait_for(condition, procs, seconds, what):
         time.sleep(0.05)
 
 
-def test_straggler_reported_then_killed_process_named_by_the_survivor(tmp_path):
+def _finish(proc, seconds):
+    """The output of `proc` once it exits; past `seconds` it is killed and the test fails with the
+    end of its output (what it was doing), not a bare TimeoutExpired."""
+    try:
+        return proc.communicate(timeout=seconds)[0]
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        raise AssertionError(f"still running after {seconds} s; its output ends:\n"
+                             f"{proc.communicate()[0][-4000:]}") from None
+
+
+def test_straggler_sigterm_resume_then_sigkill(tmp_path):
+    """One job's life: process 1 (slow data loading) is reported as the straggler; SIGTERM to it
+    makes both processes save the same step and exit 0; the rerun resumes from that step; SIGKILL
+    to process 1 then makes the survivor name it and exit with the watchdog's status."""
     workdir = str(tmp_path / "run")
-    procs = _start(workdir, steps=1000, slow_process=1)
+    procs = _start(workdir, steps=1000, faulty_process=1)
     stragglers = lambda: [r for r in _records(workdir) if r.get("event") == "straggler"]  # noqa: E731
     _wait_for(stragglers, procs, 240, "a straggler report")
     assert {r["process"] for r in stragglers()} == {1}
     first = stragglers()[0]
     assert first["host_s"] > 3 * first["others_median_host_s"] and first["host_s"] > 0.05
 
+    procs[1].send_signal(signal.SIGTERM)
+    outputs = [_finish(p, 120) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
+    stopped = [int(o.rsplit("stopped at step ", 1)[1].split(";")[0]) for o in outputs]
+    assert stopped[0] == stopped[1] < 1000, outputs[0][-2000:]
+    assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped[0])]
+
+    procs = _start(workdir, steps=1000)
+    _wait_for(lambda: len([r for r in _records(workdir) if "loss" in r]) >= stopped[0] + 2,
+              procs, 240, "two steps after the resume")
     procs[1].send_signal(signal.SIGKILL)
     killed_at = time.time()
-    out, _ = procs[0].communicate(timeout=60)
+    out = _finish(procs[0], 60)
     detected_s = time.time() - killed_at
+    procs[1].wait()
+    assert f"resumed from step {stopped[0]}" in out, out[-3000:]
     assert procs[0].returncode == EXIT_STATUS, out[-3000:]
     assert "watchdog: process 1 (pid" in out and "it is stuck or gone" in out, out[-3000:]
     assert "Thread MainThread" in out          # this process's own Python stacks
     # The silence is timed from the last heartbeat process 0 read, which is up to one heartbeat
     # interval (0.8 s here) older than the kill; then up to one interval until the next check.
     assert TIMEOUT_S - 1 < detected_s < TIMEOUT_S + 3, detected_s
-    procs[1].wait()
+    steps = [r["step"] for r in _records(workdir) if "loss" in r]
+    assert steps == list(range(1, len(steps) + 1)) and len(steps) >= stopped[0] + 2
     print(f"SIGKILL detected after {detected_s:.1f} s (watchdog.timeout_s={TIMEOUT_S})")
 
 
-def test_sigterm_to_one_process_stops_both_at_the_same_step_and_resumes(tmp_path):
+def test_an_error_on_one_process_ends_the_job_at_once(tmp_path):
+    # Process 0's data loading fails at batch 4; process 1 is then waiting for it in a collective.
+    # Process 0 exits 1 with its traceback instead of waiting minutes at jax's shutdown barrier,
+    # and process 1 learns of the failure through the watchdog and exits too.
     workdir = str(tmp_path / "run")
-    procs = _start(workdir, steps=1000)
-    _wait_for(lambda: len(_records(workdir)) >= 3, procs, 240, "three logged steps")
-    procs[1].send_signal(signal.SIGTERM)
-    outputs = [p.communicate(timeout=120)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
-    stopped = [int(o.rsplit("stopped at step ", 1)[1].split(";")[0]) for o in outputs]
-    assert stopped[0] == stopped[1] < 1000, outputs[0][-2000:]
-    assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(stopped[0])]
-
-    procs = _start(workdir, steps=stopped[0] + 2)
-    outputs = [p.communicate(timeout=240)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], [o[-2000:] for o in outputs]
-    assert f"resumed from step {stopped[0]}" in outputs[0]
-    steps = [r["step"] for r in _records(workdir) if "loss" in r]
-    assert steps == list(range(1, stopped[0] + 3))
+    procs = _start(workdir, steps=1000, faulty_process=0,
+                   fault=("PAXLIKE_TEST_DATA_FAIL_AT", "4"))
+    outputs = [_finish(p, 120) for p in procs]
+    assert procs[0].returncode == 1, outputs[0][-3000:]
+    assert "this process failed" in outputs[0] and "OSError: test: reading batch 4 failed" in \
+        outputs[0], outputs[0][-3000:]
+    assert procs[1].returncode == EXIT_STATUS, outputs[1][-3000:]
+    assert re.search(r"watchdog: process 0 \(pid \d+ on .*\) failed at step \d: its log has the "
+                     r"error", outputs[1]), outputs[1][-3000:]
 
 
 def _child_with_process_id(launcher_pid: int, index: int) -> int:
@@ -231,7 +272,7 @@ def test_a_stopped_process_is_named_and_the_launcher_ends_the_job(tmp_path):
     stopped = _child_with_process_id(launcher.pid, 1)
     os.kill(stopped, signal.SIGSTOP)
     stopped_at = time.time()
-    out, _ = launcher.communicate(timeout=60)
+    out = _finish(launcher, 60)
     elapsed = time.time() - stopped_at
     named = [line for line in out.splitlines()
              if line.startswith("[0] ") and "watchdog: process 1 (pid" in line]
