@@ -20,6 +20,7 @@ them agree on the outcome before going on, so they all resume from the same step
 
 from __future__ import annotations
 
+import logging as py_logging
 import os
 import re
 import sys
@@ -119,11 +120,21 @@ def _abandoned_read(unraisable) -> bool:
     return False
 
 
+def _unretrieved_orbax_read(record: py_logging.LogRecord) -> bool:
+    """Whether an asyncio log record is the other debris of a failed restore: orbax read tasks
+    that failed too, after the first failure ended the restore, which asyncio reports (with their
+    tracebacks) when they are garbage-collected: 'Task exception was never retrieved'."""
+    message = record.getMessage()
+    return (message.startswith("Task exception was never retrieved")
+            and f"{os.sep}orbax{os.sep}" in message)
+
+
 def _quiet_abandoned_reads() -> None:
     """A restore that fails leaves orbax's other reads behind; Python prints each as an
-    unraisable-exception traceback (dozens, with kilobytes of tensorstore specs) after the one
-    warning that matters. Drops those, and only those. Installed before the first restore, since
-    the first of them can come before the failed read's exception reaches us."""
+    unraisable-exception or unretrieved-task traceback (dozens, with kilobytes of tensorstore
+    specs) after the one warning that matters. Drops those, and only those. Installed before the
+    first restore, since the first of them can come before the failed read's exception reaches
+    us."""
     previous = sys.unraisablehook
     if getattr(previous, "paxlike_quiet", False):
         return
@@ -133,6 +144,7 @@ def _quiet_abandoned_reads() -> None:
             previous(unraisable)
     hook.paxlike_quiet = True
     sys.unraisablehook = hook
+    py_logging.getLogger("asyncio").addFilter(lambda r: not _unretrieved_orbax_read(r))
 
 
 def _attempt(fn: Callable, directory: str):

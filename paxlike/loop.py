@@ -423,8 +423,8 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
         run.checkpoints.close()
         writer.close()
         # After an error in a multi-process job the watchdog stays armed until this process
-        # exits: the cleanup above, and jax's shutdown barrier at exit, wait for peers that may be
-        # dead (the error is often a failed collective), and the watchdog is what ends that wait.
+        # exits: the cleanup above (and, outside the CLI, jax's shutdown barrier at exit) can wait
+        # for peers that are dead or blocked, and the watchdog is what ends that wait.
         if finished or jax.process_count() == 1:
             dog.close()
     return [loss for _, loss in logged]

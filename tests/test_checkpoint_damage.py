@@ -191,3 +191,20 @@ def test_kill_during_an_asynchronous_save_resumes_from_the_previous_checkpoint(t
     steps, losses = _logged(workdir)
     assert steps == list(range(1, 41))
     np.testing.assert_allclose(losses, straight, rtol=1e-5)
+
+
+def test_only_the_failed_restores_unretrieved_reads_are_dropped_from_the_log():
+    # What asyncio logs when it garbage-collects orbax read tasks that failed after the first
+    # failure ended the restore (seen under load), against an unrelated task's failure.
+    from paxlike.checkpoint import _unretrieved_orbax_read
+    orbax = os.path.join("", "site-packages", "orbax", "checkpoint", "serialization.py")
+    def record(message):
+        return logging.LogRecord("asyncio", logging.ERROR, "base_events.py", 1805, message,
+                                 None, None)
+    assert _unretrieved_orbax_read(record(
+        "Task exception was never retrieved\nfuture: <Task finished name='Task-143' coro=<"
+        f"async_deserialize() done, defined at {orbax}:394> exception=ValueError('OUT_OF_RANGE')>"))
+    assert not _unretrieved_orbax_read(record(
+        "Task exception was never retrieved\nfuture: <Task finished coro=<fetch() done, defined "
+        "at /app/client.py:12> exception=OSError()>"))
+    assert not _unretrieved_orbax_read(record(f"Unclosed client session in {orbax}"))

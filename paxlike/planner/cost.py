@@ -176,6 +176,13 @@ def _ways(names, shape, rules, sizes, what="parameter") -> list[tuple[str, ...]]
     return out
 
 
+@functools.lru_cache(maxsize=65536)
+def _param_ways(names, shape, preset: str, sizes: tuple) -> tuple[tuple[str, ...], ...]:
+    """`_ways` of a parameter under a named preset, remembered: a search prices thousands of
+    plans that share their parameters and most of their mesh sizes."""
+    return tuple(_ways(names, shape, sharding.get_rules(preset), dict(sizes)))
+
+
 # ------------------------------------------------------------------------------------ results
 @dataclasses.dataclass
 class Cost:
@@ -331,7 +338,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     tied = bool(cfg.model.get("tie_embeddings", False))   # the table is the head too
     local_layers = local_table = 0.0   # float32 bytes of the local stacked weights / table
     for p in infos:
-        ways = _ways(p.names, p.shape, rules, sizes)
+        ways = _param_ways(p.names, p.shape, plan.preset, tuple(sizes.items()))
         shard_axes = {a for w in ways for a in w}
         # Axes that split the experts hold different weights, not shards to gather: the tokens
         # travel to them instead (paxlike/planner/moe.py).
