@@ -96,10 +96,11 @@ def compile_plan(cfg, devices, plan=None) -> dict:
     else:
         memory = _memory(compiled)
         per_device = (memory["argument"] + memory["output"] + memory["temp"] - memory["alias"])
-        found = hlo.collectives(compiled.as_text(), len(devices))
-        by_axes = hlo.volume_by_axes(compiled.as_text(), len(devices))
+        text = compiled.as_text()   # printed once: megabytes for a real model
+        found = hlo.collectives(text, len(devices))
+        by_axes = hlo.volume_by_axes(text, len(devices))
         # Pallas kernels compiled by Mosaic (TPU): custom calls in the program text.
-        kernels = compiled.as_text().count('custom_call_target="tpu_custom_call"')
+        kernels = text.count('custom_call_target="tpu_custom_call"')
     return {
         "fleet": fleet.name,
         "plan": {"mesh": dict(resolved.mesh), "dcn": dict(resolved.dcn), "preset": plan.preset,
