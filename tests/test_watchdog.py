@@ -140,6 +140,20 @@ def test_straggler_is_the_process_with_outlying_host_time():
 
 
 # ------------------------------------------------------------------ real processes
+_running: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test():
+    """A failed test leaves no training process behind to slow the rest of the suite."""
+    yield
+    while _running:
+        proc = _running.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -162,6 +176,7 @@ def _start(workdir, *, steps, faulty_process=None, fault=("PAXLIKE_TEST_DATA_DEL
         procs.append(subprocess.Popen(
             cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
             env=dict(env, **dict([fault]))))
+    _running.extend(procs)
     return procs
 
 
@@ -268,6 +283,7 @@ def test_a_stopped_process_is_named_and_the_launcher_ends_the_job(tmp_path):
                                        "watchdog.timeout_s": TIMEOUT_S})],
         cwd=ROOT, env=subprocess_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
+    _running.append(launcher)    # killing it takes its processes along (PR_SET_PDEATHSIG)
     _wait_for(lambda: len(_records(workdir)) >= 3, [launcher], 240, "three logged steps")
     stopped = _child_with_process_id(launcher.pid, 1)
     os.kill(stopped, signal.SIGSTOP)
