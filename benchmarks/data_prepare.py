@@ -49,6 +49,15 @@ def child_prepare(a) -> dict:
     return {**m['prepare'], 'rows': m['splits']['train']['rows']}
 
 
+def _repeat_for(seconds: float, step) -> tuple[int, float]:
+    """Calls step(0), step(1), ... for about `seconds`: (calls, seconds taken)."""
+    t0, n = time.time(), 0
+    while time.time() - t0 < seconds:
+        step(n)
+        n += 1
+    return n, time.time() - t0
+
+
 def child_inmemory(a) -> dict:
     from paxlike import data
     cfg = data.default_config()
@@ -61,13 +70,9 @@ def child_inmemory(a) -> dict:
     tokens = ds.train.num_tokens + (ds.val.num_tokens if ds.val else 0)
     rows = ds._train_rows_dataset()
     ds.train.rows(rows[0])
-    t0, n = time.time(), 0
-    while time.time() - t0 < 3:
-        ds.train.rows(rows[n])
-        n += 1
-    rate = n * a.batch * a.seq_len / (time.time() - t0)
+    n, elapsed = _repeat_for(3, lambda i: ds.train.rows(rows[i]))
     return {'seconds': seconds, 'tokens': tokens, 'tokens_per_s': tokens / seconds,
-            'reader_tokens_per_s': rate, 'rows': ds.train.num_rows}
+            'reader_tokens_per_s': n * a.batch * a.seq_len / elapsed, 'rows': ds.train.num_rows}
 
 
 def child_reader(a) -> dict:
@@ -81,12 +86,8 @@ def child_reader(a) -> dict:
     open_s = time.time() - t0
     it = iter(ds._local_train_batches())
     next(it)
-    t0, n = time.time(), 0
-    while time.time() - t0 < 5:
-        next(it)
-        n += 1
-    return {'open_s': open_s, 'batches': n,
-            'tokens_per_s': n * a.batch * a.seq_len / (time.time() - t0)}
+    n, elapsed = _repeat_for(5, lambda i: next(it))
+    return {'open_s': open_s, 'batches': n, 'tokens_per_s': n * a.batch * a.seq_len / elapsed}
 
 
 def child_trainstep(a) -> dict:

@@ -4,6 +4,9 @@ for the tests that run the command-line tools."""
 import hashlib
 import os
 import re
+import socket
+import subprocess
+import sys
 
 from paxlike.experiments import transformer
 
@@ -18,6 +21,36 @@ def subprocess_env() -> dict[str, str]:
             "JAX_COMPILATION_CACHE_DIR": jax.config.jax_compilation_cache_dir,
             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
             "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now: a jax.distributed coordinator's."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two_workers(script, *args) -> list[str]:
+    """Runs `python script i port *args` as processes 0 and 1 of a jax.distributed job on CPU
+    (without the suite's 8 emulated devices and XLA flags); their outputs. Fails the test when
+    either exits non-zero or runs past 120 s."""
+    import pytest
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("JAX_NUM_CPU_DEVICES", "XLA_FLAGS")}
+    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS="cpu")
+    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), *map(str, args)],
+                              env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for i in range(2)]
+    logs = []
+    for p in procs:
+        try:
+            logs.append(p.communicate(timeout=120)[0])
+        except subprocess.TimeoutExpired:
+            for q in procs:
+                q.kill()
+            pytest.fail("2-process run timed out")
+    assert all(p.returncode == 0 for p in procs), "\n\n".join(log[-3000:] for log in logs)
+    return logs
 
 
 def snapshot(directory) -> dict[str, str]:

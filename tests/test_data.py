@@ -6,9 +6,6 @@ import os
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 
 import json
-import socket
-import subprocess
-import sys
 import textwrap
 
 import jax
@@ -16,11 +13,11 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from configs import run_two_workers
 from paxlike import data
 from paxlike.data import packing, sources, tokenizer as tokenizer_lib
 from paxlike.errors import UserError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 AUTO = jax.sharding.AxisType.Auto
 
 
@@ -395,25 +392,9 @@ def test_two_real_processes_load_their_share_of_the_same_global_batch(tmp_path):
     corpus = tmp_path / 'corpus'
     corpus.mkdir()
     _write_text_corpus(corpus)
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     script = tmp_path / 'worker.py'
     script.write_text(_WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ('JAX_NUM_CPU_DEVICES', 'XLA_FLAGS')}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(tmp_path),
-                               str(corpus)], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail('2-process run timed out')
-    assert all(p.returncode == 0 for p in procs), '\n\n'.join(l[-3000:] for l in logs)
+    run_two_workers(script, tmp_path, str(corpus))
 
     ref = _build(_cfg(source='text', paths=str(corpus), tokenizer='bpe', bpe_vocab_size=300),
                  seq_len=16, batch=16, seed=3, workdir=str(tmp_path / 'ref'))

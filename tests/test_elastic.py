@@ -8,7 +8,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,22 +16,16 @@ import jax
 import numpy as np
 import pytest
 
-from configs import ROOT, cli_overrides, small_test_config, subprocess_env
+from configs import ROOT, cli_overrides, free_port, small_test_config, subprocess_env
 from paxlike import elastic, loop
 from paxlike.errors import UserError
 from paxlike.sharding import PRESETS
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _train(workdir, num_processes: int, devices: int, **settings) -> list[str]:
     """Trains with `num_processes` real processes of `devices` CPU devices each; their outputs. A job
     still running after 240 s is stopped with its Python stacks in the failure message."""
-    port = _free_port()
+    port = free_port()
     env = {**subprocess_env(), "PYTHONFAULTHANDLER": "1"}   # SIGABRT prints every thread's stack
     logs = [workdir.parent / f"{workdir.name}-{num_processes}x{devices}-{i}.log"
             for i in range(num_processes)]

@@ -21,7 +21,7 @@ import time
 import numpy as np
 import pytest
 
-from configs import ROOT, assert_one_line_error, cli_overrides, subprocess_env
+from configs import ROOT, assert_one_line_error, cli_overrides, free_port, subprocess_env
 
 STEPS = 3
 TRAIN = cli_overrides(steps=STEPS)
@@ -181,12 +181,6 @@ def _slurm_env(procid: int, job_id: int) -> dict[str, str]:
             "SLURM_PROCID": str(procid), "SLURM_NODEID": str(procid), "SLURM_LOCALID": "0"}
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _slurm_job_id() -> int:
     """A job id whose coordinator port (jax: 61440 + id mod 4096) is free here."""
     while True:
@@ -213,7 +207,7 @@ def test_kubernetes_indexed_job(tmp_path):
     # BUILD.md: an Indexed Job (JOB_COMPLETION_INDEX) behind a headless Service, the coordinator in
     # JAX_COORDINATOR_ADDRESS, the command run by `sh -c` so that the shell expands the index.
     workdir = str(tmp_path / "run")
-    port = _free_port()
+    port = free_port()
     command = "exec " + shlex.join(_train("--num_processes=2", "--cpu_devices=2",
                                           f"--workdir={workdir}")) + \
         " --process_id=$JOB_COMPLETION_INDEX"

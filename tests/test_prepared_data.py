@@ -8,7 +8,6 @@ import os
 os.environ.setdefault('JAX_NUM_CPU_DEVICES', '8')
 
 import json
-import socket
 import subprocess
 import sys
 import textwrap
@@ -18,7 +17,7 @@ import numpy as np
 import pytest
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs import ROOT, assert_one_line_error, snapshot
+from configs import ROOT, assert_one_line_error, run_two_workers, snapshot
 from paxlike import data
 from paxlike.data import __main__ as data_cli
 from paxlike.data import prepare
@@ -282,25 +281,9 @@ _WORKER = textwrap.dedent('''
 def test_two_real_processes_read_only_their_records(corpus, tmp_path):
     """jax.distributed, 2 processes × 4 CPU devices over prepared data: each process's reads are
     exactly its half of each global batch's rows, and its shards equal the global batch."""
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        port = s.getsockname()[1]
     script = tmp_path / 'worker.py'
     script.write_text(_WORKER)
-    env = {k: v for k, v in os.environ.items() if k not in ('JAX_NUM_CPU_DEVICES', 'XLA_FLAGS')}
-    env.update(PYTHONPATH=ROOT, JAX_PLATFORMS='cpu')
-    procs = [subprocess.Popen([sys.executable, str(script), str(i), str(port), str(tmp_path),
-                               str(corpus / 'byte')], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(2)]
-    logs = []
-    for p in procs:
-        try:
-            logs.append(p.communicate(timeout=120)[0])
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            pytest.fail('2-process run timed out')
-    assert all(p.returncode == 0 for p in procs), '\n\n'.join(log[-3000:] for log in logs)
+    run_two_workers(script, tmp_path, str(corpus / 'byte'))
     ref = _build(_cfg(source='prepared', paths=str(corpus / 'byte')))
     got = [dict(np.load(tmp_path / f'p{i}.npz')) for i in range(2)]
     assert got[0]['rows'].tolist() == [0, 1, 2, 3] and got[1]['rows'].tolist() == [4, 5, 6, 7]

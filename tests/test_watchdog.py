@@ -15,7 +15,7 @@ import time
 import ml_collections
 import pytest
 
-from configs import ROOT, cli_overrides, subprocess_env
+from configs import ROOT, cli_overrides, free_port, subprocess_env
 from paxlike import metrics
 from paxlike.watchdog import EXIT_STATUS, Watchdog
 
@@ -154,17 +154,11 @@ def _no_process_outlives_its_test():
             proc.wait()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _start(workdir, *, steps, faulty_process=None, fault=("PAXLIKE_TEST_DATA_DELAY_S", "0.3"),
            **overrides):
     """Two jax.distributed processes of 2 CPU devices each, data parallel across them;
     `faulty_process` loads its data as `fault` says (tests/faulty_data_train.py)."""
-    port, env = _free_port(), subprocess_env()
+    port, env = free_port(), subprocess_env()
     procs = []
     for i in range(2):
         program = ("tests/faulty_data_train.py",) if i == faulty_process else ("-m", "paxlike.train")
