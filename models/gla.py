@@ -13,9 +13,9 @@ Block = pre-norm GLA + pre-norm SwiGLU, residuals; no positional encoding (the d
 tokens). LM = embedding → scanned blocks → final RMSNorm → output head. Packed documents are kept
 apart by passing `segment_ids` to the kernel, which clears the state where the id changes.
 
-Decoding carries one [B, H, K/H, V/H] float32 state per layer: `init_cache`, `prefill` (a prompt
-through the chunked kernel, starting from and returning the cache) and `decode_step` (one token
-through the recurrent step). Both reproduce the logits of the full forward pass.
+Decoding (paxlike/decode.py) carries one [B, H, K/H, V/H] float32 state per layer: `prefill` (the
+prompts through the chunked kernel) and `decode_step` (one token through the recurrent step, O(1)
+per token). Both reproduce the logits of the full forward pass.
 
 The trainer uses this module through `build(cfg, rngs)` and `flops_per_token(cfg, seq_len)`, the
 planner through `planner_profile(cfg)`.
@@ -211,37 +211,31 @@ class GLALanguageModel(layers.DecoderLM, nnx.Module):
         return self._logits(x)
 
     # ------------------------------------------------------------------ decoding
-    def init_cache(self, batch_size: int) -> jax.Array:
-        """Zero recurrent state of every layer: [layers, B, H, K/H, V/H] float32."""
+    def init_cache(self, batch_size: int, max_len: int = 0) -> jax.Array:
+        """Zero recurrent state of every layer: [layers, B, H, K/H, V/H] float32, whatever the
+        length (`max_len` is not needed: the state does not grow)."""
+        del max_len
         cfg = self.cfg
         h = cfg.num_heads
-        return jnp.zeros((cfg.num_layers, batch_size, h, key_dim(cfg) // h, value_dim(cfg) // h),
-                         jnp.float32)
+        cache = jnp.zeros((cfg.num_layers, batch_size, h, key_dim(cfg) // h, value_dim(cfg) // h),
+                          jnp.float32)
+        return constrain(cache, ("layers",) + KERNEL_STATE)
 
-    def _scan_with_cache(self, x, cache, decode):
-        """Runs the stacked layers over x, each with its own slice of the cache (no dropout)."""
-        graphdef, params = nnx.split(self.layers)
-
-        def body(h, inputs):
-            layer_params, layer_state = inputs
-            return nnx.merge(graphdef, layer_params)(h, state=layer_state, decode=decode)
-
-        return jax.lax.scan(body, x, (params, cache))
-
-    def prefill(self, tokens, cache=None):
-        """A prompt (one document per row) through the chunked kernel.
-
-        tokens [B, T] -> (float32 logits [B, T, vocab], cache after the last token).
-        `cache` (default: zeros) continues an earlier prefill/decode.
-        """
-        cache = self.init_cache(tokens.shape[0]) if cache is None else cache
-        x, cache = self._scan_with_cache(self._embed(tokens), cache, decode=False)
-        return self._logits(x), cache
+    def prefill(self, tokens, positions, segment_ids, *, max_len: int = 0):
+        """Left-padded prompts [B, T] through the chunked kernel: the state resets where the
+        segment id changes, so the padding (segment 0) leaves nothing behind.
+        Returns (float32 logits [B, vocab] after the last token, cache)."""
+        del positions
+        x, cache = self.scan_cached(
+            self._embed(tokens), self.init_cache(tokens.shape[0]),
+            lambda blk, h, state: blk(h, segment_ids, state=state))
+        return self.last_logits(x), cache
 
     def decode_step(self, tokens, cache):
         """One token per row: tokens [B] -> (float32 logits [B, vocab], updated cache)."""
-        x, cache = self._scan_with_cache(self._embed(tokens[:, None]), cache, decode=True)
-        return self._logits(x)[:, 0], cache
+        x, cache = self.scan_cached(self._embed(tokens[:, None]), cache,
+                                    lambda blk, h, state: blk(h, state=state, decode=True))
+        return self.last_logits(x), cache
 
 
 def build(cfg, rngs: nnx.Rngs) -> GLALanguageModel:

@@ -140,6 +140,16 @@ class DecoderLM:
             logits = x @ self.unembed[...].astype(dt)
         return constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
+    # ------------------------------------------------------------------ decoding
+    def scan_cached(self, x: jax.Array, cache, apply: Callable):
+        """`scan_cached` over the model's stacked layers."""
+        return scan_cached(self.layers, x, cache, apply)
+
+    def last_logits(self, x: jax.Array) -> jax.Array:
+        """Float32 logits [B, vocab] of the last position of x [B, T, d] (prompts are
+        left-padded, so the last position is every row's newest token)."""
+        return self.output_logits(x[:, -1:])[:, 0]
+
 
 def token_nll(logits: jax.Array, batch: dict, **parts) -> ModelLoss:
     """ModelLoss with the weighted token NLL sums of float32 `logits` [B, T, vocab] (and `parts`:
@@ -164,6 +174,19 @@ def stack_layers(make_layer: Callable[[nnx.Rngs], nnx.Module], num_layers: int,
     def make(rngs):
         return make_layer(rngs)
     return make(rngs)
+
+
+def scan_cached(layers: nnx.Module, x: jax.Array, cache, apply: Callable):
+    """Runs stacked layers over x, each with its own slice of `cache` (a pytree whose arrays have
+    a leading layer dimension, or None): `apply(layer, x, layer_cache) -> (x, layer_cache)`.
+    Returns (x, the updated cache). For decoding: no dropout, no remat, no pipeline."""
+    graphdef, params = nnx.split(layers)
+
+    def body(h, inputs):
+        layer_params, layer_cache = inputs
+        return apply(nnx.merge(graphdef, layer_params), h, layer_cache)
+
+    return jax.lax.scan(body, x, (params, cache))
 
 
 def scan_layers(layers: nnx.Module, x: jax.Array, apply: Callable, *, remat: str,

@@ -244,6 +244,9 @@ class MoEBlock(transformer.Block):
         y, out = self.mlp(self.mlp_norm(x), seen_counts)
         return self.add_residual(x, y, mlp_key), out
 
+    def feed_forward(self, x):
+        return self.mlp(x, None)[0]
+
 
 class MoEGroup(nnx.Module):
     """`moe_every` layers: `moe_every - 1` dense Transformer blocks, then a MoE block; the model
@@ -263,11 +266,21 @@ class MoEGroup(nnx.Module):
                                    remat="none", key=keys[0], batch_inputs=(positions, mask))
         return self.moe(x, positions, mask, keys[1], seen_counts)
 
+    def cached(self, x, positions, mask, cache, start):
+        """The group over its layers' KV caches [moe_every, B, slots, ...] (decoding)."""
+        run = lambda blk, h, c: blk.cached(h, positions, mask, c, start)
+        dense, moe = jax.tree.map(lambda a: a[:-1], cache), jax.tree.map(lambda a: a[-1], cache)
+        if self.dense is not None:
+            x, dense = layers.scan_cached(self.dense, x, dense, run)
+        x, moe = self.moe.cached(x, positions, mask, moe, start)
+        return x, jax.tree.map(lambda d, m: jnp.concatenate([d, m[None]]), dense, moe)
 
-class MoETransformer(layers.DecoderLM, nnx.Module):
+
+class MoETransformer(transformer.KVCacheDecoding, layers.DecoderLM, nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.init_decoder(cfg, rngs, validate(cfg), lambda r: MoEGroup(cfg, r),
                           num_blocks=cfg.num_layers // cfg.moe_every)
+        self.layers_per_block = cfg.moe_every       # decoding: a stacked block's KV caches
         # Only global-batch balancing needs every microbatch's counts before its loss; the other
         # scopes return them just to be summed (router bias, metrics), which costs no extra pass.
         self.reads_global_stats = cfg.load_balance == "global_batch"

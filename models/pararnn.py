@@ -168,7 +168,14 @@ class ParaCell(nnx.Module):
             return jac(params, h * keep, x) * keep
         return cell, jacobian, kind
 
-    def __call__(self, u, keep):
+    @property
+    def state_names(self) -> tuple:
+        """Logical names of one step's state: [B, d_inner] (GRU) or [B, 2, d_inner] (LSTM's [c; h])."""
+        return ("batch", "mlp") if self.kind == "gru" else ("batch", None, "mlp")
+
+    def __call__(self, u, keep, final_state: bool = False):
+        """Hidden states h [B, T, d_inner]; with final_state, also the cell's state after the
+        last step (what decoding continues from)."""
         cfg = self.cfg
         x = self.gate_inputs(u)
 
@@ -183,14 +190,26 @@ class ParaCell(nnx.Module):
                 iterations=cfg.newton_iterations, tol=cfg.newton_tol or None,
                 impl=cfg.solver_impl, warn=cfg.warn_unconverged,
                 fallback=None if cfg.solver_fallback == "none" else cfg.solver_fallback)
-            return hs[:, :, 1] if kind == "block2" else hs  # block2 state is [c; h]: read h
+            return hs
         # Pallas kernels are opaque to the SPMD partitioner: solve per shard, split over batch
         # and channels (independent: the recurrence is per channel), the length whole. With
         # newton_tol each shard stops on its own residual.
+        names = self.state_names
         hs = per_shard(solve, (x, keep.astype(jnp.float32), self.recurrent_params()),
                        (("batch", None, None, "mlp"), ("batch", None), ("mlp",)),
-                       ("batch", None, "mlp"))
-        return constrain(hs, ("batch", "length", "mlp"))
+                       names[:1] + (None,) + names[1:])
+        h = constrain(hs[:, :, 1] if self.kind == "lstm" else hs,  # LSTM's state is [c; h]: read h
+                      ("batch", "length", "mlp"))
+        return (h, constrain(hs[:, -1], names)) if final_state else h
+
+    def step(self, u, state):
+        """One step per row: u [B, 1, d_inner] (after the conv), the previous state ->
+        (h [B, 1, d_inner], new state)."""
+        cell, _, _ = self.step_functions(self.recurrent_params())
+        x = self.gate_inputs(u)[:, 0]
+        state = jax.vmap(cell)(state, (x, jnp.ones(x.shape[:1], jnp.float32)))
+        h = state[:, 1] if self.kind == "lstm" else state
+        return h[:, None], constrain(state, self.state_names)
 
 
 # --------------------------------------------------------------------------------- the block
@@ -236,13 +255,43 @@ class MixerBlock(nnx.Module):
             self.mlp_norm = layers.RMSNorm(d, eps=cfg.norm_eps, rngs=rngs)
             self.mlp = layers.SwiGLU(d, cfg.mlp_dim, num_layers=cfg.num_layers, rngs=rngs)
 
-    def mixer(self, x, doc, keep):
-        dt = x.dtype
-        ug = jnp.einsum("btd,dgc->btgc", self.norm(x), self.in_proj[...].astype(dt))
-        u = constrain(ug[:, :, 0], ("batch", "length", "mlp"))
-        g = constrain(ug[:, :, 1], ("batch", "length", "mlp"))
-        u = jax.nn.silu(causal_conv(u, self.conv_w[...].astype(dt), self.conv_b[...].astype(dt), doc))
-        h = self.cell(u, keep)
+    def mixer(self, x, doc, keep, final_state: bool = False):
+        """The mixer over a sequence; with final_state also the decoding state after its last
+        token: {"conv": the last conv_width - 1 conv inputs of the last document (zeros before
+        it), "cell": the cell's state}."""
+        u, g = self._inputs(x)
+        conv_in = jax.nn.silu(causal_conv(u, self.conv_w[...].astype(x.dtype),
+                                          self.conv_b[...].astype(x.dtype), doc))
+        if not final_state:
+            return self._output(self.cell(conv_in, keep), g)
+        h, cell_state = self.cell(conv_in, keep, final_state=True)
+        taps = self.cfg.conv_width - 1
+        window = jnp.pad(u, ((0, 0), (taps, 0), (0, 0)))[:, -taps:] if taps else u[:, :0]
+        same = jnp.pad(doc, ((0, 0), (taps, 0)), constant_values=-1)[:, -taps:] == doc[:, -1:]
+        window = jnp.where(same[..., None], window, 0)
+        return self._output(h, g), {"conv": constrain(window, ("batch", None, "mlp")),
+                                    "cell": cell_state}
+
+    def mixer_step(self, x, state):
+        """One token per row through the conv window and the cell's step: x [B, 1, d] ->
+        (y [B, 1, d], state)."""
+        u, g = self._inputs(x)
+        window = jnp.concatenate([state["conv"], u], axis=1)     # oldest first, newest last
+        taps = self.conv_w[...].astype(x.dtype)[::-1]             # oldest first too
+        conv_in = jax.nn.silu(jnp.einsum("bkc,kc->bc", window, taps)[:, None]
+                              + self.conv_b[...].astype(x.dtype))
+        h, cell_state = self.cell.step(conv_in, state["cell"])
+        return self._output(h, g), {"conv": window[:, 1:], "cell": cell_state}
+
+    def _inputs(self, x):
+        """x [B, T, d] -> the conv's input u and the output gate g, [B, T, d_inner] each."""
+        ug = jnp.einsum("btd,dgc->btgc", self.norm(x), self.in_proj[...].astype(x.dtype))
+        return (constrain(ug[:, :, 0], ("batch", "length", "mlp")),
+                constrain(ug[:, :, 1], ("batch", "length", "mlp")))
+
+    def _output(self, h, g):
+        """Gated per-head norm and out_proj: h (float32), g [B, T, d_inner] -> [B, T, d]."""
+        dt = g.dtype
         y = h * jax.nn.silu(g.astype(jnp.float32))
         # Gated RMSNorm per head (group norm): statistics never cross a head, so a head-sharded
         # (tensor-parallel) layout needs no all-reduce here.
@@ -257,8 +306,20 @@ class MixerBlock(nnx.Module):
         rate = self.cfg.dropout_rate
         keys = (None, None) if key is None else jax.random.split(key)
         x = x + layers.dropout(self.mixer(x, doc, keep), rate, keys[0])
+        return self._feed_forward(x, keys[1])
+
+    def prefill(self, x, doc, keep):
+        """The block over prompts, returning the decoding state (no dropout)."""
+        y, state = self.mixer(x, doc, keep, final_state=True)
+        return self._feed_forward(x + y, None), state
+
+    def decode(self, x, state):
+        y, state = self.mixer_step(x, state)
+        return self._feed_forward(x + y, None), state
+
+    def _feed_forward(self, x, key):
         if self.cfg.mlp_dim:
-            x = x + layers.dropout(self.mlp(self.mlp_norm(x)), rate, keys[1])
+            x = x + layers.dropout(self.mlp(self.mlp_norm(x)), self.cfg.dropout_rate, key)
         return constrain(x, ("batch", "length", "act_embed"))
 
 
@@ -269,12 +330,34 @@ class ParaRNNLM(layers.DecoderLM, nnx.Module):
     def __call__(self, tokens, positions, segment_ids, *, dropout_key=None):
         """tokens, positions, segment_ids: [B, T] int. Returns float32 logits [B, T, vocab]."""
         x = self.embed_tokens(tokens, self.compute_dtype)
-        doc = document_index(positions, segment_ids)
-        keep = jnp.concatenate([jnp.zeros_like(doc[:, :1]), (doc[:, 1:] == doc[:, :-1])], axis=1)
-        keep = constrain(keep.astype(jnp.float32), ("batch", "length"))
         x = layers.scan_layers(self.layers, x, lambda blk, h, k, b: blk(h, *b, k),
-                               remat=self.cfg.remat, key=dropout_key, batch_inputs=(doc, keep))
+                               remat=self.cfg.remat, key=dropout_key,
+                               batch_inputs=_documents(positions, segment_ids))
         return self.output_logits(x)
+
+    # ------------------------------------------------------------------ decoding
+    # Per layer: the conv's last conv_width - 1 inputs and the cell's state; O(1) per token.
+    def prefill(self, tokens, positions, segment_ids, *, max_len: int = 0):
+        """Left-padded prompts [B, T] (each padding token is a document of its own, so nothing
+        of it reaches the prompt): (float32 logits [B, vocab] after the last token, cache)."""
+        del max_len   # the state does not grow with the length
+        doc, keep = _documents(positions, segment_ids)
+        x, cache = self.scan_cached(self.embed_tokens(tokens, self.compute_dtype), None,
+                                    lambda blk, h, _: blk.prefill(h, doc, keep))
+        return self.last_logits(x), cache
+
+    def decode_step(self, tokens, cache):
+        """One token per row: tokens [B] -> (float32 logits [B, vocab], updated cache)."""
+        x = self.embed_tokens(tokens[:, None], self.compute_dtype)
+        x, cache = self.scan_cached(x, cache, lambda blk, h, state: blk.decode(h, state))
+        return self.last_logits(x), cache
+
+
+def _documents(positions, segment_ids):
+    """(document index, keep flag: 0 where the cell's state resets) of every token, [B, T]."""
+    doc = document_index(positions, segment_ids)
+    keep = jnp.concatenate([jnp.zeros_like(doc[:, :1]), (doc[:, 1:] == doc[:, :-1])], axis=1)
+    return doc, constrain(keep.astype(jnp.float32), ("batch", "length"))
 
 
 def build(cfg, rngs: nnx.Rngs) -> ParaRNNLM:

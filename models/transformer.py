@@ -74,16 +74,30 @@ class Attention(nnx.Module):
                                (h, hd, d), ("heads", "head_dim", "embed"))
 
     def __call__(self, x, positions, mask):
+        return self._attend(*self._project(x, positions), mask)
+
+    def cached(self, x, positions, mask, cache, start):
+        """Attention of x's tokens over the KV cache after writing their keys and values into
+        it at slot `start`: (output, updated {"k", "v"} [B, slots, kv_heads, head_dim])."""
+        q, k, v = self._project(x, positions)
+        write = lambda c, new: constrain(jax.lax.dynamic_update_slice_in_dim(
+            c, new.astype(c.dtype), start, axis=1), CACHE)
+        k, v = write(cache["k"], k), write(cache["v"], v)
+        return self._attend(q, k.astype(x.dtype), v.astype(x.dtype), mask), {"k": k, "v": v}
+
+    def _project(self, x, positions):
         dt = x.dtype
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
         q = constrain(layers.rope(q, positions, self.rope_theta), ("batch", "length", "heads", "head_dim"))
         k = constrain(layers.rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
-        v = constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        return q, k, constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+
+    def _attend(self, q, k, v, mask):
         o = jax.nn.dot_product_attention(q, k, v, mask=mask)
         o = constrain(o, ("batch", "length", "heads", "head_dim"))
-        out = jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(dt))
+        out = jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(q.dtype))
         return constrain(out, ("batch", "length", "act_embed"))
 
 
@@ -109,6 +123,15 @@ class Block(nnx.Module):
         x = x + layers.dropout(self.attn(self.attn_norm(x), positions, mask), self.dropout_rate, keys[0])
         return x, keys[1]
 
+    def cached(self, x, positions, mask, cache, start):
+        """The block over the KV cache (decoding: no dropout): (x, updated cache)."""
+        h, cache = self.attn.cached(self.attn_norm(x), positions, mask, cache, start)
+        x = x + h
+        return self.add_residual(x, self.feed_forward(self.mlp_norm(x)), None), cache
+
+    def feed_forward(self, x):
+        return self.mlp(x)
+
     def add_residual(self, x, mlp_out, key):
         x = x + layers.dropout(mlp_out, self.dropout_rate, key)
         return constrain(x, ("batch", "length", "act_embed"))
@@ -124,7 +147,58 @@ def attention_mask(segment_ids: jax.Array) -> jax.Array:
     return (causal & same)[:, None]
 
 
-class Transformer(layers.DecoderLM, nnx.Module):
+class KVCacheDecoding:
+    """Decoding for a DecoderLM whose stacked blocks attend through `Block.cached`
+    (paxlike/decode.py): a fixed-size KV cache per layer [B, max_len, kv_heads, head_dim]
+    (compute dtype), the segment id of every slot, each row's next position and the slots written
+    so far. Every call attends over all max_len slots with a mask (unwritten slots are in the
+    future), so the decode step has one shape and compiles once. `layers_per_block`: None when
+    each stacked block is one layer, else the layers in one block (whose `cached` then gets
+    their caches [n, ...])."""
+
+    # Rotary positions beyond the training length were never trained: paxlike.generate refuses
+    # a prompt plus new tokens longer than the run's seq_len.
+    decode_length_limited = True
+    layers_per_block = None
+
+    def init_cache(self, batch_size: int, max_len: int) -> dict:
+        cfg = self.cfg
+        kv = jnp.zeros((cfg.num_layers, batch_size, max_len, cfg.num_kv_heads, head_dim(cfg)),
+                       self.compute_dtype)
+        kv = constrain(kv, ("layers",) + CACHE)
+        return {"k": kv, "v": kv, "segments": jnp.zeros((batch_size, max_len), jnp.int32),
+                "next_position": jnp.zeros((batch_size,), jnp.int32),
+                "length": jnp.zeros((), jnp.int32)}
+
+    def prefill(self, tokens, positions, segment_ids, *, max_len: int):
+        """Left-padded prompts [B, T] (padding: segment 0) into a fresh cache of `max_len` slots:
+        (float32 logits [B, vocab] after the last token, cache)."""
+        return self._extend(tokens, positions, segment_ids,
+                            self.init_cache(tokens.shape[0], max_len))
+
+    def decode_step(self, tokens, cache):
+        """One token per row [B] appended to the cache: (float32 logits [B, vocab], cache)."""
+        last = jax.lax.dynamic_index_in_dim(cache["segments"], cache["length"] - 1, 1)
+        return self._extend(tokens[:, None], cache["next_position"][:, None], last, cache)
+
+    def _extend(self, tokens, positions, segment_ids, cache):
+        start, t = cache["length"], tokens.shape[1]
+        segments = jax.lax.dynamic_update_slice_in_dim(cache["segments"], segment_ids, start, 1)
+        # Query slot start + i sees key slot j <= start + i of its own segment: the training
+        # mask (attention_mask) over the cache's slots.
+        causal = (start + jnp.arange(t))[:, None] >= jnp.arange(segments.shape[1])[None, :]
+        mask = (causal & (segment_ids[:, :, None] == segments[:, None, :]))[:, None]
+        x = self.embed_tokens(tokens, self.compute_dtype)
+        n = self.layers_per_block
+        blocks = lambda a: a if n is None else a.reshape(a.shape[0] // n, n, *a.shape[1:])
+        x, kv = self.scan_cached(x, {"k": blocks(cache["k"]), "v": blocks(cache["v"])},
+                                 lambda blk, h, c: blk.cached(h, positions, mask, c, start))
+        kv = jax.tree.map(lambda a: a.reshape(cache["k"].shape), kv)
+        return self.last_logits(x), dict(kv, segments=segments, length=start + t,
+                                         next_position=positions[:, -1] + 1)
+
+
+class Transformer(KVCacheDecoding, layers.DecoderLM, nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         self.init_decoder(cfg, rngs, validate(cfg), lambda r: Block(cfg, r))
 
@@ -136,6 +210,9 @@ class Transformer(layers.DecoderLM, nnx.Module):
                                remat=self.cfg.remat, key=dropout_key,
                                batch_inputs=(positions, mask))
         return self.output_logits(x)
+
+
+CACHE = ("batch", None, "kv_heads", "head_dim")    # one layer's keys or values in the KV cache
 
 
 def build(cfg, rngs: nnx.Rngs) -> Transformer:

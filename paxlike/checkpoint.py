@@ -275,6 +275,17 @@ class Checkpoints:
                                             args=ocp.args.StandardRestore(abstract_state))
         return state, meta
 
+    def restore_params(self, step: int, abstract_params):
+        """Only the parameters of the state at `step` (the optimizer state is not read),
+        resharded onto the shardings carried by `abstract_params` (the state's `params` tree of
+        jax.ShapeDtypeStruct). Raises whatever the read raised."""
+        item = {"params": abstract_params}
+        restored = ocp.PyTreeCheckpointHandler().restore(
+            self._step_dir(step) / "state", args=ocp.args.PyTreeRestore(
+                item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+                partial_restore=True))
+        return restored["params"]
+
     def restore_newest(self, newest: int, abstract_state,
                        check: Callable[[int, dict], None]) -> tuple[int, object, dict, dict]:
         """Restores the newest step <= `newest` that restores: (step, state, meta, damaged),

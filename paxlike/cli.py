@@ -11,6 +11,7 @@ any directory.
 from __future__ import annotations
 
 import importlib.util
+import logging as py_logging
 import os
 import re
 import sys
@@ -77,6 +78,17 @@ def config_first(argv: list[str]) -> tuple[list[str], str | None]:
         path, colon, size = value.partition(":")
         configs.append(f"{m.group(1)}={bundled_config(path)}{colon}{size}")
     return head + configs + rest, given
+
+
+def _quiet_library_logs(record) -> bool:
+    """Keeps orbax's per-save and per-read INFO chatter out of the terminal (its warnings show)."""
+    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
+
+
+def log_info_quietly() -> None:
+    """absl logging at INFO on stderr, without the libraries' chatter."""
+    logging.set_verbosity(logging.INFO)
+    logging.get_absl_handler().addFilter(_quiet_library_logs)
 
 
 def print_error(message: str) -> None:

@@ -28,6 +28,17 @@ and optionally
                                          `ModelLoss.stats` summed over the global batch; e.g. a
                                          router's auxiliary-loss-free balancing bias
 
+and, for sampling (`python -m paxlike.generate`, paxlike/decode.py; docs/generate.md), optionally
+
+    model.prefill(tokens, positions, segment_ids, *, max_len) -> (logits [B, vocab], cache)
+                                         left-padded prompts (padding: segment 0) into a
+                                         fresh cache with room for max_len tokens; the logits
+                                         after each row's last token
+    model.decode_step(tokens [B], cache) -> (logits [B, vocab], cache)
+                                         one more token per row, the cache's shapes unchanged
+    model.decode_length_limited          True when positions beyond the training seq_len were
+                                         never trained (the CLI then refuses longer requests)
+
 and, for the mesh planner (`paxlike.plan`, `mesh.auto`; docs/planner.md), the module optionally
 provides
 

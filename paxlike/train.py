@@ -14,8 +14,6 @@ import sys
 import traceback
 from collections.abc import Mapping
 
-import logging as py_logging
-
 from absl import flags, logging
 from paxlike import cli
 from paxlike.errors import UserError
@@ -153,14 +151,8 @@ def _end_failed_process(error: BaseException) -> None:
     os._exit(status)
 
 
-def _quiet_library_logs(record) -> bool:
-    """Keeps orbax's per-save INFO chatter out of the terminal (its warnings still show)."""
-    return record.levelno >= py_logging.WARNING or "/orbax/" not in record.pathname
-
-
 def run_cli():
-    logging.set_verbosity(logging.INFO)
-    logging.get_absl_handler().addFilter(_quiet_library_logs)
+    cli.log_info_quietly()
     cli.run(main, _DEFAULT_CONFIG)
 
 

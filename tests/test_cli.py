@@ -4,6 +4,7 @@ bundled experiment files are found from any directory."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -121,3 +122,96 @@ def test_bundled_experiments_are_found_from_any_directory(tmp_path, monkeypatch)
     assert os.path.isabs(bundled) and os.path.isfile(bundled) and bundled.endswith("gla.py")
     assert cli.bundled_config("experiments/nope.py") == "experiments/nope.py"
     assert cli.bundled_config("gla.py") == "gla.py"
+
+
+# ---------------------------------------------------------------- sampling (paxlike.generate)
+def _greedy_in_process(workdir, prompts, new):
+    """The run's newest checkpoint decoded greedily in this process, on one device."""
+    import jax
+    from paxlike import checkpoint, decode, generate, sharding
+    from paxlike.data.tokenizer import ByteTokenizer
+    from paxlike.mesh import build_mesh
+    cfg = generate.load_run_config(workdir)
+    mesh = build_mesh({"fsdp": 1}, devices=jax.devices()[:1])
+    decoder = decode.Decoder(cfg.model, mesh, sharding.get_rules(cfg.sharding, mesh),
+                             decode.Sampling(temperature=0))
+    ckpt = checkpoint.Checkpoints(os.path.join(workdir, "checkpoints"), keep=3, async_save=False)
+    params = ckpt.restore_params(ckpt.steps()[-1], decoder.abstract_params)
+    tok = ByteTokenizer()
+    out = decoder.generate(params, [tok.encode(p) for p in prompts], new, eos_id=tok.eos_id)
+    return [tok.decode(ids) for ids in out.tokens]
+
+
+def test_generate_streams_only_the_text_and_equals_in_process_decoding(trained_workdir):
+    """A checkpoint written on 8 devices (fsdp) sampled on 2 (tensor): standard output is the
+    continuation alone, the same text as greedy decoding on one device in this process; the
+    timings are on standard error. With a prompts file, one JSON line per prompt."""
+    before = snapshot(trained_workdir)
+    prompts = ["def main(", "import"]
+    expected = _greedy_in_process(trained_workdir, prompts, 12)
+    one = _cli(f"--workdir={trained_workdir}", f"--prompt={prompts[0]}", "--max_new_tokens=12",
+               "--temperature=0", "--cpu_devices=8", "--tensor=2", tool="paxlike.generate")
+    assert one.returncode == 0, one.stderr[-3000:]
+    assert one.stdout == expected[0] + "\n"
+    assert re.search(r"prefill: \d+ tokens .* tokens/s\); decode: 11 steps x 1 rows", one.stderr)
+    prompts_file = os.path.join(os.path.dirname(trained_workdir), "prompts.txt")
+    with open(prompts_file, "w") as f:
+        f.write("\n".join(prompts) + "\n")
+    batch = _cli(f"--workdir={trained_workdir}", f"--prompts_file={prompts_file}",
+                 "--max_new_tokens=12", "--temperature=0", tool="paxlike.generate")
+    assert batch.returncode == 0, batch.stderr[-3000:]
+    lines = [json.loads(line) for line in batch.stdout.splitlines()]
+    assert lines == [{"prompt": p, "completion": c} for p, c in zip(prompts, expected)]
+    assert snapshot(trained_workdir) == before
+
+
+GENERATE_BAD_INPUTS = {
+    "no run": (["--workdir={empty}", "--prompt=x"], "holds no training run .*no config.json"),
+    "unknown step": (["--workdir={run}", "--prompt=x", "--step=2"],
+                     "--step=2 is not a checkpoint of .*; its steps are 3"),
+    "too long": (["--workdir={run}", "--prompt=" + "x" * 30, "--max_new_tokens=8"],
+                 "a prompt of 30 tokens plus --max_new_tokens=8 is 38 positions, more than the "
+                 "32 the model was trained on"),
+}
+
+
+def test_new_tokens_stay_within_the_trained_positions():
+    """The Transformer's default shrinks to fit its training seq_len; recurrent families have no
+    such limit; a request that does not fit is refused (the CLI's case is above)."""
+    from paxlike.generate import DEFAULT_NEW_TOKENS, new_tokens
+    from paxlike.models import gla, transformer
+    from paxlike.errors import UserError
+    prompts = [[1] * 30, [2] * 5]
+    assert new_tokens(transformer.Transformer, prompts, None, 32) == 2
+    assert new_tokens(transformer.Transformer, prompts, None, 1024) == DEFAULT_NEW_TOKENS
+    assert new_tokens(gla.GLALanguageModel, prompts, None, 32) == DEFAULT_NEW_TOKENS
+    assert new_tokens(gla.GLALanguageModel, prompts, 500, 32) == 500
+    with pytest.raises(UserError, match="a prompt of 32 tokens leaves no room in the 32 positions"):
+        new_tokens(transformer.Transformer, [[1] * 32], None, 32)
+
+
+@pytest.mark.parametrize("name", GENERATE_BAD_INPUTS)
+def test_generate_bad_input_fails_cleanly(trained_workdir, tmp_path, name):
+    flags, message = GENERATE_BAD_INPUTS[name]
+    before = snapshot(trained_workdir)
+    flags = [f.format(run=trained_workdir, empty=tmp_path) for f in flags]
+    assert_one_line_error(_cli(*flags, tool="paxlike.generate"), message)
+    assert snapshot(trained_workdir) == before
+
+
+def test_stream_holds_back_a_partial_character():
+    """A byte-level model emits a multi-byte character one byte at a time: nothing half-made is
+    printed, and the finished text is exact."""
+    import io
+    from paxlike.data.tokenizer import ByteTokenizer
+    from paxlike.generate import Stream
+    out = io.StringIO()
+    stream = Stream(ByteTokenizer(), out)
+    shown = []
+    for byte in "a€b".encode():
+        stream([byte])
+        shown.append(out.getvalue())
+    assert shown == ["a", "a", "a", "a€", "a€b"]
+    stream([-1])                # a finished row reports -1
+    stream.finish()
+    assert out.getvalue() == "a€b\n"

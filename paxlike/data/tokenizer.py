@@ -430,6 +430,26 @@ def build_tokenizer(name: str, *, bpe_vocab_size: int, workdir: str | None,
     return tok
 
 
+def for_run(cfg_data, workdir: str):
+    """The tokenizer a finished or running training run used (for sampling from it): bytes, the
+    BPE saved in its workdir, or its pretrained file."""
+    name = cfg_data.get('tokenizer', 'byte')
+    if name == 'byte':
+        return ByteTokenizer()
+    if name != 'bpe':
+        return _load_pretrained(pretrained_file(name), cfg_data.get('eos_token', ''),
+                                cfg_data.get('bos_token', ''))
+    path = storage.join(workdir, TOKENIZER_FILE)
+    if not storage.exists(path):
+        raise UserError(f'the run in {workdir} used a BPE tokenizer, but {path} is missing '
+                        '(it is written when the run starts); the run cannot be decoded without it')
+    from tokenizers import Tokenizer
+    try:
+        return BPETokenizer(Tokenizer.from_str(storage.read_text(path)))
+    except Exception as e:  # tokenizers raises a plain Exception for bad files
+        raise UserError(f'cannot load the run\'s tokenizer {path}: {e}') from None
+
+
 def save_if_new(tok, workdir: str | None) -> None:
     """Writes a freshly trained BPE tokenizer to the workdir. Separate from `build_tokenizer` so the
     caller can finish validating its input first: a bad input must leave the workdir untouched."""
