@@ -208,6 +208,20 @@ class Checkpoints:
             return []
         return sorted(self._open().all_steps())
 
+    def step_to_read(self, step: int | None, workdir: str) -> int:
+        """`step` if it is a complete checkpoint, the newest one when None; UserError naming the
+        steps there otherwise (for tools that read a run)."""
+        steps = self.steps()
+        if not steps:
+            raise UserError(f"no checkpoint in {self.directory}: the run in {workdir} saved none "
+                            f"yet (it saves every checkpoint_every steps and at its end)")
+        if step is None:
+            return steps[-1]
+        if step not in steps:
+            raise UserError(f"--step={step} is not a checkpoint of {workdir}; its steps are "
+                            f"{', '.join(map(str, steps))}")
+        return step
+
     def discard_incomplete(self) -> None:
         """Deletes what killed saves left behind; called once the run is known to go ahead."""
         for name in _incomplete(self.directory):

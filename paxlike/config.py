@@ -178,3 +178,16 @@ def profile_range(text: str) -> tuple[int, int] | None:
 def to_json(cfg) -> str:
     return json.dumps(cfg.to_dict(), indent=2, sort_keys=True)
 
+
+def load_saved(workdir: str) -> ml_collections.ConfigDict:
+    """The config a training run saved in its workdir (config.json), for tools that read a run."""
+    from paxlike import storage
+    path = storage.join(workdir, "config.json")
+    if not storage.exists(path):
+        raise UserError(f"--workdir={workdir} holds no training run (no config.json there); "
+                        f"train into it first: python -m paxlike.train --workdir={workdir}")
+    try:
+        return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
+    except ValueError as e:
+        raise UserError(f"cannot read {path}: {e}") from None
+

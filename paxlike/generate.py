@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import sys
+import types
 
-import ml_collections
 from absl import app, flags, logging
 
 from paxlike import cli, storage
@@ -26,64 +26,46 @@ from paxlike.errors import UserError
 
 DEFAULT_NEW_TOKENS = 128
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "The training run's directory (its config.json, "
-                               "tokenizer and checkpoints).")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step to sample from (default: the newest).")
-_PROMPT = flags.DEFINE_string("prompt", None, "Text to continue.")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "A file with one prompt per line, "
-                                    "decoded as one batch; prints one JSON line per prompt.")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", None, "Tokens to generate after each prompt "
-                                "(fewer where the model emits its end-of-document token). "
-                                f"Default {DEFAULT_NEW_TOKENS}, or fewer for a Transformer so that "
-                                "prompt and continuation stay within its training seq_len.")
-_TEMPERATURE = flags.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0: all.")
-_TOP_P = flags.DEFINE_float("top_p", 1.0, "Sample among the smallest set of tokens whose "
-                            "probability reaches p (nucleus sampling); 1: all.")
-_SEED = flags.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text.")
-_DATA = flags.DEFINE_integer("data", 1, "Devices splitting the batch of prompts.")
-_TENSOR = flags.DEFINE_integer("tensor", 1, "Devices splitting heads (and the cache) by the "
-                               "run's sharding rules.")
-_CPU_DEVICES = flags.DEFINE_integer("cpu_devices", None, "Emulate this many CPU devices.")
+
+def define_flags() -> types.SimpleNamespace:
+    """The command's flags, defined when it runs: paxlike.train defines some of the same names,
+    and one process (a test session) may import both modules."""
+    d = flags
+    return types.SimpleNamespace(
+        workdir=d.DEFINE_string("workdir", None, "The training run's directory (its config.json, "
+                                "tokenizer and checkpoints)."),
+        step=d.DEFINE_integer("step", None, "Checkpoint step to sample from (default: newest)."),
+        prompt=d.DEFINE_string("prompt", None, "Text to continue."),
+        prompts_file=d.DEFINE_string("prompts_file", None, "A file with one prompt per line, "
+                                     "decoded as one batch; prints one JSON line per prompt."),
+        max_new_tokens=d.DEFINE_integer(
+            "max_new_tokens", None, "Tokens to generate after each prompt (fewer where the model "
+            f"emits its end-of-document token). Default {DEFAULT_NEW_TOKENS}, or fewer for a "
+            "Transformer so that prompt and continuation stay within its training seq_len."),
+        temperature=d.DEFINE_float("temperature", 1.0, "Softmax temperature; 0 is greedy."),
+        top_k=d.DEFINE_integer("top_k", 0, "Sample among the k most likely tokens; 0: all."),
+        top_p=d.DEFINE_float("top_p", 1.0, "Sample among the smallest set of tokens whose "
+                             "probability reaches p (nucleus sampling); 1: all."),
+        seed=d.DEFINE_integer("seed", 0, "Sampling seed: the same seed gives the same text."),
+        data=d.DEFINE_integer("data", 1, "Devices splitting the batch of prompts."),
+        tensor=d.DEFINE_integer("tensor", 1, "Devices splitting heads (and the cache) by the "
+                                "run's sharding rules."),
+        cpu_devices=d.DEFINE_integer("cpu_devices", None, "Emulate this many CPU devices."))
 
 
-def load_run_config(workdir: str) -> ml_collections.ConfigDict:
-    path = storage.join(workdir, "config.json")
-    if not storage.exists(path):
-        raise UserError(f"--workdir={workdir} holds no training run (no config.json there); "
-                        f"train into it first: python -m paxlike.train --workdir={workdir}")
-    try:
-        return ml_collections.ConfigDict(json.loads(storage.read_text(path)))
-    except ValueError as e:
-        raise UserError(f"cannot read {path}: {e}") from None
-
-
-def pick_step(checkpoints, step: int | None, workdir: str) -> int:
-    steps = checkpoints.steps()
-    if not steps:
-        raise UserError(f"no checkpoint in {checkpoints.directory}: the run in {workdir} saved "
-                        f"none yet (it saves every checkpoint_every steps and at its end)")
-    if step is None:
-        return steps[-1]
-    if step not in steps:
-        raise UserError(f"--step={step} is not a checkpoint of {workdir}; its steps are "
-                        f"{', '.join(map(str, steps))}")
-    return step
-
-
-def prompts_from_flags() -> list[str]:
-    if (_PROMPT.value is None) == (_PROMPTS_FILE.value is None):
+def prompts_from_flags(f) -> list[str]:
+    if (f.prompt.value is None) == (f.prompts_file.value is None):
         raise UserError("give exactly one of --prompt=TEXT or --prompts_file=FILE")
-    if _PROMPT.value is not None:
-        return [_PROMPT.value]
+    if f.prompt.value is not None:
+        return [f.prompt.value]
     try:
-        with open(_PROMPTS_FILE.value, encoding="utf-8") as f:
+        with open(f.prompts_file.value, encoding="utf-8") as f:
             prompts = [line.rstrip("\n") for line in f if line.strip()]
     except OSError as e:
-        raise UserError(f"cannot read --prompts_file={_PROMPTS_FILE.value}: "
+        raise UserError(f"cannot read --prompts_file={f.prompts_file.value}: "
                         f"{e.strerror or e}") from None
     if not prompts:
-        raise UserError(f"--prompts_file={_PROMPTS_FILE.value} has no prompt (one per line)")
+        raise UserError(f"--prompts_file={f.prompts_file.value} has no prompt (one per line)")
     return prompts
 
 
@@ -131,24 +113,24 @@ class Stream:
         self.out.flush()
 
 
-def main(_):
+def main(f: types.SimpleNamespace) -> None:
     import jax
-    if _CPU_DEVICES.value is not None:
-        if _CPU_DEVICES.value < 1:
-            raise UserError(f"--cpu_devices={_CPU_DEVICES.value} must be >= 1")
-        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
+    if f.cpu_devices.value is not None:
+        if f.cpu_devices.value < 1:
+            raise UserError(f"--cpu_devices={f.cpu_devices.value} must be >= 1")
+        jax.config.update("jax_num_cpu_devices", f.cpu_devices.value)
         jax.config.update("jax_platforms", "cpu")
-    from paxlike import checkpoint, decode, family, sharding
+    from paxlike import checkpoint, config, decode, family, sharding
     from paxlike.data import tokenizer as tokenizer_lib
     from paxlike.mesh import build_mesh
 
-    workdir = _WORKDIR.value
+    workdir = f.workdir.value
     if not workdir:
         raise UserError("--workdir is required: the training run to sample from")
-    how = decode.Sampling(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+    how = decode.Sampling(f.temperature.value, f.top_k.value, f.top_p.value)
     how.check()
-    prompts = prompts_from_flags()
-    cfg = load_run_config(workdir)
+    prompts = prompts_from_flags(f)
+    cfg = config.load_saved(workdir)
     problems = family.validate(cfg.model)
     if problems:
         raise UserError(f"{workdir}/config.json: {'; '.join(problems)}")
@@ -158,24 +140,24 @@ def main(_):
     if empty:
         raise UserError(f"prompt {empty[0]} is empty; give some text to continue")
 
-    wanted = _DATA.value * _TENSOR.value
+    wanted = f.data.value * f.tensor.value
     devices = jax.devices()
-    if _DATA.value < 1 or _TENSOR.value < 1 or wanted > len(devices):
-        raise UserError(f"--data={_DATA.value} x --tensor={_TENSOR.value} devices asked for, "
+    if f.data.value < 1 or f.tensor.value < 1 or wanted > len(devices):
+        raise UserError(f"--data={f.data.value} x --tensor={f.tensor.value} devices asked for, "
                         f"{len(devices)} present; each must be >= 1 and their product at most "
                         f"{len(devices)}")
-    mesh = build_mesh({"data": _DATA.value, "fsdp": 1, "tensor": _TENSOR.value},
+    mesh = build_mesh({"data": f.data.value, "fsdp": 1, "tensor": f.tensor.value},
                       devices=devices[:wanted])
     checkpoints = checkpoint.Checkpoints(storage.join(workdir, "checkpoints"),
                                          keep=cfg.keep_checkpoints, async_save=False)
-    step = pick_step(checkpoints, _STEP.value, workdir)
+    step = checkpoints.step_to_read(f.step.value, workdir)
     decoder = decode.Decoder(cfg.model, mesh, sharding.get_rules(cfg.sharding, mesh), how)
-    max_new_tokens = new_tokens(decoder.model_type, encoded, _MAX_NEW.value, cfg.seq_len)
+    max_new_tokens = new_tokens(decoder.model_type, encoded, f.max_new_tokens.value, cfg.seq_len)
     params = checkpoints.restore_params(step, decoder.abstract_params)
     logging.info("sampling from step %d of %s on %d device(s)", step, workdir, mesh.size)
 
     stream = Stream(tokenizer) if len(prompts) == 1 else None
-    out = decoder.generate(params, encoded, max_new_tokens, seed=_SEED.value,
+    out = decoder.generate(params, encoded, max_new_tokens, seed=f.seed.value,
                            eos_id=tokenizer.eos_id, on_tokens=stream)
     if stream is not None:
         stream.finish()
@@ -193,12 +175,13 @@ def main(_):
 
 def run_cli():
     cli.log_info_quietly()
+    given = define_flags()
 
     def checked(argv):
         if len(argv) > 1:
             cli.fail(f"unexpected arguments {argv[1:]}; flags look like --name=value")
         try:
-            main(argv)
+            main(given)
         except UserError as e:
             cli.fail(str(e))
     app.run(checked)

@@ -304,6 +304,13 @@ def _refusal(anomaly: health.Anomaly, policy: str, rollbacks: int) -> UserError:
                      f"checkpoints are kept.")
 
 
+def checkpoint_meta(run: Run, step: int, train_iter) -> dict:
+    """What a checkpoint records besides the state: where the data stands, the model's config
+    and shapes (to refuse another model), the learning-rate schedule's length."""
+    return {"step": step, "data_state": train_iter.get_state(), "model": run.cfg.model.to_dict(),
+            "param_shapes": run.param_shapes, **optim.schedule_meta(run.cfg)}
+
+
 def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
           stop_at: int | None = None) -> list[float]:
     """Steps from `start.step + 1` to `cfg.steps` (or `stop_at`, which stops early with a
@@ -330,10 +337,7 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
 
     def save(step):
         dog.update(phase="save")
-        run.checkpoints.save(step, state, {"step": step, "data_state": train_iter.get_state(),
-                                           "model": cfg.model.to_dict(),
-                                           "param_shapes": run.param_shapes,
-                                           **optim.schedule_meta(cfg)})
+        run.checkpoints.save(step, state, checkpoint_meta(run, step, train_iter))
 
     logged, rollbacks = [], 0     # logged: (step, loss) of the steps that stand
     profiler = _Profiler(cfg.profile_steps, os.path.join(run.workdir, metrics.TENSORBOARD_DIR))

@@ -35,6 +35,7 @@ from __future__ import annotations
 import json
 import logging as py_logging
 import os
+import re
 import socket
 import statistics
 import sys
@@ -59,6 +60,18 @@ def _exit_now(status: int) -> None:
     for stream in (sys.stdout, sys.stderr):
         stream.flush()
     os._exit(status)
+
+
+# How a collective reports that a peer went away mid-operation (Gloo on CPU, NCCL on GPU, the
+# distributed runtime's RPCs): a broken connection, not this process's own fault.
+_LOST_PEER = re.compile(r"connection (closed|reset|refused)|closed by peer|broken pipe|"
+                        r"socket closed|UNAVAILABLE|remote process|peer", re.IGNORECASE)
+
+
+def lost_a_peer(error: BaseException) -> bool:
+    """Whether an error raised by a collective says that another process went away."""
+    return bool(_LOST_PEER.search(f"{type(error).__name__}: {error}")) and \
+        "RuntimeError" in type(error).__name__
 
 
 class Watchdog:
@@ -94,6 +107,8 @@ class Watchdog:
         in their next collective. Process 0 then waits (at most 10 heartbeat intervals) until
         they have stopped: its exit takes the coordination service down, and a process that loses
         the service aborts with a C++ error naming no one. The watchdog itself stays armed."""
+        if self.client is not None and self._threads and lost_a_peer(error):
+            self._await_verdict(error)
         self.update(phase="failed")
         if self.client is None or not self._threads:
             return
@@ -107,6 +122,18 @@ class Watchdog:
                 pass
             if self.process_index != 0 or self.clock() > deadline or self._others_stopped():
                 return
+            time.sleep(self.interval_s / 2)
+
+    def _await_verdict(self, error: BaseException) -> None:
+        """A collective failed with a broken connection: most likely another process died or
+        stopped mid-step. Waits (at most timeout_s and two intervals) for the checker to name
+        that process, which ends this one with EXIT_STATUS as any watchdog verdict does; if it
+        names no one, the error is this process's own to report."""
+        logging.warning("a collective failed (%s); waiting up to %.0f s for the watchdog to tell "
+                        "which process is gone", str(error).splitlines()[0][:200],
+                        self.cfg.timeout_s + 2 * self.interval_s)
+        deadline = self.clock() + self.cfg.timeout_s + 2 * self.interval_s
+        while self.clock() < deadline and any(t.is_alive() for t in self._threads):
             time.sleep(self.interval_s / 2)
 
     def _others_stopped(self) -> bool:

@@ -128,10 +128,10 @@ def test_bundled_experiments_are_found_from_any_directory(tmp_path, monkeypatch)
 def _greedy_in_process(workdir, prompts, new):
     """The run's newest checkpoint decoded greedily in this process, on one device."""
     import jax
-    from paxlike import checkpoint, decode, generate, sharding
+    from paxlike import checkpoint, config, decode, sharding
     from paxlike.data.tokenizer import ByteTokenizer
     from paxlike.mesh import build_mesh
-    cfg = generate.load_run_config(workdir)
+    cfg = config.load_saved(workdir)
     mesh = build_mesh({"fsdp": 1}, devices=jax.devices()[:1])
     decoder = decode.Decoder(cfg.model, mesh, sharding.get_rules(cfg.sharding, mesh),
                              decode.Sampling(temperature=0))

@@ -4,6 +4,7 @@ reported as the straggler; SIGTERM to one of two processes makes both save the s
 exit 0, and the run resumes from it; a stopped (frozen) process is named and the launcher ends
 the job. The verdict logic itself is checked first, on a fake key-value store and clock."""
 
+import json
 import os
 import re
 import signal
@@ -17,7 +18,7 @@ import pytest
 
 from configs import ROOT, cli_overrides, free_port, subprocess_env
 from paxlike import metrics
-from paxlike.watchdog import EXIT_STATUS, Watchdog
+from paxlike.watchdog import EXIT_STATUS, Watchdog, lost_a_peer
 
 TIMEOUT_S = 4.0
 
@@ -126,6 +127,29 @@ def test_a_failed_process_is_named_unless_this_one_failed_too():
         "step 5: its log has the error"
     d0.report_failure(OSError("disk full"))
     assert d0.verdict() is None and d1.verdict() is None
+
+
+def test_a_collective_broken_by_a_lost_peer_waits_for_the_verdict_naming_it():
+    """Process 1 stops beating; process 0's next collective fails with a broken connection
+    (Gloo's words). Process 0 does not report itself as the failure: it waits for its checker,
+    which names process 1 and ends it with EXIT_STATUS. Its own errors are reported at once."""
+    class JaxRuntimeError(RuntimeError):
+        pass
+    store, exits = _Store(), []
+    store.key_value_set("paxlike/watchdog/1", json.dumps(
+        {"count": 1, "step": 5, "phase": "train", "step_time_s": 0.1, "host_s": 0.0,
+         "fingerprint": "", "host": "other-host", "pid": 4321}))
+    dog = Watchdog(_config(timeout_s=0.5), process_index=0, num_processes=2, client=store,
+                   exit_fn=exits.append).start()
+    try:
+        dog.report_failure(JaxRuntimeError("UNKNOWN: Gloo all-reduce failed: [pair.cc:547] "
+                                           "Connection closed by peer [127.0.0.1]:21930"))
+        assert exits == [EXIT_STATUS]
+        assert "process 1 (pid 4321 on other-host)" in dog.verdict()
+    finally:
+        dog.close()
+    assert not lost_a_peer(JaxRuntimeError("RESOURCE_EXHAUSTED: Out of memory allocating"))
+    assert not lost_a_peer(OSError("Connection closed by peer"))   # not from a collective
 
 
 def test_straggler_is_the_process_with_outlying_host_time():
