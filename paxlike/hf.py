@@ -135,13 +135,13 @@ def _set(tree, path, value):
 # ------------------------------------------------------------------------------------ configs
 def llama_config(model_cfg, seq_len: int, tokenizer) -> dict:
     """transformers' LlamaConfig fields for a paxlike Transformer config."""
-    from paxlike.models import transformer
+    head_dim = model_cfg.head_dim or model_cfg.d_model // model_cfg.num_heads
     return {
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "vocab_size": model_cfg.vocab_size, "hidden_size": model_cfg.d_model,
         "intermediate_size": model_cfg.mlp_dim, "num_hidden_layers": model_cfg.num_layers,
         "num_attention_heads": model_cfg.num_heads, "num_key_value_heads": model_cfg.num_kv_heads,
-        "head_dim": transformer.head_dim(model_cfg), "hidden_act": "silu",
+        "head_dim": head_dim, "hidden_act": "silu",
         "max_position_embeddings": seq_len, "rms_norm_eps": model_cfg.norm_eps,
         "rope_theta": model_cfg.rope_theta,
         "rope_parameters": {"rope_type": "default", "rope_theta": model_cfg.rope_theta},

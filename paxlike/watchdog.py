@@ -22,6 +22,8 @@ clocks are never compared). It stops the job when
 - another process reported that it failed (`report_failure`: an error it raised, whose traceback
   is in its own log), and has not been followed by this process failing too within
   `2 * interval_s` (the same error at the same step on every process is each one's own to report).
+  A collective broken by a lost peer is not this process's own error: it waits for the verdict
+  that names the peer (`lost_a_peer`, `report_failure`).
 
 Stopping means: log which process is stuck and why, dump this process's Python stacks, and exit
 with `EXIT_STATUS` without waiting for anything (a hung collective cannot be unwound). A
