@@ -175,6 +175,14 @@ GENERATE_BAD_INPUTS = {
 }
 
 
+def test_a_run_without_checkpoints_is_named(tmp_path):
+    from paxlike.checkpoint import Checkpoints
+    from paxlike.errors import UserError
+    with pytest.raises(UserError, match="no checkpoint in .*: the run in .* saved none yet"):
+        Checkpoints(str(tmp_path / "checkpoints"), keep=3, async_save=False).step_to_read(
+            None, str(tmp_path))
+
+
 def test_new_tokens_stay_within_the_trained_positions():
     """The Transformer's default shrinks to fit its training seq_len; recurrent families have no
     such limit; a request that does not fit is refused (the CLI's case is above)."""

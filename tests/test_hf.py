@@ -88,11 +88,16 @@ def test_import_export_logit_parity_and_bitwise_round_trip(tmp_path, tie):
     ours = _paxlike_logits(decoder, params, SEQUENCE)
     np.testing.assert_allclose(ours, expected, rtol=0, atol=1e-4)
 
-    # paxlike -> HF through the command line: transformers loads it and computes paxlike's logits.
-    result = _cli("export", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}",
-                  "--max_shard_gb=0.0001")
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "exported step 0" in result.stdout
+    # paxlike -> HF (the untied model through the command line, in 100 kB shards): transformers
+    # loads it and computes paxlike's logits.
+    if tie:
+        hf.export_run(str(tmp_path / "run"), str(tmp_path / "out"))
+    else:
+        result = _cli("export", f"--workdir={tmp_path / 'run'}", f"--out={tmp_path / 'out'}",
+                      "--max_shard_gb=0.0001")
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "exported step 0" in result.stdout
+        assert (tmp_path / "out" / "model.safetensors.index.json").exists()
     exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
     np.testing.assert_allclose(_hf_logits(exported, SEQUENCE), ours, rtol=0, atol=1e-4)
 
@@ -150,3 +155,20 @@ def test_bad_conversions_are_refused_and_write_nothing(tmp_path):
     no_command = _cli("--workdir=x")
     assert_one_line_error(no_command, r"give a command first: python -m paxlike.hf "
                                       r"\{export\|import\|compare\}")
+
+
+def test_a_bpe_run_exports_a_tokenizer_transformers_loads(tmp_path):
+    """The run's BPE tokenizer.json goes along with its EOS; transformers' fast tokenizer reads
+    the same ids paxlike writes."""
+    from paxlike.data import tokenizer as tokenizer_lib
+    texts = ["def main():\n    return 42\n", "import os, sys\nprint(os.getcwd())\n"] * 20
+    tok = tokenizer_lib.BPETokenizer(tokenizer_lib._train_bpe(texts, 300))
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / tokenizer_lib.TOKENIZER_FILE).write_text(tok._json)
+    (tmp_path / "out").mkdir()
+    written = hf._export_tokenizer(tok, str(tmp_path / "run"), str(tmp_path / "out"))
+    assert written == ["tokenizer.json", "tokenizer_config.json"]
+    loaded = transformers.AutoTokenizer.from_pretrained(tmp_path / "out")
+    text = "def main():\n    print(sys.argv)  # é\n"
+    assert loaded.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert loaded.eos_token_id == tok.eos_id
