@@ -18,9 +18,10 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from paxlike.kernels import attention as attention_kernels
 from paxlike.models import layers
 from paxlike.planner import workingset
-from paxlike.sharding import constrain
+from paxlike.sharding import active_axes, constrain, per_shard
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -39,7 +40,14 @@ def default_config() -> ml_collections.ConfigDict:
         "dropout_rate": 0.0,
         "compute_dtype": "float32",
         "remat": "none",  # none | full | save_dots
+        # With the length split over `context`: "all_gather" (GSPMD gathers keys and values) or
+        # "ring" (blocks of keys and values travel around the devices: memory O(T/n); the data
+        # pipeline then feeds the tokens in zigzag order, so every device does equal work).
+        "context_parallel": "all_gather",
     })
+
+
+CONTEXT_PARALLEL = ("all_gather", "ring")
 
 
 def head_dim(cfg) -> int:
@@ -58,6 +66,9 @@ def validate(cfg) -> list[str]:
     if cfg.num_heads % cfg.num_kv_heads:
         problems.append(f"model.num_heads={cfg.num_heads} is not a multiple of model.num_kv_heads="
                         f"{cfg.num_kv_heads} (grouped-query attention shares each KV head)")
+    if cfg.get("context_parallel", "all_gather") not in CONTEXT_PARALLEL:
+        problems.append(f"model.context_parallel={cfg.context_parallel!r}; choose one of "
+                        f"{list(CONTEXT_PARALLEL)}")
     if head_dim(cfg) % 2:
         problems.append(f"head dimension {head_dim(cfg)} must be even for rotary embeddings")
     return problems + layers.validate_common(cfg)
@@ -67,6 +78,7 @@ class Attention(nnx.Module):
     def __init__(self, cfg, rngs: nnx.Rngs):
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         self.rope_theta = cfg.rope_theta
+        self.ring = cfg.get("context_parallel", "all_gather") == "ring"
         self.wq = layers.param(rngs, layers.scaled_normal(d), (d, h, hd), ("embed", "heads", "head_dim"))
         self.wk = layers.param(rngs, layers.scaled_normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
         self.wv = layers.param(rngs, layers.scaled_normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
@@ -74,7 +86,18 @@ class Attention(nnx.Module):
                                (h, hd, d), ("heads", "head_dim", "embed"))
 
     def __call__(self, x, positions, mask):
-        return self._attend(*self._project(x, positions), mask)
+        """`mask`: [B, 1, T, T] bool, or under ring context parallelism the segment ids [B, T]
+        (ring attention builds each block's mask from positions and segment ids)."""
+        q, k, v = self._project(x, positions)
+        if not self.ring:
+            return self._attend(q, k, v, mask)
+        context = active_axes("length")
+        ring = lambda *a: attention_kernels.ring_attention(
+            *a[:3], a[3], a[3], a[4], a[4], axis_name=context[0] if len(context) == 1 else context)
+        o = (per_shard(ring, (q, k, v, positions, mask),
+                       (HEADS, KV_HEADS, KV_HEADS, TOKENS, TOKENS), HEADS) if context
+             else attention_kernels.dense_attention(q, k, v, positions, mask))
+        return self._output(o)
 
     def cached(self, x, positions, mask, cache, start):
         """Attention of x's tokens over the KV cache after writing their keys and values into
@@ -90,14 +113,16 @@ class Attention(nnx.Module):
         q = jnp.einsum("btd,dhk->bthk", x, self.wq[...].astype(dt))
         k = jnp.einsum("btd,dhk->bthk", x, self.wk[...].astype(dt))
         v = jnp.einsum("btd,dhk->bthk", x, self.wv[...].astype(dt))
-        q = constrain(layers.rope(q, positions, self.rope_theta), ("batch", "length", "heads", "head_dim"))
-        k = constrain(layers.rope(k, positions, self.rope_theta), ("batch", "length", "kv_heads", "head_dim"))
-        return q, k, constrain(v, ("batch", "length", "kv_heads", "head_dim"))
+        q = constrain(layers.rope(q, positions, self.rope_theta), HEADS)
+        k = constrain(layers.rope(k, positions, self.rope_theta), KV_HEADS)
+        return q, k, constrain(v, KV_HEADS)
 
     def _attend(self, q, k, v, mask):
-        o = jax.nn.dot_product_attention(q, k, v, mask=mask)
-        o = constrain(o, ("batch", "length", "heads", "head_dim"))
-        out = jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(q.dtype))
+        return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask))
+
+    def _output(self, o):
+        o = constrain(o, HEADS)
+        out = jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype))
         return constrain(out, ("batch", "length", "act_embed"))
 
 
@@ -205,7 +230,8 @@ class Transformer(KVCacheDecoding, layers.DecoderLM, nnx.Module):
     def __call__(self, tokens, positions, segment_ids, *, dropout_key=None):
         """tokens, positions, segment_ids: [B, T] int. Returns float32 logits [B, T, vocab]."""
         x = self.embed_tokens(tokens, self.compute_dtype)
-        mask = attention_mask(segment_ids)
+        ring = self.cfg.get("context_parallel", "all_gather") == "ring"
+        mask = segment_ids if ring else attention_mask(segment_ids)
         x = layers.scan_layers(self.layers, x, lambda blk, h, k, b: blk(h, *b, k),
                                remat=self.cfg.remat, key=dropout_key,
                                batch_inputs=(positions, mask))
@@ -213,6 +239,9 @@ class Transformer(KVCacheDecoding, layers.DecoderLM, nnx.Module):
 
 
 CACHE = ("batch", None, "kv_heads", "head_dim")    # one layer's keys or values in the KV cache
+HEADS = ("batch", "length", "heads", "head_dim")
+KV_HEADS = ("batch", "length", "kv_heads", "head_dim")
+TOKENS = ("batch", "length")
 
 
 def build(cfg, rngs: nnx.Rngs) -> Transformer:

@@ -209,7 +209,7 @@ def prepare(cfg, workdir: str, devices=None) -> Run:
         checkpoints.check_compatible(latest, cfg.model.to_dict(), shapes, saved_meta)
     dataset = data.build(cfg.data, seq_len=cfg.seq_len, global_batch_size=cfg.batch_size,
                          seed=cfg.seed, workdir=workdir, batch_sharding=trainer.batch_sharding,
-                         save_tokenizer=False)
+                         save_tokenizer=False, length_order=trainer.length_order)
     tokenizer_lib.check_vocab_size(dataset.tokenizer, cfg.model.vocab_size)
     return Run(cfg, workdir, trainer, checkpoints, dataset, shapes, latest)
 

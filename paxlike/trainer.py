@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +67,7 @@ class Trainer:
             sharding.batch_spec(pipeline.stage_rules(self.rules), self.mesh, (rows, cfg.seq_len))
             spec = sharding.batch_spec(self.rules, self.mesh, (cfg.batch_size, cfg.seq_len))
         self.batch_sharding = NamedSharding(self.mesh, spec)
+        self.length_order = self._length_order()
         # The model's loss parts, traced abstractly on what one loss call sees (a microbatch, or
         # a pipeline's whole batch): their names are checked now, before a run writes anything.
         call_rows = rows if self.pipeline is None else cfg.batch_size
@@ -91,6 +93,21 @@ class Trainer:
     def _pipelined_loss(self, params, batch, dropout_key, stats) -> family.ModelLoss:
         with pipeline.use(self.pipeline):
             return self.loss(params, batch, dropout_key, stats)
+
+    def _length_order(self):
+        """The zigzag token order when ring attention splits the length over devices (each
+        device then holds chunks i and 2n-1-i of a row: equal causal work), else None."""
+        if self.cfg.model.get("context_parallel", "all_gather") != "ring":
+            return None
+        ways = math.prod(self.mesh.shape[a] for a in self.rules["length"]
+                         if a in self.mesh.shape)
+        if ways == 1:
+            return None
+        if self.cfg.seq_len % (2 * ways):
+            raise UserError(f"seq_len={self.cfg.seq_len} must be a multiple of 2 x {ways} (the "
+                            f"devices splitting the length) for ring attention's zigzag order")
+        from paxlike.kernels.attention import zigzag_order
+        return zigzag_order(self.cfg.seq_len, ways)
 
     def _pipeline_spec(self, abstract_model) -> pipeline.PipelineSpec | None:
         """The pipeline schedule when mesh.pipeline > 1, after checking that it fits the model."""

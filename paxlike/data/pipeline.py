@@ -189,7 +189,7 @@ class Dataset:
                  seq_len: int, global_batch_size: int, seed: int, eval_batches: int,
                  read_threads: int = 1,
                  batch_sharding, description: str = '', workdir: str | None = None,
-                 skip_batches=()):
+                 skip_batches=(), length_order=None):
         self.tokenizer = tokenizer
         self.train, self.val = train, val
         self.seq_len, self.global_batch_size, self.seed = seq_len, global_batch_size, seed
@@ -201,6 +201,9 @@ class Dataset:
         self.description = description
         self.workdir = workdir
         self.skip_batches = set(skip_batches)
+        # The order the model sees each row's tokens in (None: as packed), e.g. the zigzag
+        # order of ring attention. Applied on the host, so the devices exchange nothing for it.
+        self.length_order = length_order
 
     # ---- host-side views (also what tests compare across process layouts) ----
     def _train_rows_dataset(self) -> grain.MapDataset:
@@ -220,8 +223,9 @@ class Dataset:
                                                     prefetch_buffer_size=max(2, self.read_threads)))
 
     def _to_global(self, local: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return {k: jax.make_array_from_process_local_data(self.batch_sharding, v,
-                                                          self.global_shape)
+        order = self.length_order
+        return {k: jax.make_array_from_process_local_data(
+                    self.batch_sharding, v if order is None else v[:, order], self.global_shape)
                 for k, v in local.items()}
 
     # ---- the interface the trainer uses ----
@@ -255,7 +259,8 @@ def _pack(tok, docs, seq_len, split):
 
 
 def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir: str | None,
-          batch_sharding: jax.sharding.NamedSharding, save_tokenizer: bool = True) -> Dataset:
+          batch_sharding: jax.sharding.NamedSharding, save_tokenizer: bool = True,
+          length_order=None) -> Dataset:
     """Reads, splits, tokenizes and packs the configured corpus (see DEFAULTS for the keys).
 
     A newly trained BPE tokenizer is written to `<workdir>/tokenizer.json` at the end, after every
@@ -330,4 +335,4 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
                    global_batch_size=global_batch_size, seed=seed, eval_batches=n_eval,
                    read_threads=read_threads,
                    batch_sharding=batch_sharding, description=description,
-                   workdir=workdir, skip_batches=skip_batches)
+                   workdir=workdir, skip_batches=skip_batches, length_order=length_order)

@@ -1,0 +1,155 @@
+"""Ring attention: softmax attention over a sequence whose length is split across the devices
+of one mesh axis, with memory per device O(T/n).
+
+Each of the n devices keeps its block of queries; the key / value blocks, with their positions
+and segment ids, travel around the ring (`ppermute`), one hop per step, and the partial results
+are merged with an online softmax (running max and sum per query row). The mask is built from
+positions and segment ids, never from array indices: key j is visible to query i iff they are in
+the same segment (packed document) and pos_j <= pos_i, so any order of the tokens works (the
+zigzag order that balances causal work across devices included). A block with no visible pair
+is skipped. Rows that see nothing (never the case for a token that sees itself) give 0, not NaN.
+
+The backward pass is a custom VJP that runs the ring again: each step recomputes its block's
+probabilities from the saved log-sum-exp and sends the key / value gradients on with their
+blocks, so that after n hops they arrive home; nothing of size T x T, or T, is kept per device.
+
+Grouped-query attention: q [B, Tq, H, D], k and v [B, Tk, KV, D] with H a multiple of KV; query
+head h reads key / value head h // (H / KV), as `jax.nn.dot_product_attention` does.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def visible(q_pos, k_pos, q_seg, k_seg):
+    """[B, Tq, Tk] bool: key visible to query (same segment, not later in the document)."""
+    return (q_seg[:, :, None] == k_seg[:, None, :]) & (k_pos[:, None, :] <= q_pos[:, :, None])
+
+
+def dense_attention(q, k, v, positions, segment_ids, scale=None):
+    """The reference on one device: the same mask over the whole sequence."""
+    mask = visible(positions, positions, segment_ids, segment_ids)[:, None]
+    return jax.nn.dot_product_attention(q, k, v, mask=mask, scale=scale)
+
+
+def zigzag_order(length: int, ways: int) -> np.ndarray:
+    """Token order that gives each of `ways` contiguous blocks the same causal work: the sequence
+    cut into 2·ways chunks, block i holding chunks i and 2·ways - 1 - i. x[..., order] reorders a
+    sequence; np.argsort(order) restores it."""
+    if length % (2 * ways):
+        raise ValueError(f"length {length} must be a multiple of 2 x {ways} for the zigzag order")
+    chunks = np.arange(length).reshape(2 * ways, -1)
+    return np.concatenate([np.concatenate([chunks[i], chunks[2 * ways - 1 - i]])
+                           for i in range(ways)])
+
+
+def _grouped(q, kv_heads):
+    b, t, h, d = q.shape
+    return q.reshape(b, t, kv_heads, h // kv_heads, d)          # [B, Tq, KV, G, D]
+
+
+def _block_scores(q, k, mask, scale):
+    """Masked float32 scores [B, KV, G, Tq, Tk] of grouped queries against one key block."""
+    s = jnp.einsum("bqkgd,btkd->bkgqt", q, k, preferred_element_type=jnp.float32) * scale
+    return jnp.where(mask[:, None, None], s, -jnp.inf)
+
+
+def _rotate(tree, axis_name, n):
+    perm = [(i, (i + 1) % n) for i in range(n)]
+    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
+
+
+def ring_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, axis_name: str, scale=None):
+    """This device's attention output [B, Tq, H, D], inside a shard_map over `axis_name` whose
+    blocks are the length dimension: q, positions and segment ids of this device's queries, k, v
+    and theirs of this device's keys (the same tokens, for self-attention)."""
+    scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    return _ring(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
+def _ring(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale):
+    return _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale)[0]
+
+
+def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale):
+    n = jax.lax.axis_size(axis_name)
+    b, tq, h, d = q.shape
+    kv = k.shape[2]
+    qg = _grouped(q, kv)
+    shape = (b, kv, h // kv, tq)
+
+    def step(carry, _):
+        acc, m, l, blk = carry
+        k_blk, v_blk, kp, ks = blk
+        mask = visible(q_pos, kp, q_seg, ks)
+
+        def attend(acc, m, l):
+            s = _block_scores(qg, k_blk, mask, scale)
+            m_new = jnp.maximum(m, s.max(-1))
+            m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
+            p = jnp.exp(s - m_safe[..., None])
+            correction = jnp.exp(m - m_safe)
+            acc = acc * correction[..., None] + jnp.einsum(
+                "bkgqt,btkd->bkgqd", p.astype(v_blk.dtype), v_blk,
+                preferred_element_type=jnp.float32)
+            return acc, m_new, l * correction + p.sum(-1)
+
+        acc, m, l = jax.lax.cond(mask.any(), attend, lambda *a: a, acc, m, l)
+        return (acc, m, l, _rotate(blk, axis_name, n)), None
+
+    init = (jnp.zeros(shape + (d,), jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32),
+            jnp.zeros(shape, jnp.float32), (k, v, k_pos, k_seg))
+    (acc, m, l, _), _ = jax.lax.scan(step, init, None, length=n)
+    seen = l > 0
+    out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
+    lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)      # [B, KV, G, Tq]
+    out = jnp.moveaxis(out, 3, 1).reshape(b, tq, h, d).astype(q.dtype)
+    return out, lse
+
+
+def _forward_rule(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale):
+    out, lse = _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale)
+    return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
+
+
+def _backward_rule(axis_name, scale, residuals, d_out):
+    q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
+    n = jax.lax.axis_size(axis_name)
+    kv = k.shape[2]
+    qg, dog = _grouped(q, kv), _grouped(d_out, kv)
+    # D_i = Σ_d dO_id · O_id: the softmax backward's row term.
+    delta = jnp.einsum("bqkgd,bqkgd->bkgq", dog.astype(jnp.float32),
+                       _grouped(out, kv).astype(jnp.float32))
+
+    def step(carry, _):
+        dq, blk = carry
+        k_blk, v_blk, kp, ks, dk_blk, dv_blk = blk
+        mask = visible(q_pos, kp, q_seg, ks)
+
+        def grads(dq, dk_blk, dv_blk):
+            p = jnp.exp(_block_scores(qg, k_blk, mask, scale) - lse[..., None])
+            dv_blk = dv_blk + jnp.einsum("bkgqt,bqkgd->btkd", p, dog.astype(jnp.float32))
+            dp = jnp.einsum("bqkgd,btkd->bkgqt", dog, v_blk, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta[..., None]) * scale
+            dq = dq + jnp.einsum("bkgqt,btkd->bqkgd", ds, k_blk.astype(jnp.float32))
+            dk_blk = dk_blk + jnp.einsum("bkgqt,bqkgd->btkd", ds, qg.astype(jnp.float32))
+            return dq, dk_blk, dv_blk
+
+        dq, dk_blk, dv_blk = jax.lax.cond(mask.any(), grads, lambda *a: a, dq, dk_blk, dv_blk)
+        # The key / value gradients travel with their blocks: after n hops they are home.
+        return (dq, _rotate((k_blk, v_blk, kp, ks, dk_blk, dv_blk), axis_name, n)), None
+
+    zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
+    init = (zeros(qg), (k, v, k_pos, k_seg, zeros(k), zeros(v)))
+    (dq, (_, _, _, _, dk, dv)), _ = jax.lax.scan(step, init, None, length=n)
+    return (dq.reshape(q.shape).astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype),
+            None, None, None, None)
+
+
+_ring.defvjp(_forward_rule, _backward_rule)
