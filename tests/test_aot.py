@@ -232,3 +232,20 @@ def test_pipelined_train_step_compiles_across_two_v5p_slices(name):
     compiled = sum(v["volume"] for v in report["collectives"].values())
     assert abs(sum(predicted["collective_volume"].values()) / compiled - 1) <= TOLERANCE
     assert predicted["comm_bytes"].get("pipeline/dcn", 0) > 0
+
+
+def test_ring_attention_train_step_compiles_for_v5p_4x4x4():
+    """model.context_parallel=ring with the length over `context` (8) and FSDP (8) on 64 v5p
+    chips: the key / value blocks (and their gradients) travel by collective-permute, in the
+    forward and backward passes of every layer."""
+    cfg = transformer.get_config("125m")
+    cfg.model.update(num_layers=2, d_model=256, num_heads=4, num_kv_heads=2, mlp_dim=512,
+                     vocab_size=1024, remat="full", context_parallel="ring")
+    cfg.batch_size, cfg.seq_len = 8, 8192
+    plan = cost.Plan.make({"context": 8, "fsdp": 8}, {}, "fsdp_tp", 1, "full")
+    report = compile_plan(cfg, topology_devices("v5p:4x4x4"), plan)
+    assert report["fits"] and 0 < report["bytes_per_device"] < report["hbm_bytes"]
+    # Per layer and ring step: k, v, positions and segment ids forward, and with dK and dV
+    # backward (counted with loop trips); the all-gather program has 72 (windowed gathers).
+    permutes = report["collectives"].get("collective-permute", {"count": 0})
+    assert permutes["count"] >= 2 * 8 * (4 + 6), report["collectives"]

@@ -1,0 +1,136 @@
+"""Context parallelism for softmax attention: ring attention (kernels/attention/ring.py) against
+GSPMD's all-gather of keys and values, the sequence split over n devices.
+
+    .venv/bin/python benchmarks/context.py [--T 8192,32768] [--devices 1,2,4,8] [--time_T 4096]
+
+1. Memory: for each T and n, the forward+backward program of causal attention over one packed
+   row (B = 1, H = 16 query heads, 4 KV heads, head dim 64, float32) is compiled on n emulated
+   CPU devices and its memory per device printed (XLA memory_analysis: arguments + outputs +
+   temporaries - aliased). "all_gather": `jax.nn.dot_product_attention` on q, k, v sharded over
+   the length (what model.context_parallel=all_gather compiles to); "ring": ring attention in a
+   shard_map. Compile only: the n = 1 programs do not fit this machine's memory at T = 32768.
+2. Work per device of causal attention, natural vs zigzag order (the data pipeline's order
+   under ring attention): visible query-key pairs and ring steps that are not skipped.
+3. CPU time at --time_T, ring vs all-gather on 8 emulated devices, side by side (interleaved,
+   median of 5); the emulated devices share this machine's cores, so this compares the work
+   the two programs do, not a cluster's speed.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import statistics
+import sys
+import time
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))   # benchmarks/gla.py's machine()
+
+import jax                      # noqa: E402
+import jax.numpy as jnp         # noqa: E402
+import numpy as np              # noqa: E402
+from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
+
+from gla import machine        # noqa: E402
+from paxlike.kernels.attention import dense_attention, ring_attention, zigzag_order  # noqa: E402
+
+B, H, KV, D = 1, 16, 4, 64
+
+
+def programs(n: int):
+    """{"all_gather": f, "ring": f}: (q, k, v, pos, seg) -> (loss, grads), jitted for n devices."""
+    mesh = jax.make_mesh((n,), ("context",), devices=jax.devices()[:n],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+    seq, ids = P(None, "context", None, None), P(None, "context")
+    ring = jax.shard_map(
+        lambda q, k, v, pos, seg: ring_attention(q, k, v, pos, pos, seg, seg, axis_name="context"),
+        mesh=mesh, in_specs=(seq, seq, seq, ids, ids), out_specs=seq, check_vma=False)
+
+    def grads(attend):
+        def loss(q, k, v, pos, seg):
+            o = attend(q, k, v, pos, seg)
+            return jnp.sum(o * o)
+        shard = lambda spec: NamedSharding(mesh, spec)
+        return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)),
+                       in_shardings=(shard(seq),) * 3 + (shard(ids),) * 2)
+    return {"all_gather": grads(dense_attention), "ring": grads(ring)}
+
+
+def inputs(T: int, abstract: bool):
+    shapes = [(B, T, H, D), (B, T, KV, D), (B, T, KV, D)]
+    if abstract:
+        return ([jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes]
+                + [jax.ShapeDtypeStruct((B, T), jnp.int32)] * 2)
+    r = np.random.default_rng(0)
+    return ([jnp.asarray(r.standard_normal(s), jnp.float32) for s in shapes]
+            + [jnp.arange(T, dtype=jnp.int32)[None], jnp.ones((B, T), jnp.int32)])
+
+
+def memory_mib(f, args) -> float:
+    m = f.lower(*args).compile().memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes) / 2 ** 20
+
+
+def work(T: int, n: int, order) -> tuple[list[int], list[int]]:
+    """Per device: visible causal (query, key) pairs, and ring steps with any visible pair."""
+    pos = np.asarray(order).reshape(n, -1)
+    pairs, steps = [], []
+    for i in range(n):
+        seen = [int((pos[j][None, :] <= pos[i][:, None]).sum()) for j in range(n)]
+        pairs.append(sum(seen))
+        steps.append(sum(1 for s in seen if s))
+    return pairs, steps
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--T", default="8192,32768")
+    p.add_argument("--devices", default="1,2,4,8")
+    p.add_argument("--time_T", type=int, default=4096)
+    a = p.parse_args()
+    print(f"machine: {machine()}")
+    print(f"B={B} H={H} KV={KV} D={D} float32, causal, forward+backward\n")
+    print("| T | devices | all-gather MiB/device | x of n=1 | ring MiB/device | x of n=1 | ring / all-gather |")
+    print("|---|---|---|---|---|---|---|")
+    for T in (int(t) for t in a.T.split(",")):
+        base = {}
+        for n in (int(d) for d in a.devices.split(",")):
+            mem = {name: memory_mib(f, inputs(T, abstract=True))
+                   for name, f in programs(n).items()}
+            base = base or mem
+            print(f"| {T} | {n} | {mem['all_gather']:.0f} | {mem['all_gather'] / base['all_gather']:.2f} | "
+                  f"{mem['ring']:.0f} | {mem['ring'] / base['ring']:.2f} | "
+                  f"{mem['ring'] / mem['all_gather']:.3f} |", flush=True)
+
+    print("\n| T | devices | order | visible pairs per device (max / min) | ring steps computed per device |")
+    print("|---|---|---|---|---|")
+    T = 32768
+    for n in (2, 4, 8):
+        for name, order in (("natural", np.arange(T)), ("zigzag", zigzag_order(T, n))):
+            pairs, steps = work(T, n, order)
+            print(f"| {T} | {n} | {name} | {max(pairs) / min(pairs):.2f} | {steps} |")
+
+    T, n = a.time_T, 8
+    args = inputs(T, abstract=False)
+    fs = programs(n)
+    for f in fs.values():
+        jax.block_until_ready(f(*args))
+    times = {name: [] for name in fs}
+    for _ in range(5):
+        for name, f in fs.items():
+            start = time.perf_counter()
+            jax.block_until_ready(f(*args))
+            times[name].append(time.perf_counter() - start)
+    (ag_loss, _), (ring_loss, _) = (fs[k](*args) for k in ("all_gather", "ring"))
+    ag, ring = (statistics.median(times[k]) for k in ("all_gather", "ring"))
+    print(f"\nCPU time, T={T}, {n} emulated devices, forward+backward, median of 5 interleaved: "
+          f"all-gather {ag * 1e3:.0f} ms, ring {ring * 1e3:.0f} ms (ring / all-gather "
+          f"{ring / ag:.2f}); losses {float(ag_loss):.6g} and {float(ring_loss):.6g}")
+
+
+if __name__ == "__main__":
+    main()
