@@ -18,7 +18,6 @@ GSPMD's all-gather of keys and values, the sequence split over n devices.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import statistics
 import sys
