@@ -33,7 +33,8 @@ def _ring_fn(ways):
     @functools.partial(jax.shard_map, mesh=mesh, in_specs=(seq, seq, seq, ids, ids),
                        out_specs=seq, check_vma=False)
     def attend(q, k, v, pos, seg):
-        return ring_attention(q, k, v, pos, pos, seg, seg, axis_name="context")
+        # Chunks of 4 keys: a block of 16 (2 ways) is attended in 4 chunks, one of 4 (8 ways) in 1.
+        return ring_attention(q, k, v, pos, pos, seg, seg, axis_name="context", key_chunk=4)
     return attend
 
 

@@ -7,7 +7,9 @@ are merged with an online softmax (running max and sum per query row). The mask 
 positions and segment ids, never from array indices: key j is visible to query i iff they are in
 the same segment (packed document) and pos_j <= pos_i, so any order of the tokens works (the
 zigzag order that balances causal work across devices included). A block with no visible pair
-is skipped. Rows that see nothing (never the case for a token that sees itself) give 0, not NaN.
+is skipped, `key_chunk` keys at a time (an arriving block is attended chunk by chunk with the same
+online softmax, so no score matrix larger than [T/n, key_chunk] per head is ever formed). Rows
+that see nothing (never the case for a token that sees itself) give 0, not NaN.
 
 The backward pass is a custom VJP that runs the ring again: each step recomputes its block's
 probabilities from the saved log-sum-exp and sends the key / value gradients on with their
@@ -64,43 +66,67 @@ def _rotate(tree, axis_name, n):
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
 
 
-def ring_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, axis_name: str, scale=None):
+def ring_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, axis_name: str, scale=None,
+                   key_chunk: int = 512):
     """This device's attention output [B, Tq, H, D], inside a shard_map over `axis_name` whose
     blocks are the length dimension: q, positions and segment ids of this device's queries, k, v
-    and theirs of this device's keys (the same tokens, for self-attention)."""
+    and theirs of this device's keys (the same tokens, for self-attention). Each arriving block
+    is attended `key_chunk` keys at a time, so no score matrix larger than [Tq, key_chunk] per
+    head exists: memory per device is linear in the block length."""
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
-    return _ring(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale)
+    chunk = _chunk(k.shape[1], key_chunk)
+    return _ring(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8))
-def _ring(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale):
-    return _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale)[0]
+def _chunk(length: int, wanted: int) -> int:
+    """The largest divisor of `length` that is at most `wanted`."""
+    return max(c for c in range(1, min(length, wanted) + 1) if length % c == 0)
 
 
-def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale):
+def _chunks(chunk, *arrays):
+    """Each [B, Tk, ...] array as [Tk / chunk, B, chunk, ...], for a scan over key chunks."""
+    split = lambda x: jnp.moveaxis(x.reshape(x.shape[0], -1, chunk, *x.shape[2:]), 1, 0)
+    return tuple(split(x) for x in arrays)
+
+
+def _unchunk(x):
+    """[Tk / chunk, B, chunk, ...] back to [B, Tk, ...]."""
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], -1, *x.shape[3:])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _ring(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk):
+    return _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk)[0]
+
+
+def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk):
     n = jax.lax.axis_size(axis_name)
     b, tq, h, d = q.shape
     kv = k.shape[2]
     qg = _grouped(q, kv)
     shape = (b, kv, h // kv, tq)
 
-    def step(carry, _):
-        acc, m, l, blk = carry
-        k_blk, v_blk, kp, ks = blk
+    def key_chunk(carry, keys):
+        k_c, v_c, kp, ks = keys
         mask = visible(q_pos, kp, q_seg, ks)
 
         def attend(acc, m, l):
-            s = _block_scores(qg, k_blk, mask, scale)
+            s = _block_scores(qg, k_c, mask, scale)
             m_new = jnp.maximum(m, s.max(-1))
             m_safe = jnp.where(jnp.isfinite(m_new), m_new, 0.0)
             p = jnp.exp(s - m_safe[..., None])
             correction = jnp.exp(m - m_safe)
             acc = acc * correction[..., None] + jnp.einsum(
-                "bkgqt,btkd->bkgqd", p.astype(v_blk.dtype), v_blk,
+                "bkgqt,btkd->bkgqd", p.astype(v_c.dtype), v_c,
                 preferred_element_type=jnp.float32)
             return acc, m_new, l * correction + p.sum(-1)
 
-        acc, m, l = jax.lax.cond(mask.any(), attend, lambda *a: a, acc, m, l)
+        return jax.lax.cond(mask.any(), attend, lambda *a: a, *carry), None
+
+    def step(carry, _):
+        acc, m, l, blk = carry
+        (acc, m, l), _ = jax.lax.scan(key_chunk, (acc, m, l), _chunks(chunk, *blk))
         return (acc, m, l, _rotate(blk, axis_name, n)), None
 
     init = (jnp.zeros(shape + (d,), jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32),
@@ -113,12 +139,12 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale):
     return out, lse
 
 
-def _forward_rule(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale):
-    out, lse = _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale)
+def _forward_rule(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk):
+    out, lse = _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk)
     return out, (q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse)
 
 
-def _backward_rule(axis_name, scale, residuals, d_out):
+def _backward_rule(axis_name, scale, chunk, residuals, d_out):
     q, k, v, q_pos, k_pos, q_seg, k_seg, out, lse = residuals
     n = jax.lax.axis_size(axis_name)
     kv = k.shape[2]
@@ -127,21 +153,27 @@ def _backward_rule(axis_name, scale, residuals, d_out):
     delta = jnp.einsum("bqkgd,bqkgd->bkgq", dog.astype(jnp.float32),
                        _grouped(out, kv).astype(jnp.float32))
 
+    def key_chunk(dq, keys):
+        k_c, v_c, kp, ks = keys
+        mask = visible(q_pos, kp, q_seg, ks)
+
+        def grads(dq):
+            p = jnp.exp(_block_scores(qg, k_c, mask, scale) - lse[..., None])
+            dv_c = jnp.einsum("bkgqt,bqkgd->btkd", p, dog.astype(jnp.float32))
+            dp = jnp.einsum("bqkgd,btkd->bkgqt", dog, v_c, preferred_element_type=jnp.float32)
+            ds = p * (dp - delta[..., None]) * scale
+            dq = dq + jnp.einsum("bkgqt,btkd->bqkgd", ds, k_c.astype(jnp.float32))
+            return dq, jnp.einsum("bkgqt,bqkgd->btkd", ds, qg.astype(jnp.float32)), dv_c
+
+        skip = lambda dq: (dq, jnp.zeros(k_c.shape, jnp.float32), jnp.zeros(v_c.shape, jnp.float32))
+        dq, dk_c, dv_c = jax.lax.cond(mask.any(), grads, skip, dq)
+        return dq, (dk_c, dv_c)
+
     def step(carry, _):
         dq, blk = carry
         k_blk, v_blk, kp, ks, dk_blk, dv_blk = blk
-        mask = visible(q_pos, kp, q_seg, ks)
-
-        def grads(dq, dk_blk, dv_blk):
-            p = jnp.exp(_block_scores(qg, k_blk, mask, scale) - lse[..., None])
-            dv_blk = dv_blk + jnp.einsum("bkgqt,bqkgd->btkd", p, dog.astype(jnp.float32))
-            dp = jnp.einsum("bqkgd,btkd->bkgqt", dog, v_blk, preferred_element_type=jnp.float32)
-            ds = p * (dp - delta[..., None]) * scale
-            dq = dq + jnp.einsum("bkgqt,btkd->bqkgd", ds, k_blk.astype(jnp.float32))
-            dk_blk = dk_blk + jnp.einsum("bkgqt,bqkgd->btkd", ds, qg.astype(jnp.float32))
-            return dq, dk_blk, dv_blk
-
-        dq, dk_blk, dv_blk = jax.lax.cond(mask.any(), grads, lambda *a: a, dq, dk_blk, dv_blk)
+        dq, (dk_c, dv_c) = jax.lax.scan(key_chunk, dq, _chunks(chunk, k_blk, v_blk, kp, ks))
+        dk_blk, dv_blk = dk_blk + _unchunk(dk_c), dv_blk + _unchunk(dv_c)
         # The key / value gradients travel with their blocks: after n hops they are home.
         return (dq, _rotate((k_blk, v_blk, kp, ks, dk_blk, dv_blk), axis_name, n)), None
 
