@@ -274,7 +274,9 @@ def import_run(hf_dir: str, cfg, workdir: str) -> dict:
     from paxlike import loop
 
     hf_config = read_llama_config(hf_dir)
-    cfg.model = model_config_from_llama(hf_config, cfg.model)
+    model = model_config_from_llama(hf_config, cfg.model)
+    with cfg.unlocked():          # the command line's config is locked against new keys
+        cfg.model = model
     reader = Reader(hf_dir)
     if storage.exists(storage.join(workdir, "checkpoints")):
         raise UserError(f"--workdir={workdir} already holds checkpoints; import into a new "
