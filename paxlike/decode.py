@@ -93,6 +93,7 @@ class Generation:
     step_s: list[float]            # each decode step's run time (one token for every row)
     cache_bytes: int               # the cache (KV cache or recurrent state) of one row
     compile_s: float               # compiling the prefill and the decode step
+    logits: np.ndarray | None = None   # with keep_logits: [steps, prompts, vocab]
 
     @property
     def decode_steps(self) -> int:
@@ -147,8 +148,7 @@ class Decoder:
                  keep_logits: bool = False) -> Generation:
         """Up to `max_new_tokens` tokens after each prompt (non-empty token lists), stopping a
         row at `eos_id`. `on_tokens(ids [len(prompts)])` sees every step's sampled ids as they
-        arrive (for streaming). `keep_logits`: also return every step's logits (`.logits`,
-        [steps, len(prompts), vocab]), for tests."""
+        arrive (for streaming). `keep_logits`: also return every step's logits, for tests."""
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token")
         if max_new_tokens < 1:
@@ -190,9 +190,7 @@ class Decoder:
             tokens, logits, cache = step(params, cache, tokens, key, jnp.int32(i + 1))
             tokens.block_until_ready()
             step_s.append(time.perf_counter() - begin)
-        result = Generation(tokens=out, prompt_tokens=int(batch["tokens"].size),
-                            prefill_s=prefill_s, step_s=step_s, compile_s=compile_s,
-                            cache_bytes=cache_bytes // rows)
-        if keep_logits:
-            result.logits = np.stack(kept)
-        return result
+        return Generation(tokens=out, prompt_tokens=int(batch["tokens"].size),
+                          prefill_s=prefill_s, step_s=step_s, compile_s=compile_s,
+                          cache_bytes=cache_bytes // rows,
+                          logits=np.stack(kept) if keep_logits else None)
