@@ -91,6 +91,18 @@ def log_info_quietly() -> None:
     logging.get_absl_handler().addFilter(_quiet_library_logs)
 
 
+def emulate_cpu_devices(count: int | None) -> None:
+    """`--cpu_devices=N`: N emulated CPU devices, set before any JAX backend starts (None: the
+    machine's own devices)."""
+    if count is None:
+        return
+    if count < 1:
+        raise UserError(f"--cpu_devices={count} must be >= 1")
+    import jax
+    jax.config.update("jax_num_cpu_devices", count)
+    jax.config.update("jax_platforms", "cpu")
+
+
 def print_error(message: str) -> None:
     """Prints `paxlike: error: <message>` as one line on stderr."""
     logging.flush()

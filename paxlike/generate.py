@@ -115,11 +115,7 @@ class Stream:
 
 def main(f: types.SimpleNamespace) -> None:
     import jax
-    if f.cpu_devices.value is not None:
-        if f.cpu_devices.value < 1:
-            raise UserError(f"--cpu_devices={f.cpu_devices.value} must be >= 1")
-        jax.config.update("jax_num_cpu_devices", f.cpu_devices.value)
-        jax.config.update("jax_platforms", "cpu")
+    cli.emulate_cpu_devices(f.cpu_devices.value)
     from paxlike import checkpoint, config, decode, family, sharding
     from paxlike.data import tokenizer as tokenizer_lib
     from paxlike.mesh import build_mesh

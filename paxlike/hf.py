@@ -401,13 +401,12 @@ def _required(flag, what: str) -> str:
 
 
 def main(cfg, command: str, f: types.SimpleNamespace) -> None:
-    import jax
-    if f.cpu_devices.value is not None:
-        jax.config.update("jax_num_cpu_devices", f.cpu_devices.value)
-        jax.config.update("jax_platforms", "cpu")
+    cli.emulate_cpu_devices(f.cpu_devices.value)
     workdir = _required(f.workdir, "the paxlike run's directory")
     if command == "export":
         out = _required(f.out, "the Hugging Face directory to write")
+        if f.max_shard_gb.value <= 0:
+            raise UserError(f"--max_shard_gb={f.max_shard_gb.value} must be > 0")
         summary = export_run(workdir, out, step=f.step.value, dtype=f.dtype.value,
                              max_shard_bytes=int(f.max_shard_gb.value * 1024 ** 3))
         print(f"exported step {summary['step']} of {workdir} to {out}: {summary['tensors']} "
@@ -429,7 +428,9 @@ def main(cfg, command: str, f: types.SimpleNamespace) -> None:
             rng = np.random.default_rng(0)
             tokens = rng.integers(0, run_cfg.model.vocab_size, f.tokens.value).tolist()
         if not tokens:
-            raise UserError("--prompt is empty; give text, or leave it out for random tokens")
+            raise UserError("--prompt is empty; give text, or leave it out for random tokens"
+                            if f.prompt.value is not None else
+                            f"--tokens={f.tokens.value} must be >= 1")
         print(json.dumps(compare(workdir, hf_dir, tokens, step=f.step.value), indent=2))
 
 

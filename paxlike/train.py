@@ -72,11 +72,7 @@ def distributed_args(env: Mapping[str, str], coordinator_address: str | None = N
 
 def _setup_jax():
     import jax  # imported here so --cpu_devices applies before any JAX backend starts
-    if _CPU_DEVICES.value is not None:
-        if _CPU_DEVICES.value < 1:
-            raise UserError(f"--cpu_devices={_CPU_DEVICES.value} must be >= 1")
-        jax.config.update("jax_num_cpu_devices", _CPU_DEVICES.value)
-        jax.config.update("jax_platforms", "cpu")
+    cli.emulate_cpu_devices(_CPU_DEVICES.value)
     given = (_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     if not _DISTRIBUTED.value and given == (None, None, None):
         return

@@ -62,6 +62,14 @@ def test_ring_equals_attention_over_the_whole_sequence(ways, zigzag):
         np.testing.assert_allclose(g[:, back], w, rtol=1e-5, atol=1e-5, err_msg=name)
 
 
+def test_bad_arguments_are_named():
+    q, k, v, pos, seg = _inputs()
+    with pytest.raises(ValueError, match="key_chunk=0 must be >= 1"):
+        ring_attention(q, k, v, pos, pos, seg, seg, axis_name="context", key_chunk=0)
+    with pytest.raises(ValueError, match="length 30 must be a multiple of 2 x 4"):
+        zigzag_order(30, 4)
+
+
 def test_zigzag_balances_the_visible_blocks():
     """Counted per device over a causal sequence: the natural order leaves device 0 one block of
     work and device n-1 all n; the zigzag order gives every device the same."""

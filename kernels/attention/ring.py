@@ -74,6 +74,8 @@ def ring_attention(q, k, v, q_pos, k_pos, q_seg, k_seg, *, axis_name: str, scale
     is attended `key_chunk` keys at a time, so no score matrix larger than [Tq, key_chunk] per
     head exists: memory per device is linear in the block length."""
     scale = float(q.shape[-1] ** -0.5 if scale is None else scale)
+    if key_chunk < 1:
+        raise ValueError(f"key_chunk={key_chunk} must be >= 1 (keys attended at a time)")
     chunk = _chunk(k.shape[1], key_chunk)
     return _ring(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk)
 
@@ -124,14 +126,18 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk):
 
         return jax.lax.cond(mask.any(), attend, lambda *a: a, *carry), None
 
+    def attend_block(acc, m, l, blk):
+        return jax.lax.scan(key_chunk, (acc, m, l), _chunks(chunk, *blk))[0]
+
     def step(carry, _):
         acc, m, l, blk = carry
-        (acc, m, l), _ = jax.lax.scan(key_chunk, (acc, m, l), _chunks(chunk, *blk))
-        return (acc, m, l, _rotate(blk, axis_name, n)), None
+        return (*attend_block(acc, m, l, blk), _rotate(blk, axis_name, n)), None
 
     init = (jnp.zeros(shape + (d,), jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32),
             jnp.zeros(shape, jnp.float32), (k, v, k_pos, k_seg))
-    (acc, m, l, _), _ = jax.lax.scan(step, init, None, length=n)
+    # n - 1 hops bring every other block here; the last block needs no hop onward.
+    (acc, m, l, blk), _ = jax.lax.scan(step, init, None, length=n - 1)
+    acc, m, l = attend_block(acc, m, l, blk)
     seen = l > 0
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)
     lse = jnp.where(seen, m + jnp.log(jnp.where(seen, l, 1.0)), 0.0)      # [B, KV, G, Tq]
