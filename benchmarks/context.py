@@ -2,6 +2,7 @@
 GSPMD's all-gather of keys and values, the sequence split over n devices.
 
     .venv/bin/python benchmarks/context.py [--T 8192,32768] [--devices 1,2,4,8] [--time_T 4096]
+        [--rnn_T 32768] [--parts attention,pararnn]
 
 1. Memory: for each T and n, the forward+backward program of causal attention over one packed
    row (B = 1, H = 16 query heads, 4 KV heads, head dim 64, float32) is compiled on n emulated
@@ -14,6 +15,10 @@ GSPMD's all-gather of keys and values, the sequence split over n devices.
 3. CPU time at --time_T, ring vs all-gather on 8 emulated devices, side by side (interleaved,
    median of 5); the emulated devices share this machine's cores, so this compares the work
    the two programs do, not a cluster's speed.
+4. ParaRNN: compiled memory per device of a ParaGRU layer's Newton solve, forward+backward
+   (B = 1, d = 256, float32, 3 iterations, associative scan), at --rnn_T for each n: the length
+   whole on every device (the sequence gathered) vs split over the devices
+   (`solve(axis_name=...)`, the blocks passing states on).
 """
 from __future__ import annotations
 
@@ -35,6 +40,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P  # noqa: E402
 
 from gla import machine        # noqa: E402
 from paxlike.kernels.attention import dense_attention, ring_attention, zigzag_order  # noqa: E402
+from paxlike.kernels import pararnn  # noqa: E402
+from paxlike.kernels.pararnn import cells  # noqa: E402
 
 B, H, KV, D = 1, 16, 4, 64
 
@@ -56,6 +63,31 @@ def programs(n: int):
         return jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)),
                        in_shardings=(shard(seq),) * 3 + (shard(ids),) * 2)
     return {"all_gather": grads(dense_attention), "ring": grads(ring)}
+
+
+def pararnn_programs(n: int, d: int = 256):
+    """{"gathered": f, "split": f}: (params, x [1, T, 3, d]) -> grads, the solve per device."""
+    mesh = jax.make_mesh((n,), ("context",), devices=jax.devices()[:n],
+                         axis_types=(jax.sharding.AxisType.Auto,))
+
+    def program(split: bool):
+        length = "context" if split else None
+
+        def solve(p, x):
+            h0 = jnp.zeros((x.shape[0], d), jnp.float32)
+            return pararnn.solve(lambda h, xx: cells.paragru_cell(p, h, xx), h0, x, impl="xla",
+                                 axis_name="context" if split else None)
+        per_device = jax.shard_map(solve, mesh=mesh, in_specs=(P(), P(None, length)),
+                                   out_specs=P(None, length), check_vma=False)
+        loss = lambda p, x: jnp.sum(jnp.tanh(per_device(p, x)))  # noqa: E731
+        return jax.jit(jax.grad(loss, argnums=(0, 1)), in_shardings=(
+            NamedSharding(mesh, P()), NamedSharding(mesh, P(None, "context"))))
+    return {"gathered": program(False), "split": program(True)}
+
+
+def pararnn_inputs(T: int, d: int = 256):
+    params = jax.eval_shape(lambda: cells.init_paragru(jax.random.PRNGKey(0), d))
+    return params, jax.ShapeDtypeStruct((1, T, 3, d), jnp.float32)
 
 
 def inputs(T: int, abstract: bool):
@@ -90,8 +122,21 @@ def main():
     p.add_argument("--T", default="8192,32768")
     p.add_argument("--devices", default="1,2,4,8")
     p.add_argument("--time_T", type=int, default=4096)
+    p.add_argument("--rnn_T", type=int, default=32768)
+    p.add_argument("--parts", default="attention,pararnn",
+                   help="attention (sections 1-3) and / or pararnn (section 4)")
     a = p.parse_args()
+    parts = set(a.parts.split(","))
+    if not parts or parts - {"attention", "pararnn"}:
+        p.error(f"--parts={a.parts}: choose from attention, pararnn (comma-separated)")
     print(f"machine: {machine()}")
+    if "attention" in parts:
+        attention_tables(a)
+    if "pararnn" in parts:
+        pararnn_table(a)
+
+
+def attention_tables(a):
     print(f"B={B} H={H} KV={KV} D={D} float32, causal, forward+backward\n")
     print("| T | devices | all-gather MiB/device | x of n=1 | ring MiB/device | x of n=1 | ring / all-gather |")
     print("|---|---|---|---|---|---|---|")
@@ -129,6 +174,19 @@ def main():
     print(f"\nCPU time, T={T}, {n} emulated devices, forward+backward, median of 5 interleaved: "
           f"all-gather {ag * 1e3:.0f} ms, ring {ring * 1e3:.0f} ms (ring / all-gather "
           f"{ring / ag:.2f}); losses {float(ag_loss):.6g} and {float(ring_loss):.6g}")
+
+
+def pararnn_table(a):
+    print(f"\nParaGRU Newton solve, forward+backward, B=1, d=256, T={a.rnn_T}, float32\n")
+    print("| devices | length gathered MiB/device | x of n=1 | length split MiB/device | x of n=1 |")
+    print("|---|---|---|---|---|")
+    base = {}
+    for n in (int(d) for d in a.devices.split(",")):
+        mem = {name: memory_mib(f, pararnn_inputs(a.rnn_T))
+               for name, f in pararnn_programs(n).items()}
+        base = base or mem
+        print(f"| {n} | {mem['gathered']:.0f} | {mem['gathered'] / base['gathered']:.2f} | "
+              f"{mem['split']:.0f} | {mem['split'] / base['split']:.2f} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from paxlike.kernels import pararnn
 from paxlike.kernels.pararnn import cells
 from paxlike.models import layers
 from paxlike.planner import workingset
-from paxlike.sharding import constrain, per_shard
+from paxlike.sharding import active_axes, constrain, per_shard
 
 CELLS = ("gru", "lstm")
 SOLVER_IMPLS = pararnn.IMPLS     # auto | reference | xla | pallas (paxlike.kernels.platform)
@@ -179,6 +179,15 @@ class ParaCell(nnx.Module):
         cfg = self.cfg
         x = self.gate_inputs(u)
 
+        # Pallas kernels are opaque to the SPMD partitioner: solve per shard, split over batch
+        # and channels (independent: the recurrence is per channel). With the length split over
+        # `context` each device holds one block of the sequence and the blocks pass states,
+        # Newton corrections and adjoints on (kernels/pararnn/context.py); otherwise the length
+        # arrives whole. With newton_tol each shard of batch and channels stops on its own
+        # residual (the blocks of one sequence stop together).
+        context = active_axes("length")
+        length = "length" if context else None
+
         def solve(x, keep, params):
             cell, jacobian, kind = self.step_functions(params)
             b, t, _, di = x.shape
@@ -189,15 +198,13 @@ class ParaCell(nnx.Module):
                 cell, h0, (x, keep), jacobian=kind, jacobian_fn=jacobian,
                 iterations=cfg.newton_iterations, tol=cfg.newton_tol or None,
                 impl=cfg.solver_impl, warn=cfg.warn_unconverged,
-                fallback=None if cfg.solver_fallback == "none" else cfg.solver_fallback)
+                fallback=None if cfg.solver_fallback == "none" else cfg.solver_fallback,
+                axis_name=context or None)
             return hs
-        # Pallas kernels are opaque to the SPMD partitioner: solve per shard, split over batch
-        # and channels (independent: the recurrence is per channel), the length whole. With
-        # newton_tol each shard stops on its own residual.
         names = self.state_names
         hs = per_shard(solve, (x, keep.astype(jnp.float32), self.recurrent_params()),
-                       (("batch", None, None, "mlp"), ("batch", None), ("mlp",)),
-                       names[:1] + (None,) + names[1:])
+                       (("batch", length, None, "mlp"), ("batch", length), ("mlp",)),
+                       names[:1] + (length,) + names[1:])
         h = constrain(hs[:, :, 1] if self.kind == "lstm" else hs,  # LSTM's state is [c; h]: read h
                       ("batch", "length", "mlp"))
         return (h, constrain(hs[:, -1], names)) if final_state else h

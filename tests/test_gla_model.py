@@ -61,7 +61,7 @@ def test_trains_with_tensor_and_context_parallelism_same_as_one_device(tmp_path)
     assert single.shape == (4,) and single[-1] < single[0]
     # heads over tensor, and the sequence over context, its blocks passing states on (fsdp has
     # nothing GLA-specific: tests/test_train.py covers it)
-    for mesh in ({"data": 2, "context": 2, "tensor": 2},):
+    for mesh in ({"data": 2, "context": 2, "tensor": 2}, {"context": 4, "fsdp": 2}):
         sharded = np.array(loop.run(_config(**{f"mesh.{k}": v for k, v in mesh.items()}),
                                     str(tmp_path / "_".join(mesh))))
         np.testing.assert_allclose(sharded, single, rtol=1e-5, err_msg=str(mesh))

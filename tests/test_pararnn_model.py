@@ -31,13 +31,15 @@ def model_config(**overrides):
 
 def test_paragru_lm_same_losses_on_8_devices_as_on_one(tmp_path):
     # Newton + associative scan (not the CPU default, lax.scan): the solver itself under SPMD, with
-    # the batch over data x fsdp and the cell's channels over tensor.
+    # the batch over data x fsdp and the cell's channels over tensor; then the sequence split
+    # over context 4 (x fsdp 2), the blocks passing states, corrections and adjoints on.
     newton = {"model.solver_impl": "xla", "model.num_layers": 1}
     single = loop.run(small_config(**newton), str(tmp_path / "one"), devices=jax.devices()[:1])
-    mesh = {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}
-    sharded = loop.run(small_config(**newton, **mesh), str(tmp_path / "eight"))
     assert len(single) == 4 and single[-1] < single[0]
-    np.testing.assert_allclose(sharded, single, rtol=1e-5)
+    for mesh in ({"data": 2, "fsdp": 2, "tensor": 2}, {"context": 4, "fsdp": 2}):
+        sharded = loop.run(small_config(**newton, **{f"mesh.{k}": v for k, v in mesh.items()}),
+                           str(tmp_path / "_".join(mesh)))
+        np.testing.assert_allclose(sharded, single, rtol=1e-5, err_msg=str(mesh))
 
 
 def _row(lengths, total):

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import context
 from . import scan as scan_lib
 
 JACOBIANS = ("diagonal", "block2", "dense")
@@ -61,6 +62,30 @@ class _Config:
     fallback_iterations: int
     warn: bool
     with_residual: bool  # reference impl: compute the (tiny) residual only when asked for
+    axis_name: Any = None  # mesh axes the sequence is split over (inside shard_map), or None
+
+
+def _shift(cfg, h0, H):
+    """h_{l-1} for every step (h0 before the first; across blocks when the sequence is split)."""
+    if cfg.axis_name:
+        return context.shift_in(h0, H, cfg.axis_name)
+    return scan_lib.shift_in(h0, H, False)
+
+
+def _scan(cfg, a, b, h0, reverse=False):
+    if cfg.axis_name:
+        return context.scan(cfg.kind, a, b, h0, reverse=reverse, impl=cfg.impl,
+                            axis_name=cfg.axis_name)
+    return scan_lib.scan_raw(cfg.kind, a, b, h0, reverse=reverse, impl=cfg.impl)
+
+
+def _residual(cfg, consts, h0, xs, H):
+    """max_l |f(h_{l-1}, x_l) - h_l| over the whole sequence (every block agrees on it)."""
+    return _global_max(cfg, _max_abs(_cell_all(cfg, consts, _shift(cfg, h0, H), xs) - H))
+
+
+def _global_max(cfg, x):
+    return jax.lax.pmax(x, cfg.axis_name) if cfg.axis_name else x
 
 
 # ----------------------------------------------------------------------------------------------
@@ -121,11 +146,15 @@ def _reference_solve(cfg, consts, h0, xs):
         h = jax.vmap(lambda hh, xx: cfg.cell(hh, xx, *consts).astype(hh.dtype))(h, x)
         return h, h
 
-    _, hs = lax.scan(step, h0, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), xs))
-    return jnp.moveaxis(hs, 0, 1)
+    def solve_block(h_in):
+        _, hs = lax.scan(step, h_in, jax.tree.map(lambda x: jnp.moveaxis(x, 1, 0), xs))
+        return jnp.moveaxis(hs, 0, 1)
+    if cfg.axis_name:
+        return context.relay(solve_block, h0, cfg.axis_name)
+    return solve_block(h0)
 
 
-def _newton_loop(cfg, consts, jconsts, h0, xs, H, n_iters, damped, scan_impl):
+def _newton_loop(cfg, consts, jconsts, h0, xs, H, n_iters, damped):
     """Up to ``n_iters`` Newton steps from H; stops early once under ``cfg.tol`` when one is set.
 
     A while_loop even for a fixed count: one copy of the scan kernel in the program (unrolling
@@ -136,12 +165,12 @@ def _newton_loop(cfg, consts, jconsts, h0, xs, H, n_iters, damped, scan_impl):
     zeros = jnp.zeros_like(h0)
 
     def linearise(H):
-        F, J = _f_and_jac(cfg, consts, jconsts, scan_lib.shift_in(h0, H, False), xs)
+        F, J = _f_and_jac(cfg, consts, jconsts, _shift(cfg, h0, H), xs)
         r = F - H
-        return r, (_damp(cfg.kind, J) if damped else J), _max_abs(r)
+        return r, (_damp(cfg.kind, J) if damped else J), _global_max(cfg, _max_abs(r))
 
     def newton_step(H, r, J):
-        return H + scan_lib.scan_raw(cfg.kind, J, r, zeros, impl=scan_impl)
+        return H + _scan(cfg, J, r, zeros)
 
     def cond(c):
         k, _, _, _, res, _ = c
@@ -175,15 +204,14 @@ def _forward(cfg, consts, jconsts, h0, xs):
     if cfg.impl == "reference":
         H = _reference_solve(cfg, consts, h0, xs)
         if cfg.with_residual:
-            res = _max_abs(_cell_all(cfg, consts, scan_lib.shift_in(h0, H, False), xs) - H)
+            res = _residual(cfg, consts, h0, xs, H)
         else:
             res = jnp.float32(0.0)  # exact by construction (up to rounding)
         return H, dict(residuals=res[None], iterations=jnp.int32(0), final_residual=res,
                        converged=jnp.bool_(True), fallback_used=jnp.bool_(False))
 
     H_init = _cell_all(cfg, consts, jnp.zeros(_xs_lead(xs) + h0.shape[1:], h0.dtype), xs)
-    H, hist, k = _newton_loop(cfg, consts, jconsts, h0, xs, H_init, cfg.iterations, False,
-                              cfg.impl)
+    H, hist, k = _newton_loop(cfg, consts, jconsts, h0, xs, H_init, cfg.iterations, False)
     res = hist[-1]
     converged = _converged(res, cfg.threshold)
     fallback_used = jnp.bool_(False)
@@ -191,13 +219,15 @@ def _forward(cfg, consts, jconsts, h0, xs):
         def recover(H):
             if cfg.fallback == "reference":
                 H = _reference_solve(cfg, consts, h0, xs)
-                return H, _max_abs(_cell_all(cfg, consts, scan_lib.shift_in(h0, H, False), xs) - H)
+                return H, _residual(cfg, consts, h0, xs, H)
             # Damped: continue from the Newton iterate per sequence when it is finite, else
             # restart from the initial guess (a diverged Newton iterate is no starting point).
             finite = jnp.all(jnp.isfinite(H), axis=tuple(range(1, H.ndim)), keepdims=True)
+            if cfg.axis_name:  # a sequence restarts on every block or on none
+                finite = _global_max(cfg, (~finite).astype(jnp.int32)) == 0
             H = jnp.where(finite, H, H_init)
             H, dhist, _ = _newton_loop(cfg, consts, jconsts, h0, xs, H,
-                                       cfg.fallback_iterations, True, cfg.impl)
+                                       cfg.fallback_iterations, True)
             return H, dhist[-1]
 
         fallback_used = ~converged
@@ -236,14 +266,22 @@ def _zero_cotangent(x):
 def _solve_bwd(cfg, saved, cts):
     consts, jconsts, h0, xs, H = saved
     g = cts[0]
-    hprev = scan_lib.shift_in(h0, H, False)
+    hprev = _shift(cfg, h0, H)
     _, J = _f_and_jac(cfg, consts, jconsts, hprev, xs)
     # reference impl: the adjoint is a lax.scan too; otherwise the same kernel, reversed
-    lam = scan_lib.scan_raw(cfg.kind, scan_lib.adjoint_coefficients(cfg.kind, J, False),
-                            g.astype(H.dtype), jnp.zeros_like(h0), reverse=True, impl=cfg.impl)
+    coefficients = scan_lib.adjoint_coefficients(cfg.kind, J, False)
+    dh0 = lambda dhprev: dhprev[:, 0]  # noqa: E731
+    if cfg.axis_name:
+        # lambda_l = g_l + J_{l+1}^T lambda_{l+1}: at the block's last step J_{l+1} is the next
+        # block's first; the state passed back is that block's lambda. Only block 0 reads h0.
+        last = scan_lib.transpose(cfg.kind, context.next_first(J, cfg.axis_name))
+        coefficients = coefficients.at[:, -1].set(last)
+        first = jax.lax.axis_index(cfg.axis_name) == 0
+        dh0 = lambda dhprev: jnp.where(first, dhprev[:, 0], 0)  # noqa: E731
+    lam = _scan(cfg, coefficients, g.astype(H.dtype), jnp.zeros_like(h0), reverse=True)
     _, vjp = jax.vjp(lambda c, x, hp: _cell_all(cfg, c, hp, x), consts, xs, hprev)
     dconsts, dxs, dhprev = vjp(lam)
-    return dconsts, [_zero_cotangent(c) for c in jconsts], dhprev[:, 0], dxs
+    return dconsts, [_zero_cotangent(c) for c in jconsts], dh0(dhprev), dxs
 
 
 _solve_core.defvjp(_solve_fwd, _solve_bwd)
@@ -255,7 +293,7 @@ _solve_core.defvjp(_solve_fwd, _solve_bwd)
 def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations: int = 3,
           tol: float | None = None, impl: str = "auto", return_info: bool = False,
           jacobian_fn: Callable | None = None, fallback: str | None = None,
-          fallback_iterations: int | None = None, warn: bool = True):
+          fallback_iterations: int | None = None, warn: bool = True, axis_name=None):
     """Run ``h_l = cell(h_{l-1}, x_l)`` over sequences; returns hs [..., L, *state].
 
     Args:
@@ -284,6 +322,12 @@ def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations
         (further quasi-Newton steps with Jacobian blocks scaled to norm <= 1).
       fallback_iterations: damped steps at most (default max(4 * iterations, 16)).
       warn: emit a ``ConvergenceWarning`` from the program when the result is not converged.
+      axis_name: inside ``shard_map``, the mesh axis (or axes) the sequence is split over: xs
+        holds this device's block of L, h0 is the state before the whole sequence, and the
+        blocks pass states, Newton corrections and adjoints to each other
+        (``kernels/pararnn/context.py``). Newton's stopping test and the reported residuals are
+        taken over the whole sequence; impl "reference" relays the sequential scan block to
+        block (exact, as much work as one device scanning everything).
     """
     if jacobian not in JACOBIANS:
         raise ValueError(f"unknown jacobian {jacobian!r}; expected one of {JACOBIANS}")
@@ -348,7 +392,8 @@ def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations
             threshold=float(tol) if tol is not None else default_tol(h0.dtype), impl=impl,
             fallback=fallback,
             fallback_iterations=fallback_iterations or max(4 * iterations, 16), warn=warn,
-            with_residual=return_info)
+            with_residual=return_info,
+            axis_name=tuple(axis_name) if isinstance(axis_name, (tuple, list)) else axis_name)
         H, info = _solve_core(cfg, list(consts), list(jconsts), h0f, xsf)
         H = H.reshape(batch + (length,) + state)
         return (H, info) if return_info else H
