@@ -2,7 +2,7 @@
 GSPMD's all-gather of keys and values, the sequence split over n devices.
 
     .venv/bin/python benchmarks/context.py [--T 8192,32768] [--devices 1,2,4,8] [--time_T 4096]
-        [--rnn_T 32768] [--parts attention,pararnn]
+        [--rnn_T 32768] [--splash_T 8192] [--parts attention,pararnn,splash]
 
 1. Memory: for each T and n, the forward+backward program of causal attention over one packed
    row (B = 1, H = 16 query heads, 4 KV heads, head dim 64, float32) is compiled on n emulated
@@ -19,6 +19,11 @@ GSPMD's all-gather of keys and values, the sequence split over n devices.
    (B = 1, d = 256, float32, 3 iterations, associative scan), at --rnn_T for each n: the length
    whole on every device (the sequence gathered) vs split over the devices
    (`solve(axis_name=...)`, the blocks passing states on).
+5. Splash attention on TPU (needs the `tpu` extra: libtpu compiles for a v5p topology ahead of
+   time, no TPU needed): compiled memory per chip of a Transformer train step (2 layers, d 256,
+   4 / 2 heads, batch 8, remat full) at --splash_T, model.attention_impl xla vs splash, without
+   context parallelism (fsdp 8 on v5p:2x2x2) and with all-gather context parallelism (context 4
+   x fsdp 4 on v5p:2x2x4), beside the planner's prediction for each.
 """
 from __future__ import annotations
 
@@ -123,17 +128,20 @@ def main():
     p.add_argument("--devices", default="1,2,4,8")
     p.add_argument("--time_T", type=int, default=4096)
     p.add_argument("--rnn_T", type=int, default=32768)
-    p.add_argument("--parts", default="attention,pararnn",
-                   help="attention (sections 1-3) and / or pararnn (section 4)")
+    p.add_argument("--splash_T", type=int, default=8192)
+    p.add_argument("--parts", default="attention,pararnn,splash",
+                   help="attention (sections 1-3), pararnn (section 4), splash (section 5)")
     a = p.parse_args()
     parts = set(a.parts.split(","))
-    if not parts or parts - {"attention", "pararnn"}:
-        p.error(f"--parts={a.parts}: choose from attention, pararnn (comma-separated)")
+    if not parts or parts - {"attention", "pararnn", "splash"}:
+        p.error(f"--parts={a.parts}: choose from attention, pararnn, splash (comma-separated)")
     print(f"machine: {machine()}")
     if "attention" in parts:
         attention_tables(a)
     if "pararnn" in parts:
         pararnn_table(a)
+    if "splash" in parts:
+        splash_table(a)
 
 
 def attention_tables(a):
@@ -187,6 +195,31 @@ def pararnn_table(a):
         base = base or mem
         print(f"| {n} | {mem['gathered']:.0f} | {mem['gathered'] / base['gathered']:.2f} | "
               f"{mem['split']:.0f} | {mem['split'] / base['split']:.2f} |", flush=True)
+
+
+def splash_table(a):
+    from paxlike.compiled import compile_plan, topology_devices
+    from paxlike.experiments import transformer
+    from paxlike.planner import cost, fleets
+    print(f"\nTransformer train step on v5p (AOT), T={a.splash_T}: memory per chip\n")
+    print("| plan | attention | compiled GiB/chip | planner GiB/chip | splash / xla (compiled) |")
+    print("|---|---|---|---|---|")
+    for sizes, topology in (({"fsdp": 8}, "v5p:2x2x2"), ({"context": 4, "fsdp": 4}, "v5p:2x2x4")):
+        plan = cost.Plan.make(sizes, {}, "fsdp_tp", 1, "full")
+        fleet = fleets.fleet_for_devices(topology_devices(topology))
+        compiled = {}
+        for impl in ("xla", "splash"):
+            cfg = transformer.get_config("125m")
+            cfg.model.update(num_layers=2, d_model=256, num_heads=4, num_kv_heads=2,
+                             mlp_dim=512, vocab_size=1024, remat="full", attention_impl=impl)
+            cfg.batch_size, cfg.seq_len = 8, a.splash_T
+            report = compile_plan(cfg, topology_devices(topology), plan)
+            compiled[impl] = report["bytes_per_device"] / 2 ** 30
+            predicted = cost.estimate(cfg, plan, fleet).bytes_per_device / 2 ** 30
+            name = " x ".join(f"{k} {v}" for k, v in sizes.items())
+            ratio = f"{compiled['splash'] / compiled['xla']:.3f}" if impl == "splash" else ""
+            print(f"| {name} | {impl} | {compiled[impl]:.3f} | {predicted:.3f} | {ratio} |",
+                  flush=True)
 
 
 if __name__ == "__main__":

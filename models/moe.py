@@ -288,7 +288,8 @@ class MoETransformer(transformer.KVCacheDecoding, layers.DecoderLM, nnx.Module):
     def forward(self, tokens, positions, segment_ids, *, dropout_key=None, seen_counts=None):
         """(float32 logits [B, T, vocab], per-MoE-layer outputs stacked [num MoE layers, ...])."""
         x = self.embed_tokens(tokens, self.compute_dtype)
-        mask = transformer.attention_mask(segment_ids)
+        mask = (segment_ids if transformer.uses_segment_ids(self.cfg)
+                else transformer.attention_mask(segment_ids))
         x, per_layer = layers.scan_layers(
             self.layers, x, lambda grp, h, k, b, inputs: grp(h, *b, k, inputs["seen"]),
             remat=self.cfg.remat, key=dropout_key, batch_inputs=(positions, mask),

@@ -18,10 +18,13 @@ import jax.numpy as jnp
 import ml_collections
 from flax import nnx
 
+from paxlike.errors import UserError
 from paxlike.kernels import attention as attention_kernels
+from paxlike.kernels.attention.splash import SplashKernel, splash_attention
+from paxlike.kernels.platform import by_lowering_platform
 from paxlike.models import layers
 from paxlike.planner import workingset
-from paxlike.sharding import active_axes, constrain, per_shard
+from paxlike.sharding import active_axes, active_rules, constrain, per_shard
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -44,10 +47,22 @@ def default_config() -> ml_collections.ConfigDict:
         # "ring" (blocks of keys and values travel around the devices: memory O(T/n); the data
         # pipeline then feeds the tokens in zigzag order, so every device does equal work).
         "context_parallel": "all_gather",
+        # The attention computation outside ring attention: "xla" (jax.nn.dot_product_attention
+        # with a [T, T] mask; the [T, T] scores exist) or "splash" (the block-sparse flash
+        # kernel for TPU, kernels/attention/splash.py: no [T, T] array; compiled by Mosaic on
+        # TPU, interpreted elsewhere, which is slow: for checking only).
+        "attention_impl": "xla",
     })
 
 
 CONTEXT_PARALLEL = ("all_gather", "ring")
+ATTENTION_IMPLS = ("xla", "splash")
+
+
+def uses_segment_ids(cfg) -> bool:
+    """Whether attention takes the segment ids (ring, splash) instead of a [B, 1, T, T] mask."""
+    return (cfg.get("context_parallel", "all_gather") == "ring"
+            or cfg.get("attention_impl", "xla") == "splash")
 
 
 def head_dim(cfg) -> int:
@@ -69,6 +84,9 @@ def validate(cfg) -> list[str]:
     if cfg.get("context_parallel", "all_gather") not in CONTEXT_PARALLEL:
         problems.append(f"model.context_parallel={cfg.context_parallel!r}; choose one of "
                         f"{list(CONTEXT_PARALLEL)}")
+    if cfg.get("attention_impl", "xla") not in ATTENTION_IMPLS:
+        problems.append(f"model.attention_impl={cfg.attention_impl!r}; choose one of "
+                        f"{list(ATTENTION_IMPLS)}")
     if head_dim(cfg) % 2:
         problems.append(f"head dimension {head_dim(cfg)} must be even for rotary embeddings")
     return problems + layers.validate_common(cfg)
@@ -79,6 +97,8 @@ class Attention(nnx.Module):
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         self.rope_theta = cfg.rope_theta
         self.ring = cfg.get("context_parallel", "all_gather") == "ring"
+        self.splash = cfg.get("attention_impl", "xla") == "splash"
+        self.num_heads = h
         self.wq = layers.param(rngs, layers.scaled_normal(d), (d, h, hd), ("embed", "heads", "head_dim"))
         self.wk = layers.param(rngs, layers.scaled_normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
         self.wv = layers.param(rngs, layers.scaled_normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
@@ -86,9 +106,12 @@ class Attention(nnx.Module):
                                (h, hd, d), ("heads", "head_dim", "embed"))
 
     def __call__(self, x, positions, mask):
-        """`mask`: [B, 1, T, T] bool, or under ring context parallelism the segment ids [B, T]
-        (ring attention builds each block's mask from positions and segment ids)."""
+        """`mask`: [B, 1, T, T] bool, or the segment ids [B, T] under ring context parallelism
+        (ring attention builds each block's mask from positions and segment ids) or splash
+        attention (`uses_segment_ids`)."""
         q, k, v = self._project(x, positions)
+        if self.splash and not self.ring:
+            return self._output(self._splash(q, k, v, mask))
         if not self.ring:
             return self._attend(q, k, v, mask)
         context = active_axes("length")
@@ -116,6 +139,28 @@ class Attention(nnx.Module):
         q = constrain(layers.rope(q, positions, self.rope_theta), HEADS)
         k = constrain(layers.rope(k, positions, self.rope_theta), KV_HEADS)
         return q, k, constrain(v, KV_HEADS)
+
+    def _splash(self, q, k, v, segment_ids):
+        """Splash attention per device: queries split like the activations (over `context` too,
+        with the keys and values gathered whole, as all-gather context parallelism does) and
+        heads over `tensor`; the kernel's mask blocks split with them."""
+        active = active_rules()
+        mesh = active[0] if active else None
+        ways = lambda axes: math.prod(mesh.shape[a] for a in axes) if axes else 1  # noqa: E731
+        q_axes, head_axes = active_axes("length"), active_axes("heads")
+
+        def run(interpret):
+            try:
+                kernel = SplashKernel(q.shape[1], self.num_heads, q_shards=ways(q_axes),
+                                      head_shards=ways(head_axes), interpret=interpret)
+            except ValueError as e:
+                raise UserError(f"model.attention_impl=splash: {e}; change seq_len, or use "
+                                f"model.attention_impl=xla") from None
+            whole = ("batch", None, "kv_heads", "head_dim")
+            return per_shard(splash_attention, (kernel.kernel, q, k, v, segment_ids, segment_ids),
+                             (lambda mesh: kernel.in_spec(mesh, head_axes, q_axes), HEADS,
+                              whole, whole, TOKENS, ("batch", None)), HEADS)
+        return by_lowering_platform(run, {"tpu": False}, True)
 
     def _attend(self, q, k, v, mask):
         return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask))
@@ -230,8 +275,7 @@ class Transformer(KVCacheDecoding, layers.DecoderLM, nnx.Module):
     def __call__(self, tokens, positions, segment_ids, *, dropout_key=None):
         """tokens, positions, segment_ids: [B, T] int. Returns float32 logits [B, T, vocab]."""
         x = self.embed_tokens(tokens, self.compute_dtype)
-        ring = self.cfg.get("context_parallel", "all_gather") == "ring"
-        mask = segment_ids if ring else attention_mask(segment_ids)
+        mask = segment_ids if uses_segment_ids(self.cfg) else attention_mask(segment_ids)
         x = layers.scan_layers(self.layers, x, lambda blk, h, k, b: blk(h, *b, k),
                                remat=self.cfg.remat, key=dropout_key,
                                batch_inputs=(positions, mask))
@@ -291,7 +335,8 @@ class Profile(workingset.Profile):
                                   outputs under `full` (+3 with their product), the SiLU under
                                   `save_dots` (+1)
         scores   b·h/tp·t·t f32   one attention-probability array (recomputed under remat, and
-                                  the softmax cotangent's buffer otherwise)
+                                  the softmax cotangent's buffer otherwise); none under splash
+                                  attention, whose blocks live in the TPU core's VMEM
         stream   b·t·d            7: the residual-stream cotangent, its copies around the two
                                   RMSNorms and the row-parallel outputs
         weights  d·mlp/tp         the layer's MLP weights gathered (2 in the compute dtype) and
@@ -316,13 +361,14 @@ class Profile(workingset.Profile):
         super().__init__(cfg)
         self.h, self.kv, self.hd = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         self.mlp = cfg.mlp_dim
+        self.splash = cfg.get("attention_impl", "xla") == "splash"
 
     @property
     def tensor_dims(self) -> set[int]:
         return {self.h, self.kv, self.mlp}
 
     def layer_units(self, b: int, t: int, tp: int) -> dict[str, float]:
-        return {"scores": b * (self.h / tp) * t * t * 4,
+        return {"scores": 0.0 if self.splash else b * (self.h / tp) * t * t * 4,
                 "mlp": b * t * self.mlp / tp * self.dt,
                 "mlp_weight": self.d * self.mlp / tp}            # elements
 
@@ -337,11 +383,13 @@ class Profile(workingset.Profile):
 
     def flops_per_token_extra(self, remat: str, seq_len: int, microbatches: int = 1) -> float:
         """FLOPs per token computed beyond the model FLOPs: the causally masked half of the
-        attention matrix (computed, not counted) and remat's recomputation."""
+        attention matrix (computed by XLA, not counted; splash skips the blocks above the
+        diagonal, so only the diagonal blocks' masked halves, which this neglects) and remat's
+        recomputation."""
         d, hd, L = self.d, self.hd, self.layers
         matmul = L * (d * hd * (2 * self.h + 2 * self.kv) + 3 * d * self.mlp)
         attn = L * 4 * self.h * hd * seq_len        # the forward pass's whole T x T attention
-        masked = 1.5 * attn                         # half of forward + backward (3 x forward)
+        masked = 0.0 if self.splash else 1.5 * attn  # half of forward + backward (3 x forward)
         if remat == "full":
             return masked + 2 * matmul + attn
         if remat == "save_dots":

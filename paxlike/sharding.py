@@ -179,6 +179,8 @@ def per_shard(fn: Callable, args: Sequence, names: Sequence[Sequence[str | None]
     it: "Mosaic kernels cannot be automatically partitioned"). `names` has one names tuple per
     argument (applied to every array of a pytree argument); `out_names` mirrors fn's result: one
     names tuple for an array, or a tuple of them for a tuple of arrays (None results allowed).
+    Instead of names, an argument may come with a function mesh -> its `shard_map` in_spec (for
+    a kernel object whose arrays split in their own way).
     A dimension the kernel couples, like a recurrence's length, must be named None so it arrives
     whole, unless fn handles its blocks itself (`active_axes`). Outside `use_rules` (a model run
     on its own) this is fn(*args).
@@ -188,6 +190,7 @@ def per_shard(fn: Callable, args: Sequence, names: Sequence[Sequence[str | None]
         return fn(*args)
     mesh, rules = active
     in_specs = tuple(
+        n(mesh) if callable(n) else
         jax.tree.map(lambda a, n=n: logical_to_spec(n, a.shape, rules, mesh, "activation"), x)
         for n, x in zip(names, args))
     # Result shapes are not known before fn runs; the inputs' checks cover their dimensions.

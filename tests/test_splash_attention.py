@@ -1,0 +1,88 @@
+"""Splash attention (kernels/attention/splash.py, Pallas interpret mode on CPU) against XLA's
+attention with the Transformer's mask (causal within each packed document), forward and
+gradients, float32:
+causal, packed documents with padding, grouped-query heads, on one device and with the queries
+split over 2 devices and the heads over 2 (the kernel's mask blocks split with them); and the
+Transformer with model.attention_impl=splash training like XLA attention on one device."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, PartitionSpec as P
+
+from paxlike.kernels.attention.splash import SplashKernel, splash_attention
+
+B, T, H, KV, D = 2, 256, 4, 2, 16   # key blocks are whole multiples of 128 tokens
+
+
+def _inputs():
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((B, T, h, D)), jnp.float32) for h in (H, KV, KV))
+    # Row 0: documents of 100 and 120 tokens, then 36 of padding (segment 0, position 0);
+    # row 1: one document of 256.
+    segments = np.array([[1] * 100 + [2] * 120 + [0] * 36, [1] * T])
+    positions = np.array([list(range(100)) + list(range(120)) + [0] * 36, list(range(T))])
+    return q, k, v, jnp.asarray(positions, jnp.int32), jnp.asarray(segments, jnp.int32)
+
+
+def _xla_attention(q, k, v, pos, seg):
+    from paxlike.models.transformer import attention_mask
+    return jax.nn.dot_product_attention(q, k, v, mask=attention_mask(seg))
+
+
+def _split_over(q_ways, head_ways):
+    """splash_attention in a shard_map: queries over `q` (keys and values whole), heads over
+    `heads`."""
+    mesh = Mesh(np.array(jax.devices()[:q_ways * head_ways]).reshape(q_ways, head_ways),
+                ("q", "heads"))
+    kernel = SplashKernel(T, H, q_shards=q_ways, head_shards=head_ways, interpret=True)
+    whole = P(None, None, "heads", None)
+    run = jax.shard_map(splash_attention, mesh=mesh, in_specs=(
+        kernel.in_spec(mesh, ("heads",), ("q",)), P(None, "q", "heads", None), whole, whole,
+        P(None, "q"), P(None, None)), out_specs=P(None, "q", "heads", None), check_vma=False)
+    return lambda q, k, v, pos, seg: run(kernel.kernel, q, k, v, seg, seg)
+
+
+@pytest.mark.parametrize("ways", [(1, 1), (2, 2)], ids=["one_device", "queries2_heads2"])
+def test_splash_equals_attention_over_the_whole_sequence(ways):
+    q, k, v, pos, seg = _inputs()
+    weights = jnp.asarray(np.random.default_rng(1).standard_normal((B, T, H, D)), jnp.float32)
+    loss = lambda attend: lambda *a: jnp.sum(attend(*a) * weights)  # noqa: E731
+    want, want_grads = jax.jit(jax.value_and_grad(loss(_xla_attention), argnums=(0, 1, 2)))(
+        q, k, v, pos, seg)
+    got, grads = jax.jit(jax.value_and_grad(loss(_split_over(*ways)), argnums=(0, 1, 2)))(
+        q, k, v, pos, seg)
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+    for g, w, name in zip(grads, want_grads, "qkv"):
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5, err_msg=f"d{name}")
+
+
+def test_lengths_the_blocks_do_not_fit_are_refused(tmp_path):
+    from configs import small_test_config
+    from paxlike import loop
+    from paxlike.errors import UserError
+    with pytest.raises(ValueError, match=r"length must be a multiple of 128"):
+        SplashKernel(96, 4)
+    with pytest.raises(ValueError, match=r"must divide into 3 x 1 shards"):
+        SplashKernel(256, 4, q_shards=3)
+    workdir = tmp_path / "run"   # a run says so before it writes anything
+    with pytest.raises(UserError, match=r"model.attention_impl=splash: .* change seq_len"):
+        loop.run(small_test_config(seq_len=96, **{"model.attention_impl": "splash"}),
+                 str(workdir))
+    assert not workdir.exists()
+
+
+def test_transformer_with_splash_trains_like_xla_attention(tmp_path):
+    """model.attention_impl=splash on context 2 x tensor 2 x fsdp 2 (queries, heads and the
+    kernel's mask blocks split; keys and values gathered whole) gives the losses of XLA
+    attention on one device."""
+    from configs import small_test_config
+    from paxlike import loop
+    run = {"seq_len": 256, "batch_size": 8, "steps": 3, "model.num_layers": 1}
+    reference = loop.run(small_test_config(**run), str(tmp_path / "xla"),
+                         devices=jax.devices()[:1])
+    splash = loop.run(small_test_config(**run, **{
+        "model.attention_impl": "splash", "mesh.context": 2, "mesh.tensor": 2, "mesh.fsdp": 2}),
+        str(tmp_path / "splash"))
+    np.testing.assert_allclose(splash, reference, rtol=1e-5)
