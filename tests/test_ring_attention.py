@@ -95,3 +95,16 @@ def test_ring_context_parallel_train_steps_equal_one_device(tmp_path):
     ring = loop.run(small_test_config(**{"model.context_parallel": "ring", "mesh.context": 4,
                                          "mesh.fsdp": 2}), str(tmp_path / "ring"))
     np.testing.assert_allclose(ring, reference, rtol=1e-5)
+
+
+def test_ring_attention_in_the_mixture_of_experts_transformer(tmp_path):
+    """The MoE Transformer shares the attention: with context_parallel=ring on context 4 x
+    fsdp 2 (zigzag order; routing is per token, so the reorder changes no expert's load) it
+    trains with the losses of one device."""
+    import jax
+    from paxlike import loop
+    from test_moe_model import moe_config
+    reference = loop.run(moe_config(), str(tmp_path / "one"), devices=jax.devices()[:1])
+    ring = loop.run(moe_config(**{"model.context_parallel": "ring", "mesh.context": 4,
+                                  "mesh.fsdp": 2}), str(tmp_path / "ring"))
+    np.testing.assert_allclose(ring, reference, rtol=1e-5)
