@@ -98,6 +98,7 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.ring = cfg.get("context_parallel", "all_gather") == "ring"
         self.splash = cfg.get("attention_impl", "xla") == "splash"
+        self.cfg_context_parallel = cfg.get("context_parallel", "all_gather")
         self.num_heads = h
         self.wq = layers.param(rngs, layers.scaled_normal(d), (d, h, hd), ("embed", "heads", "head_dim"))
         self.wk = layers.param(rngs, layers.scaled_normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
@@ -362,6 +363,7 @@ class Profile(workingset.Profile):
         self.h, self.kv, self.hd = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         self.mlp = cfg.mlp_dim
         self.splash = cfg.get("attention_impl", "xla") == "splash"
+        self.cfg_context_parallel = cfg.get("context_parallel", "all_gather")
 
     @property
     def tensor_dims(self) -> set[int]:
@@ -375,6 +377,28 @@ class Profile(workingset.Profile):
     def layer_working(self, remat: str, u: dict[str, float]) -> float:
         return (self.MLP_ARRAYS[remat] * u["mlp"] + u["scores"] + self.STREAM_ARRAYS * u["stream"]
                 + (2 * self.dt + 4) * u["mlp_weight"])
+
+    def context_collectives(self, b, t, ways, tp, remat, backend):
+        """Per layer run with the length split `ways` ways (read from XLA:CPU HLO: context 4 x
+        fsdp 2 with full remat in both modes and with none for all_gather, context 8 with
+        save_dots; held-out checks in tests/test_planner.py). The forward runs twice under full
+        remat.
+
+        all_gather: GSPMD gathers the keys and values whole (b·T·kv/tp·hd each), for the
+        forward pass and again for the backward whatever the remat policy, and sums their
+        gradients back (a reduce-scatter; an all-reduce on CPU).
+        ring: ways − 1 hops per forward run of the key and value blocks with their positions
+        and segment ids (int32); `ways` hops backward of those and the float32 dK, dV; each hop
+        overlaps with the attention of the block before it."""
+        kv = b * t * self.kv / tp * self.hd
+        forward_runs = 2 if remat == "full" else 1
+        if self.cfg_context_parallel == "ring":
+            ids = 2 * b * t * 4
+            return [("collective-permute", 2 * kv * self.dt + ids, (ways - 1) * forward_runs, True),
+                    ("collective-permute", 2 * kv * (self.dt + 4) + ids, ways, True)]
+        whole = kv * ways * self.dt
+        return [("all-gather", whole, 4, False),         # gathered again for the backward
+                ("reduce-scatter", whole, 2, False)]
 
     def tensor_sums_per_layer(self, backend: str, remat: str) -> float:
         if backend == "cpu":

@@ -158,6 +158,40 @@ def test_collective_prediction_matches_cpu_hlo(name):
         assert abs(want - got) <= TOLERANCE * r["volume"], (kind, want, got)
 
 
+# Context parallelism (the length over `context`), full remat unless said. The per-layer counts
+# (models/transformer.py Profile.context_collectives) and the separate gradient sum over
+# `context` (cost.estimate) were read off the HLO of: ring and all_gather on context 4 x fsdp 2;
+# all_gather with remat none; all_gather on context 8 with save_dots and on data 2 x context 4
+# (those two were compiled as held-out checks, missed, were read, and are fitted now). These were
+# compiled once, after: held out.
+CONTEXT_CASES = {
+    "heldout_ring_context4_tensor2": (
+        {"model.context_parallel": "ring", "batch_size": 8}, {"context": 4, "tensor": 2}),
+    "heldout_all_gather_context2_fsdp2_tensor2_d192_seq256": (
+        {"model.d_model": 192, "model.mlp_dim": 384, "seq_len": 256, "batch_size": 8},
+        {"context": 2, "fsdp": 2, "tensor": 2}),
+    "heldout_ring_data2_context2_fsdp2_save_dots_seq256": (
+        {"model.context_parallel": "ring", "model.remat": "save_dots", "seq_len": 256,
+         "batch_size": 8, "model.mlp_dim": 320}, {"data": 2, "context": 2, "fsdp": 2}),
+    # memory not asserted: without remat the residuals are traced on one device, where ring
+    # attention is plain attention saving its [t, t] probabilities (predicted 1.26x; docs)
+    "heldout_ring_context2_fsdp4_none_seq256_heads8": (
+        {"model.context_parallel": "ring", "model.remat": "none", "seq_len": 256,
+         "batch_size": 8, "model.num_heads": 8, "model.num_kv_heads": 4},
+        {"context": 2, "fsdp": 4}),
+}
+
+
+@pytest.mark.parametrize("name", sorted(CONTEXT_CASES))
+def test_context_parallel_prediction_matches_cpu_compiler(name):
+    overrides, mesh = CONTEXT_CASES[name]
+    cfg = _case_config({"model.remat": "full", **overrides})
+    r = prediction_vs_cpu_compile(cfg, *compile_on_cpu(cfg, mesh))
+    assert abs(r["collectives"] - 1) <= TOLERANCE, (r["predicted"].comm_by_kind, r["found"])
+    if cfg.model.remat != "none" or cfg.model.context_parallel != "ring":
+        assert abs(r["memory"] - 1) <= TOLERANCE, (r["predicted"].memory, r["bytes"])
+
+
 def test_hlo_reader_counts_loop_trips():
     # Gathers inside the layer scan run once per layer: one more layer adds one layer's gathers.
     volumes, predicted = [], []

@@ -23,8 +23,9 @@ programs, comparable across backends), and converted to bytes on the wire for ti
 traffic on the critical path). The
 mixture-of-experts family adds its expert-parallel exchanges, routed buffers and FLOPs
 (`paxlike.planner.moe`); the pipeline axis its bubble, microbatches in flight, stage hand-offs
-and weight relayout (`paxlike.planner.pipeline`). The context axis is not priced yet: the planner
-keeps it at 1.
+and weight relayout (`paxlike.planner.pipeline`); the context axis what the family's sequence
+blocks exchange (`Profile.context_collectives`: the Transformer's all-gathered or ring-passed keys
+and values) and the gradient sums over it. The search keeps context at 1.
 """
 
 from __future__ import annotations
@@ -275,6 +276,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         raise UserError(f"batch_size={cfg.batch_size} is not divisible by {batch_ways} batch "
                         f"shards x {mb} microbatches")
     ctx = sizes["context"] if "context" in rules["length"] else 1
+    context_axes = ["context"] if ctx > 1 else []
     if cfg.seq_len % ctx:
         raise UserError(f"seq_len={cfg.seq_len} is not divisible by mesh.context={ctx}")
     b, t = cfg.batch_size // (stage_ways * mb), cfg.seq_len // ctx
@@ -304,10 +306,11 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     by_axes: dict[str, float] = {}
 
     def send(kind: str, axes: list[str], full_bytes: float, times: float = 1.0,
-             weights: bool = False):
+             overlaps: bool = False):
         """Records a collective over `axes` on a buffer of `full_bytes`, run `times` per step;
-        `weights`: weight or gradient traffic, which the step can overlap with compute
-        (`steptime`), rather than activations on the critical path."""
+        `overlaps`: traffic the step can overlap with compute (`steptime`): weights and
+        gradients, and ring attention's blocks (each hop's transfer runs beside the previous
+        block's attention), rather than activations on the critical path."""
         g = math.prod(sizes[a] for a in axes)
         if g <= 1 or full_bytes <= 0:
             return
@@ -330,7 +333,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             for key, share in ((key_ici, 1 - share_dcn), (key_dcn, share_dcn)):
                 if share:
                     comm[key] = comm.get(key, 0.0) + sent * share * part
-                    if weights:
+                    if overlaps:
                         weight_comm[key] = weight_comm.get(key, 0.0) + sent * share * part
 
     layer_weights = 0.0   # one layer's and the head's gathered weights (compute dtype)
@@ -386,16 +389,20 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                 gathers = acts.expert_weight_gathers(plan.remat)
             if pipe and scanned:
                 gathers = pipe.gathers(backend, plan.remat, p.names)
-            send("all-gather", fsdp_axes, gathered, uses * gathers, weights=True)
-            send("reduce-scatter", fsdp_axes, gathered, uses, weights=True)
+            send("all-gather", fsdp_axes, gathered, uses * gathers, overlaps=True)
+            send("reduce-scatter", fsdp_axes, gathered, uses, overlaps=True)
         replicated = [a for a in batch_axes if a not in shard_axes]
         if (moe or (pipe and backend != "cpu")) and p.path in acts.lookup_params:
             # The table's gradient is an f32 scatter-add: reduced in f32 (v5p MoE HLO). The
             # dense family keeps its figures (its CI plans shard the table over fsdp), except
             # over `pipeline` on TPU (v5p HLO of the pipelined AOT case: f32 over DCN).
-            send("all-reduce", replicated, 4 * local, uses, weights=True)
+            send("all-reduce", replicated, 4 * local, uses, overlaps=True)
         else:
-            send("all-reduce", replicated, use_bytes, uses, weights=True)
+            send("all-reduce", replicated, use_bytes, uses, overlaps=True)
+        # Weights are replicated over `context` (it splits only the length): their gradients
+        # are summed over it too, in a collective of its own (XLA:CPU HLO: with data 2 x
+        # context 4 one all-reduce per axis, each of the whole local gradient).
+        send("all-reduce", context_axes, use_bytes, uses, overlaps=True)
         if pipe and tied and p.path in acts.lookup_params and fsdp_axes:
             # A tied table is the head too. With a pipeline the head's rows are split over every
             # batch axis, and XLA gathers the table whole over the FSDP axes for it, like an
@@ -404,10 +411,10 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             # part of the gradient is also summed over `pipeline` in the compute dtype, beside
             # the lookup's float32 sum above.
             layer_weights += gathered
-            send("all-gather", fsdp_axes, gathered, uses, weights=True)
-            send("reduce-scatter", fsdp_axes, gathered, uses, weights=True)
+            send("all-gather", fsdp_axes, gathered, uses, overlaps=True)
+            send("reduce-scatter", fsdp_axes, gathered, uses, overlaps=True)
             if backend != "cpu":
-                send("all-reduce", replicated, use_bytes, uses, weights=True)
+                send("all-reduce", replicated, use_bytes, uses, overlaps=True)
 
     if tp > 1:
         # the residual stream's sums over `tensor` per layer: the family's (its profile)
@@ -416,6 +423,11 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
         send("all-reduce", ["tensor"], b * t * acts.d * dt, layer_runs * per_layer)
         send("all-reduce", ["tensor"], head_b * t * acts.d * 4,
              head_uses * (2 + stats))   # lookup, head dx
+    if ctx > 1:   # the family's blocks exchange what crosses the sequence split (its profile)
+        for kind, full_bytes, times, overlapped in acts.context_collectives(
+                b, t, ctx, tp, plan.remat, backend):
+            send(kind, ["context"], full_bytes,
+                 times * (pipe.layer_runs if pipe else mb * acts.layers), overlaps=overlapped)
     if moe:
         acts.collectives(send, mb, plan.remat, backend, batch_axes)
     if pipe:

@@ -82,6 +82,15 @@ class Profile:
         """Recomputation FLOPs per token added by remat (beyond the model FLOPs)."""
         raise NotImplementedError
 
+    def context_collectives(self, b: int, t: int, ways: int, tp: int, remat: str,
+                            backend: str) -> list[tuple[str, float, float, bool]]:
+        """What one layer run sends over `context` when the length is split `ways` ways (local
+        rows b, local length t): (collective kind, full buffer bytes, times per layer, whether
+        it overlaps with compute). None by default: the recurrent families pass one state per
+        block, [b, state] per call, which is negligible next to the layer's other traffic."""
+        del b, t, ways, tp, remat, backend
+        return []
+
     def traced_impls(self, backend: str) -> dict:
         """Config keys to set when tracing the saved activations for `backend`: the kernel path
         an `impl="auto"` resolves to there (the trace of "auto" holds every platform's path,
