@@ -330,7 +330,7 @@ class Profile(workingset.Profile):
         pallas = backend != "cpu" and not self.chunk & (self.chunk - 1)
         return {"gla_impl": "pallas" if pallas else "xla"}
 
-    def layer_units(self, b: int, t: int, tp: int) -> dict[str, float]:
+    def layer_units(self, b: int, t: int, tp: int, context: int = 1) -> dict[str, float]:
         C, h, K, V = self.chunk, self.h / tp, self.K / tp, self.V / tp
         n = min(-(-t // C), self.BLOCK)
         rows = b * n * C     # the sequences' rows one kernel call (or block) works on

@@ -450,7 +450,7 @@ class Profile(workingset.Profile):
             return {}
         return {"solver_impl": "reference" if backend == "cpu" else "pallas"}
 
-    def layer_units(self, b: int, t: int, tp: int) -> dict[str, float]:
+    def layer_units(self, b: int, t: int, tp: int, context: int = 1) -> dict[str, float]:
         di = self.di / tp
         return {"inner": b * t * di * 4, "masks": (self.conv - 1) * b * t * di,
                 "mlp": b * t * self.mlp / tp * self.dt,

@@ -335,9 +335,10 @@ class Profile(workingset.Profile):
                                   the remat policy recomputes instead of saving: the gate and up
                                   outputs under `full` (+3 with their product), the SiLU under
                                   `save_dots` (+1)
-        scores   b·h/tp·t·t f32   one attention-probability array (recomputed under remat, and
-                                  the softmax cotangent's buffer otherwise); none under splash
-                                  attention, whose blocks live in the TPU core's VMEM
+        scores   b·h/tp·t·keys    one float32 attention-probability array (recomputed under
+                                  remat, and the softmax cotangent's buffer otherwise): keys = t,
+                                  T under all-gather context parallelism, a key chunk under
+                                  ring attention, none under splash (`keys_at_once`)
         stream   b·t·d            7: the residual-stream cotangent, its copies around the two
                                   RMSNorms and the row-parallel outputs
         weights  d·mlp/tp         the layer's MLP weights gathered (2 in the compute dtype) and
@@ -352,6 +353,7 @@ class Profile(workingset.Profile):
     """
 
     MLP_ARRAYS = {"none": 5, "save_dots": 6, "full": 8}
+    RING_KEY_CHUNK = 512   # kernels/attention/ring.py's default key_chunk
     STREAM_ARRAYS = 7
     # Whether the output head's logits-sized residuals are still live at the layer peak could
     # not be told apart in the dumps (vocabulary = MLP width there); counting them matched the
@@ -369,10 +371,20 @@ class Profile(workingset.Profile):
     def tensor_dims(self) -> set[int]:
         return {self.h, self.kv, self.mlp}
 
-    def layer_units(self, b: int, t: int, tp: int) -> dict[str, float]:
-        return {"scores": 0.0 if self.splash else b * (self.h / tp) * t * t * 4,
+    def layer_units(self, b: int, t: int, tp: int, context: int = 1) -> dict[str, float]:
+        return {"scores": b * (self.h / tp) * t * self.keys_at_once(t, context) * 4,
                 "mlp": b * t * self.mlp / tp * self.dt,
                 "mlp_weight": self.d * self.mlp / tp}            # elements
+
+    def keys_at_once(self, t: int, context: int) -> int:
+        """Keys one query row's scores span at once: splash keeps its blocks in VMEM (none in
+        HBM); ring attention a chunk of its block; XLA's attention every key, the whole
+        sequence under all-gather context parallelism."""
+        if self.splash and self.cfg_context_parallel != "ring":
+            return 0
+        if self.cfg_context_parallel == "ring" and context > 1:
+            return min(self.RING_KEY_CHUNK, t)
+        return t * context
 
     def layer_working(self, remat: str, u: dict[str, float]) -> float:
         return (self.MLP_ARRAYS[remat] * u["mlp"] + u["scores"] + self.STREAM_ARRAYS * u["stream"]

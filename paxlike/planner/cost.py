@@ -454,9 +454,9 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                             routed=acts.routed_batch_array if moe else None, backend=backend)
     if moe:
         saved += acts.routed_saved(plan.remat, backend)
-    units = dict(acts.units(b, t, tp, vocab_ways), gathered=layer_weights, saved=saved)
+    units = dict(acts.units(b, t, tp, vocab_ways, ctx), gathered=layer_weights, saved=saved)
     if pipe:   # the loss runs on the local rows B/W
-        units["logits"] = acts.units(head_b, t, tp, vocab_ways)["logits"]
+        units["logits"] = acts.units(head_b, t, tp, vocab_ways, ctx)["logits"]
     # the accumulator's partner; a pipeline has none: its backward scan adds each iteration's
     # layer gradients into the stage's gradient in place (XLA:CPU buffer assignments of the
     # fitted cases: one [S, R, K] accumulator at the peak in the stages' backward pass; v5p, 125m
@@ -464,11 +464,12 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     microbatch_grads = memory["grads"] if mb > 1 and not pipe else 0.0
     if backend == "cpu":
         # Derived from the model's shapes: the larger of the two candidate peaks (workingset.py).
-        phases = acts.working_set(layer_remat, b, t, tp, vocab_ways, backend)
+        phases = acts.working_set(layer_remat, b, t, tp, vocab_ways, backend, context=ctx)
         if pipe:
             # the loss on the local rows B/W (split over `pipeline` too), beside the head's
             # residuals: they are freed by the head's backward pass, before the stages' one
-            phases["loss"] = (acts.working_set(plan.remat, head_b, t, tp, vocab_ways)["loss"]
+            phases["loss"] = (acts.working_set(plan.remat, head_b, t, tp, vocab_ways,
+                                               context=ctx)["loss"]
                               + head_saved)
         elif not acts.head_saved_at_layer_peak:   # freed by then (the family's profile)
             phases["layer_backward"] -= saved_bytes(

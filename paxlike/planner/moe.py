@@ -304,14 +304,14 @@ class MoEActivations(Profile):
         return self._routed("working", remat, backend)
 
     def working_set(self, remat: str, b: int, t: int, tp: int, vocab_ways: int,
-                    backend: str = "cpu") -> dict[str, float]:
+                    backend: str = "cpu", context: int = 1) -> dict[str, float]:
         """The dense candidates (a dense layer's backward only when there are dense layers) and
         the backward pass of the last MoE layer (module docstring)."""
-        phases = super().working_set(remat, b, t, tp, vocab_ways)
+        phases = super().working_set(remat, b, t, tp, vocab_ways, context=context)
         if self.moe_every == 1:
             phases.pop("layer_backward")
         lay, d = self.layout, self.d
-        u = self.units(b, t, tp, vocab_ways)
+        u = self.units(b, t, tp, vocab_ways, context)
         common = u["scores"] + self.STREAM_ARRAYS * u["stream"] + u["embed_grad"]
         weights = (self.dt + 4) * 3 * lay.experts_local * d * lay.f_local   # copies, f32 grads
         phases["moe_backward"] = self._routed("working", remat, backend) + common + weights

@@ -64,9 +64,10 @@ class Profile:
         how `residuals.saved_bytes` shards the traced residuals that carry them."""
         raise NotImplementedError
 
-    def layer_units(self, b: int, t: int, tp: int) -> dict[str, float]:
+    def layer_units(self, b: int, t: int, tp: int, context: int = 1) -> dict[str, float]:
         """Per-device bytes (or elements, for weights) of one array of each of the layer's own
-        transient kinds; `scores` is the one TPU calibrations may weigh (0 when absent)."""
+        transient kinds; `scores` is the one TPU calibrations may weigh (0 when absent). t is
+        the local length, the sequence split `context` ways."""
         raise NotImplementedError
 
     def layer_working(self, remat: str, u: dict[str, float]) -> float:
@@ -99,22 +100,23 @@ class Profile:
         return {}
 
     # ------------------------------------------------------------------------------ shared
-    def units(self, b: int, t: int, tp: int, vocab_ways: int) -> dict[str, float]:
+    def units(self, b: int, t: int, tp: int, vocab_ways: int,
+              context: int = 1) -> dict[str, float]:
         """Per-device bytes of one array of each transient kind."""
         return {"scores": 0.0,
                 "logits": b * t * self.vocab / vocab_ways * 4,
                 "stream": b * t * self.d * self.dt,
-                **self.layer_units(b, t, tp),
+                **self.layer_units(b, t, tp, context),
                 "head_weight": self.d * self.vocab / vocab_ways,  # elements
                 "embed_grad": self.vocab / vocab_ways * self.d * 4}
 
     def working_set(self, remat: str, b: int, t: int, tp: int, vocab_ways: int,
-                    backend: str = "cpu") -> dict[str, float]:
+                    backend: str = "cpu", context: int = 1) -> dict[str, float]:
         """Bytes live beyond the saved activations at the two candidate peaks (XLA:CPU counts).
         All saved activations count at the loss; at the layer peak those of the head and loss
         only where `head_saved_at_layer_peak` (`cost.estimate` takes them off otherwise)."""
         del backend
-        u = self.units(b, t, tp, vocab_ways)
+        u = self.units(b, t, tp, vocab_ways, context)
         layer = self.layer_working(remat, u) + u["embed_grad"]
         loss = (LOGITS_ARRAYS * u["logits"] + (self.dt + 4) * u["head_weight"]
                 + u["embed_grad"])
