@@ -354,6 +354,8 @@ class Profile(workingset.Profile):
 
     MLP_ARRAYS = {"none": 5, "save_dots": 6, "full": 8}
     RING_KEY_CHUNK = 512   # kernels/attention/ring.py's default key_chunk
+    ATTENTION_ARRAYS = {"none": 2, "save_dots": 4, "full": 4}
+    RING_ATTENTION_ARRAYS = 8
     STREAM_ARRAYS = 7
     # Whether the output head's logits-sized residuals are still live at the layer peak could
     # not be told apart in the dumps (vocabulary = MLP width there); counting them matched the
@@ -375,6 +377,23 @@ class Profile(workingset.Profile):
         return {"scores": b * (self.h / tp) * t * self.keys_at_once(t, context) * 4,
                 "mlp": b * t * self.mlp / tp * self.dt,
                 "mlp_weight": self.d * self.mlp / tp}            # elements
+
+    def working_set(self, remat, b, t, tp, vocab_ways, backend="cpu", context=1):
+        """The frame's two candidate peaks and a third, the backward pass of the last layer's
+        attention, which is the peak once the scores outgrow the MLP (long sequences):
+        ATTENTION_ARRAYS score-sized arrays (XLA: the probabilities recomputed, their cotangent,
+        the softmax's and the mask's temporaries; with remat none the probabilities are saved
+        activations instead), RING_ATTENTION_ARRAYS chunk-sized ones under ring attention, and
+        the residual stream's arrays. Read from XLA:CPU compiles at T = 512-2048 (d 64, fsdp 8
+        and ring on context 4 x fsdp 2): the compiled temporaries were 3.99-4.18 (save_dots,
+        full), 1.99 (none) and 8.1-8.2 (ring, full) score units beyond the stream's."""
+        phases = super().working_set(remat, b, t, tp, vocab_ways, backend, context)
+        u = self.units(b, t, tp, vocab_ways, context)
+        ring = self.cfg_context_parallel == "ring" and context > 1
+        arrays = self.RING_ATTENTION_ARRAYS if ring else self.ATTENTION_ARRAYS[remat]
+        phases["attention_backward"] = (arrays * u["scores"] + self.STREAM_ARRAYS * u["stream"]
+                                        + u["embed_grad"])
+        return phases
 
     def keys_at_once(self, t: int, context: int) -> int:
         """Keys one query row's scores span at once: splash keeps its blocks in VMEM (none in
