@@ -327,8 +327,9 @@ class Profile(workingset.Profile):
     """What the planner knows of the Transformer beyond its parameters and traced residuals
     (paxlike/planner/workingset.py has the frame and how the counts are read).
 
-    On every CPU case of tests/test_planner.py the peak is the backward pass of the last layer's
-    MLP. Live there, per device, beyond the saved activations and the embedding gradient:
+    On the short-sequence CPU cases of tests/test_planner.py the peak is the backward pass of the
+    last layer's MLP (on long sequences its attention's: `working_set`). Live there, per device,
+    beyond the saved activations and the embedding gradient:
 
         mlp      b·t·mlp/tp       the MLP's cotangents: d hidden, d gate, d up, and the two
                                   transposed copies the weight-gradient dots read (5), plus what
