@@ -98,7 +98,6 @@ class Attention(nnx.Module):
         self.rope_theta = cfg.rope_theta
         self.ring = cfg.get("context_parallel", "all_gather") == "ring"
         self.splash = cfg.get("attention_impl", "xla") == "splash"
-        self.cfg_context_parallel = cfg.get("context_parallel", "all_gather")
         self.num_heads = h
         self.wq = layers.param(rngs, layers.scaled_normal(d), (d, h, hd), ("embed", "heads", "head_dim"))
         self.wk = layers.param(rngs, layers.scaled_normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
@@ -368,7 +367,7 @@ class Profile(workingset.Profile):
         self.h, self.kv, self.hd = cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         self.mlp = cfg.mlp_dim
         self.splash = cfg.get("attention_impl", "xla") == "splash"
-        self.cfg_context_parallel = cfg.get("context_parallel", "all_gather")
+        self.context_parallel = cfg.get("context_parallel", "all_gather")
 
     @property
     def tensor_dims(self) -> set[int]:
@@ -390,7 +389,7 @@ class Profile(workingset.Profile):
         full), 1.99 (none) and 8.1-8.2 (ring, full) score units beyond the stream's."""
         phases = super().working_set(remat, b, t, tp, vocab_ways, backend, context)
         u = self.units(b, t, tp, vocab_ways, context)
-        ring = self.cfg_context_parallel == "ring" and context > 1
+        ring = self.context_parallel == "ring" and context > 1
         arrays = self.RING_ATTENTION_ARRAYS if ring else self.ATTENTION_ARRAYS[remat]
         phases["attention_backward"] = (arrays * u["scores"] + self.STREAM_ARRAYS * u["stream"]
                                         + u["embed_grad"])
@@ -400,9 +399,9 @@ class Profile(workingset.Profile):
         """Keys one query row's scores span at once: splash keeps its blocks in VMEM (none in
         HBM); ring attention a chunk of its block; XLA's attention every key, the whole
         sequence under all-gather context parallelism."""
-        if self.splash and self.cfg_context_parallel != "ring":
+        if self.splash and self.context_parallel != "ring":
             return 0
-        if self.cfg_context_parallel == "ring" and context > 1:
+        if self.context_parallel == "ring" and context > 1:
             return min(self.RING_KEY_CHUNK, t)
         return t * context
 
@@ -424,7 +423,7 @@ class Profile(workingset.Profile):
         overlaps with the attention of the block before it."""
         kv = b * t * self.kv / tp * self.hd
         forward_runs = 2 if remat == "full" else 1
-        if self.cfg_context_parallel == "ring":
+        if self.context_parallel == "ring":
             ids = 2 * b * t * 4
             return [("collective-permute", 2 * kv * self.dt + ids, (ways - 1) * forward_runs, True),
                     ("collective-permute", 2 * kv * (self.dt + 4) + ids, ways, True)]

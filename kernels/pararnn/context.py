@@ -61,7 +61,7 @@ def _cumulative_products(kind, a, reverse):
     """C_l = A_l ⋯ A_first: the product of the coefficients from the block's near edge to l."""
     if reverse:
         return jnp.flip(_cumulative_products(kind, jnp.flip(a, 1), False), 1)
-    later_times_earlier = lambda earlier, later: scan_lib._matmul(kind, later, earlier)  # noqa: E731
+    later_times_earlier = lambda earlier, later: scan_lib.matmul(kind, later, earlier)  # noqa: E731
     return lax.associative_scan(later_times_earlier, a, axis=1)
 
 
@@ -78,9 +78,9 @@ def scan(kind, a, b, h0, *, reverse, impl, axis_name):
     state = h0.astype(local.dtype)
     for j in (reversed(range(n)) if reverse else range(n)):                  # n is small, static
         incoming[j] = state
-        state = scan_lib._matvec(kind, products[j], state) + ends[j]
+        state = scan_lib.matvec(kind, products[j], state) + ends[j]
     s_in = jnp.stack(incoming)[_index(axis_name)]
-    return local + scan_lib._matvec(kind, cum, s_in[:, None])
+    return local + scan_lib.matvec(kind, cum, s_in[:, None])
 
 
 def relay(solve_block, h0, axis_name):

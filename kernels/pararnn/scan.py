@@ -32,7 +32,7 @@ _A_EXTRA = {"diagonal": 0, "block2": 1, "dense": 1}  # a.ndim - b.ndim
 _STATE_NDIM = {"diagonal": 1, "block2": 2, "dense": 1}
 
 
-def _matvec(kind, a, h):
+def matvec(kind, a, h):
     if kind == "diagonal":
         return a * h
     if kind == "block2":
@@ -40,7 +40,7 @@ def _matvec(kind, a, h):
     return jnp.einsum("...ij,...j->...i", a, h)
 
 
-def _matmul(kind, a2, a1):
+def matmul(kind, a2, a1):
     if kind == "diagonal":
         return a2 * a1
     if kind == "block2":
@@ -62,7 +62,7 @@ def transpose(kind, a):
 # ----------------------------------------------------------------------------------------------
 def _reference(kind, a, b, h0, reverse):
     def step(h, ab):
-        h = _matvec(kind, ab[0], h) + ab[1]
+        h = matvec(kind, ab[0], h) + ab[1]
         return h, h
 
     _, hs = lax.scan(step, h0, (jnp.moveaxis(a, 1, 0), jnp.moveaxis(b, 1, 0)), reverse=reverse)
@@ -72,11 +72,11 @@ def _reference(kind, a, b, h0, reverse):
 def _associative(kind, a, b, h0, reverse):
     # Fold h0 into the first element processed, then the b-part of the prefix composition is h.
     first = -1 if reverse else 0
-    b = b.at[:, first].add(_matvec(kind, a[:, first], h0))
+    b = b.at[:, first].add(matvec(kind, a[:, first], h0))
 
     def combine(earlier, later):
         (a1, b1), (a2, b2) = earlier, later
-        return _matmul(kind, a2, a1), _matvec(kind, a2, b1) + b2
+        return matmul(kind, a2, a1), matvec(kind, a2, b1) + b2
 
     return lax.associative_scan(combine, (a, b), reverse=reverse, axis=1)[1]
 
@@ -150,7 +150,7 @@ def _scan_bwd(kind, reverse, impl, res, g):
     else:
         da = lam[..., :, None] * prev[..., None, :]
     first = -1 if reverse else 0
-    dh0 = _matvec(kind, transpose(kind, a[:, first]), lam[:, first])
+    dh0 = matvec(kind, transpose(kind, a[:, first]), lam[:, first])
     return da.astype(a.dtype), lam, dh0.astype(h0.dtype)
 
 
