@@ -234,16 +234,22 @@ def test_pipelined_train_step_compiles_across_two_v5p_slices(name):
     assert predicted["comm_bytes"].get("pipeline/dcn", 0) > 0
 
 
+def _long_context_config(**model):
+    """A 2-layer d 256 Transformer at T = 8192, batch 8, full remat: the attention dominates."""
+    cfg = transformer.get_config("125m")
+    cfg.model.update(num_layers=2, d_model=256, num_heads=4, num_kv_heads=2, mlp_dim=512,
+                     vocab_size=1024, remat="full", **model)
+    cfg.batch_size, cfg.seq_len = 8, 8192
+    return cfg
+
+
 def test_splash_attention_train_step_compiles_for_v5p_with_context_parallelism():
     """model.attention_impl=splash (the Mosaic kernel) with all-gather context parallelism
     (queries over `context` 4, keys and values gathered, the kernel's mask blocks split with
     the queries) and FSDP 4 at T = 8192 on 16 v5p chips: it compiles, and the whole step needs
     less than a quarter of what one layer's [T/4, T] float32 scores alone would take (XLA's
     attention: 1.17 GiB per chip for this plan, docs/context.md)."""
-    cfg = transformer.get_config("125m")
-    cfg.model.update(num_layers=2, d_model=256, num_heads=4, num_kv_heads=2, mlp_dim=512,
-                     vocab_size=1024, remat="full", attention_impl="splash")
-    cfg.batch_size, cfg.seq_len = 8, 8192
+    cfg = _long_context_config(attention_impl="splash")
     plan = cost.Plan.make({"context": 4, "fsdp": 4}, {}, "fsdp_tp", 1, "full")
     report = compile_plan(cfg, topology_devices("v5p:2x2x4"), plan)
     scores = (8 // 4) * 4 * (8192 // 4) * 8192 * 4     # sequences x heads x queries x keys, f32
@@ -254,10 +260,7 @@ def test_ring_attention_train_step_compiles_for_v5p_4x4x4():
     """model.context_parallel=ring with the length over `context` (8) and FSDP (8) on 64 v5p
     chips: the key / value blocks (and their gradients) travel by collective-permute, in the
     forward and backward passes of every layer."""
-    cfg = transformer.get_config("125m")
-    cfg.model.update(num_layers=2, d_model=256, num_heads=4, num_kv_heads=2, mlp_dim=512,
-                     vocab_size=1024, remat="full", context_parallel="ring")
-    cfg.batch_size, cfg.seq_len = 8, 8192
+    cfg = _long_context_config(context_parallel="ring")
     plan = cost.Plan.make({"context": 8, "fsdp": 8}, {}, "fsdp_tp", 1, "full")
     report = compile_plan(cfg, topology_devices("v5p:4x4x4"), plan)
     assert report["fits"] and 0 < report["bytes_per_device"] < report["hbm_bytes"]

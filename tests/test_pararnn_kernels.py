@@ -280,16 +280,19 @@ def test_dense_jacobian_newton_and_gradients():
 # ----------------------------------------------------------------------------------------------
 # gradients (custom VJP through the adjoint) vs jax.grad through lax.scan
 # ----------------------------------------------------------------------------------------------
+def _cell_problem(model, length, d):
+    """(params, x, h0, cell step, solve kwargs) of a strongly recurrent GRU or LSTM, batch 2."""
+    if model == "gru":
+        return (*_gru_problem(2, length, d, fan_in=1, seed=3), cells.paragru_cell, {})
+    return (*_lstm_problem(2, length, d, fan_in=1, seed=3), cells.paralstm_cell,
+            {"jacobian": "block2"})
+
+
 @pytest.mark.parametrize("model,impl", [
     ("gru", "reference"), ("gru", "xla"), ("gru", "pallas"), ("lstm", "pallas")])
 def test_gradients_match_sequential_autodiff(model, impl):
     length, d = 256, 32
-    if model == "gru":
-        p, x, h0 = _gru_problem(2, length, d, fan_in=1, seed=3)
-        step, kw = cells.paragru_cell, {}
-    else:
-        p, x, h0 = _lstm_problem(2, length, d, fan_in=1, seed=3)
-        step, kw = cells.paralstm_cell, {"jacobian": "block2"}
+    p, x, h0, step, kw = _cell_problem(model, length, d)
     w = jax.random.normal(jax.random.PRNGKey(9), (2, length) + h0.shape[1:])
 
     def loss(p, x, h0, solver):  # the cell closes over p: grads go through closure_convert
@@ -312,12 +315,7 @@ def test_sequence_split_over_devices_equals_one_device(model, impl, axes):
     mesh axes: the blocks follow their linear index."""
     from jax.sharding import Mesh, PartitionSpec as P
     length, d = 64, 16
-    if model == "gru":
-        p, x, h0 = _gru_problem(2, length, d, fan_in=1, seed=3)
-        step, kw = cells.paragru_cell, {}
-    else:
-        p, x, h0 = _lstm_problem(2, length, d, fan_in=1, seed=3)
-        step, kw = cells.paralstm_cell, {"jacobian": "block2"}
+    p, x, h0, step, kw = _cell_problem(model, length, d)
     w = jax.random.normal(jax.random.PRNGKey(9), (2, length) + h0.shape[1:])
     names = ("outer", "inner")[-len(axes):]
     mesh = Mesh(np.array(jax.devices()[:int(np.prod(axes))]).reshape(axes), names)
@@ -435,6 +433,8 @@ def test_bad_arguments_raise_value_errors():
         pr.linear_scan(jnp.zeros((2, 16, 8)), jnp.zeros((2, 16, 8)), jnp.zeros((3, 8)))
     with pytest.raises(ValueError):
         pr.linear_scan(jnp.zeros((2, 16, 8)), jnp.zeros((2, 16, 8)), impl="fast")
+    with pytest.raises(ValueError, match=r"axis_name='context'.*inside a jax.shard_map"):
+        pr.solve(cell, h0, x, axis_name="context")   # no enclosing shard_map
 
 
 def test_auto_is_reference_on_cpu():

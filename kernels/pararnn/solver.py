@@ -360,6 +360,12 @@ def solve(cell: Callable, h0, xs: Any, *, jacobian: str = "diagonal", iterations
     shape = dict(batch=math.prod(batch), length=length, width=state[-1])
     if return_info:  # the info of a reference and a Newton solve differ in shape: one impl
         impl = scan_lib.choose_impl(impl, kind=jacobian, **shape)
+    if axis_name is not None:
+        try:
+            jax.lax.axis_index(axis_name)
+        except NameError as e:
+            raise ValueError(f"axis_name={axis_name!r}: {e}; call solve inside a jax.shard_map "
+                             "over the mesh axes that split the sequence") from None
     if impl == "pallas" and jacobian == "dense":
         raise ValueError("impl='pallas' supports jacobian 'diagonal' and 'block2', not 'dense'")
 
