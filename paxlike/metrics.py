@@ -206,6 +206,25 @@ class _ObjectEventFiles:
         pass    # an object store has no directories to make
 
 
+def _import_tensorboardx():
+    """tensorboardX, imported lazily (only the primary process writes), without torch.
+
+    tensorboardX's writer module imports torch at its top whenever torch is installed, only so
+    that it can accept torch tensors; paxlike writes Python floats. Importing torch costs a
+    training process 2-10 s of start-up and a few hundred MB, so torch is hidden for that one
+    import (`import torch` then raises ImportError, which tensorboardX expects) unless the
+    process has already imported it."""
+    if "tensorboardX" in sys.modules or "torch" in sys.modules:
+        import tensorboardX
+        return tensorboardX
+    sys.modules["torch"] = None  # type: ignore[assignment]
+    try:
+        import tensorboardX
+    finally:
+        del sys.modules["torch"]
+    return tensorboardX
+
+
 class TensorBoardWriter(Writer):
     """tensorboardX event files in `<workdir>/tensorboard/`, scalars `<split>/<key>`. On an
     object store the event files go through paxlike/storage.py (etils.epath): tensorboardX's own
@@ -218,7 +237,7 @@ class TensorBoardWriter(Writer):
 
     def _writer(self):
         if self._tb is None:
-            from tensorboardX import SummaryWriter  # imported lazily: only the primary process needs it
+            SummaryWriter = _import_tensorboardx().SummaryWriter
             scheme = storage.scheme(self.logdir)
             if scheme is not None:
                 from tensorboardX import record_writer
