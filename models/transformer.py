@@ -20,6 +20,7 @@ from flax import nnx
 
 from paxlike.errors import UserError
 from paxlike.kernels import attention as attention_kernels
+from paxlike.kernels.attention import cudnn
 from paxlike.kernels.attention.splash import SplashKernel, splash_attention
 from paxlike.kernels.platform import by_lowering_platform
 from paxlike.models import layers
@@ -48,21 +49,24 @@ def default_config() -> ml_collections.ConfigDict:
         # pipeline then feeds the tokens in zigzag order, so every device does equal work).
         "context_parallel": "all_gather",
         # The attention computation outside ring attention: "xla" (jax.nn.dot_product_attention
-        # with a [T, T] mask; the [T, T] scores exist) or "splash" (the block-sparse flash
+        # with a [T, T] mask; the [T, T] scores exist), "splash" (the block-sparse flash
         # kernel for TPU, kernels/attention/splash.py: no [T, T] array; compiled by Mosaic on
-        # TPU, interpreted elsewhere, which is slow: for checking only).
+        # TPU, interpreted elsewhere, which is slow: for checking only) or "cudnn" (cuDNN's
+        # flash attention on CUDA GPUs, kernels/attention/cudnn.py: bfloat16 / float16 only;
+        # XLA's attention on other platforms).
         "attention_impl": "xla",
     })
 
 
 CONTEXT_PARALLEL = ("all_gather", "ring")
-ATTENTION_IMPLS = ("xla", "splash")
+ATTENTION_IMPLS = ("xla", "splash", "cudnn")
 
 
 def uses_segment_ids(cfg) -> bool:
-    """Whether attention takes the segment ids (ring, splash) instead of a [B, 1, T, T] mask."""
+    """Whether attention takes the segment ids (ring, splash, cudnn) instead of a [B, 1, T, T]
+    mask."""
     return (cfg.get("context_parallel", "all_gather") == "ring"
-            or cfg.get("attention_impl", "xla") == "splash")
+            or cfg.get("attention_impl", "xla") != "xla")
 
 
 def head_dim(cfg) -> int:
@@ -87,6 +91,15 @@ def validate(cfg) -> list[str]:
     if cfg.get("attention_impl", "xla") not in ATTENTION_IMPLS:
         problems.append(f"model.attention_impl={cfg.attention_impl!r}; choose one of "
                         f"{list(ATTENTION_IMPLS)}")
+    elif cfg.get("attention_impl", "xla") == "cudnn":
+        if cfg.compute_dtype not in cudnn.DTYPES:
+            problems.append(f"model.attention_impl=cudnn needs model.compute_dtype "
+                            f"{' or '.join(cudnn.DTYPES)}, not {cfg.compute_dtype} (cuDNN's "
+                            f"flash attention has no float32 kernel); or use attention_impl=xla")
+        if head_dim(cfg) % 8 or head_dim(cfg) > cudnn.MAX_HEAD_DIM:
+            problems.append(f"model.attention_impl=cudnn needs a head dimension that is a "
+                            f"multiple of 8 and at most {cudnn.MAX_HEAD_DIM}, not "
+                            f"{head_dim(cfg)}; change model.head_dim or use attention_impl=xla")
     if head_dim(cfg) % 2:
         problems.append(f"head dimension {head_dim(cfg)} must be even for rotary embeddings")
     return problems + layers.validate_common(cfg)
@@ -97,7 +110,7 @@ class Attention(nnx.Module):
         d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, head_dim(cfg)
         self.rope_theta = cfg.rope_theta
         self.ring = cfg.get("context_parallel", "all_gather") == "ring"
-        self.splash = cfg.get("attention_impl", "xla") == "splash"
+        self.impl = cfg.get("attention_impl", "xla")
         self.num_heads = h
         self.wq = layers.param(rngs, layers.scaled_normal(d), (d, h, hd), ("embed", "heads", "head_dim"))
         self.wk = layers.param(rngs, layers.scaled_normal(d), (d, kv, hd), ("embed", "kv_heads", "head_dim"))
@@ -107,11 +120,13 @@ class Attention(nnx.Module):
 
     def __call__(self, x, positions, mask):
         """`mask`: [B, 1, T, T] bool, or the segment ids [B, T] under ring context parallelism
-        (ring attention builds each block's mask from positions and segment ids) or splash
-        attention (`uses_segment_ids`)."""
+        (ring attention builds each block's mask from positions and segment ids) or splash or
+        cuDNN attention (`uses_segment_ids`)."""
         q, k, v = self._project(x, positions)
-        if self.splash and not self.ring:
+        if self.impl == "splash" and not self.ring:
             return self._output(self._splash(q, k, v, mask))
+        if self.impl == "cudnn" and not self.ring:
+            return self._output(self._cudnn(q, k, v, positions, mask))
         if not self.ring:
             return self._attend(q, k, v, mask)
         context = active_axes("length")
@@ -161,6 +176,17 @@ class Attention(nnx.Module):
                              (lambda mesh: kernel.in_spec(mesh, head_axes, q_axes), HEADS,
                               whole, whole, TOKENS, ("batch", None)), HEADS)
         return by_lowering_platform(run, {"tpu": False}, True)
+
+    def _cudnn(self, q, k, v, positions, segment_ids):
+        """cuDNN attention per device: queries split like the activations (over `context` too,
+        with the keys and values gathered whole, as all-gather context parallelism does), heads
+        over `tensor`. cuDNN's custom call cannot be partitioned along the sequence by XLA
+        ("Sharding on sequence dim is not allowed"), so it runs inside `shard_map`."""
+        whole = ("batch", None, "kv_heads", "head_dim")
+        return per_shard(cudnn.cudnn_attention,
+                         (q, k, v, positions, positions, segment_ids, segment_ids),
+                         (HEADS, whole, whole, TOKENS, ("batch", None), TOKENS, ("batch", None)),
+                         HEADS)
 
     def _attend(self, q, k, v, mask):
         return self._output(jax.nn.dot_product_attention(q, k, v, mask=mask))
