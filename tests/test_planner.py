@@ -229,9 +229,10 @@ def _small_fleet(hbm_bytes, granules=1, per_granule=8):
     return fleets.Fleet(f"test-{granules}x{per_granule}", device, granules, per_granule)
 
 
-@pytest.mark.parametrize("granules,per_granule", [(1, 8), (2, 4)])
-def test_planner_finds_a_feasible_plan_whenever_one_exists(granules, per_granule):
-    cfg = _case_config({"batch_size": 32})
+@pytest.mark.parametrize("granules,per_granule,batch", [(1, 8, 32), (2, 4, 32), (1, 8, 2)],
+                         ids=["1x8", "2x4", "1x8_batch2_context"])
+def test_planner_finds_a_feasible_plan_whenever_one_exists(granules, per_granule, batch):
+    cfg = _case_config({"batch_size": batch})
     everything = list(search.enumerate_all(cfg, _small_fleet(1.0, granules, per_granule), "tpu"))
     footprints = sorted({c.bytes_per_device for c in everything})
     # Memory limits around every distinct footprint: just below, just above, and far above.
@@ -252,6 +253,27 @@ def test_planner_finds_a_feasible_plan_whenever_one_exists(granules, per_granule
             assert (dcn["data"], dcn["pipeline"]) in ((granules, 1), (1, granules)), dcn
         if granules > 1:   # both kinds of plan are searched
             assert {c.plan.dcn_sizes["pipeline"] for c in everything} == {1, granules}
+    # the sequence is split over context only where the batch cannot fill the devices; with 2
+    # rows on 8 devices every valid plan splits it (tensor 4 would leave data x fsdp = 2, but
+    # the 2 KV heads do not divide 4 ways)
+    contexts = {c.plan.sizes["context"] for c in everything}
+    assert contexts == ({1} if batch >= granules * per_granule else {2, 4}), contexts
+
+
+def test_small_batches_of_long_sequences_are_planned_with_context():
+    """4 sequences of 32768 tokens on 64 chips: the batch fills at most 4 of them, so every plan
+    splits the sequence (context 2-16 with tensor and fsdp); with 64 sequences none does."""
+    cfg = transformer.get_config("1b")
+    cfg.batch_size, cfg.seq_len = 4, 32768
+    result = search.search(cfg, fleets.parse_fleet("v5p-128"))
+    assert result.plans
+    for c in result.plans:
+        sizes = c.plan.sizes
+        assert sizes["context"] > 1 and 4 % (sizes["data"] * sizes["fsdp"]) == 0, sizes
+    assert "context=" in result.plans[0].plan.describe()
+    cfg.batch_size = 64
+    assert all(c.plan.sizes["context"] == 1 for c in search.search(
+        cfg, fleets.parse_fleet("v5p-128")).plans)
 
 
 def test_plans_are_ranked_and_name_their_binding_constraint():

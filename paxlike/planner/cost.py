@@ -25,7 +25,8 @@ mixture-of-experts family adds its expert-parallel exchanges, routed buffers and
 (`paxlike.planner.moe`); the pipeline axis its bubble, microbatches in flight, stage hand-offs
 and weight relayout (`paxlike.planner.pipeline`); the context axis what the family's sequence
 blocks exchange (`Profile.context_collectives`: the Transformer's all-gathered or ring-passed keys
-and values) and the gradient sums over it. The search keeps context at 1.
+and values) and the gradient sums over it; the search tries it where the batch cannot fill the
+devices (`search.context_options`).
 """
 
 from __future__ import annotations

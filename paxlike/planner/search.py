@@ -20,7 +20,13 @@ dividing the stacked layer blocks, either across all slices (the
 pipeline alone crosses DCN, instead of data) or 2 / 4 stages inside a slice; microbatches a
 multiple of S, circular repeats R in {1, 2} where they divide, FSDP weights gathered per
 iteration. More microbatches shrink a pipeline's bubble, so pipeline plans try every count that
-fits, not only the fewest. Context stays at 1.
+fits, not only the fewest.
+
+The `context` axis (the sequence split over devices, inside a slice / node) is tried where the
+batch cannot occupy the devices left after tensor and expert: long-sequence training with a few
+sequences per step. Context sizes go up to the factor that lets data x fsdp divide the batch
+(`context_options`); where the batch is large enough, splitting it is never worse than splitting
+the sequence (no key / value traffic), so context stays at 1 and such configs plan as before.
 """
 
 from __future__ import annotations
@@ -46,10 +52,24 @@ def num_experts(cfg) -> int:
     return int(cfg.model.get("num_experts", 0) or 0)
 
 
-def meshes(fleet: Fleet, allow_dcn_fsdp: bool = False, experts: int = 0, layers: int = 0):
+def context_options(per: int, granules: int, batch_size: int, seq_len: int) -> list[int]:
+    """Context sizes for `per` devices per slice / node left after tensor and expert: 1, and
+    where the batch cannot fill the `per x granules` data-like devices, each c dividing `per`
+    and the sequence with batch x c at most the devices (beyond that the batch is split
+    below the devices it could fill)."""
+    if not batch_size or batch_size >= per * granules:
+        return [1]
+    return [c for c in _divisors(per)
+            if seq_len % c == 0 and (c == 1 or batch_size * c <= per * granules)]
+
+
+def meshes(fleet: Fleet, allow_dcn_fsdp: bool = False, experts: int = 0, layers: int = 0,
+           batch_size: int = 0, seq_len: int = 0):
     """(sizes, dcn) for every split of the fleet over data, fsdp and tensor, over expert
-    (dividing `experts`, inside a slice / node) when `experts` > 0, and over pipeline (dense
-    models with `layers` stacked layer blocks: `pipeline.options`)."""
+    (dividing `experts`, inside a slice / node) when `experts` > 0, over pipeline (dense
+    models with `layers` stacked layer blocks: `pipeline.options`), and over context where a
+    batch of `batch_size` sequences of `seq_len` tokens cannot fill the devices
+    (`context_options`; `batch_size` 0: never)."""
     stage_options = (pipeline_model.options(layers, fleet.per_granule, fleet.granules)
                      if layers and not experts else [(1, 1)])
     for stages, dcn_pipe in stage_options:
@@ -58,15 +78,30 @@ def meshes(fleet: Fleet, allow_dcn_fsdp: bool = False, experts: int = 0, layers:
         for tensor in _divisors(per):
             for expert in ([e for e in _divisors(per // tensor) if experts % e == 0]
                            if experts else [1]):
-                for fsdp_ici in _divisors(per // (tensor * expert)):
-                    data_ici = per // (tensor * expert * fsdp_ici)
-                    for dcn_fsdp in (_divisors(granules) if allow_dcn_fsdp else [1]):
-                        dcn_data = granules // dcn_fsdp
-                        sizes = {"data": data_ici * dcn_data, "fsdp": fsdp_ici * dcn_fsdp,
-                                 "tensor": tensor, "pipeline": stages}
-                        if experts:
-                            sizes["expert"] = expert
-                        yield sizes, {"data": dcn_data, "fsdp": dcn_fsdp, "pipeline": dcn_pipe}
+                rest = per // (tensor * expert)
+                # (a pipeline splits the batch into microbatches instead: context stays 1)
+                for context in (context_options(rest, granules, batch_size, seq_len)
+                                if stages == 1 else [1]):
+                    yield from _data_splits(rest // context, granules, allow_dcn_fsdp, {
+                        "tensor": tensor, "pipeline": stages, "context": context,
+                        **({"expert": expert} if experts else {})}, dcn_pipe)
+
+
+def _data_splits(per: int, granules: int, allow_dcn_fsdp: bool, others: dict, dcn_pipe: int):
+    """The splits of `per` devices per slice x `granules` over data and fsdp, beside `others`."""
+    for fsdp_ici in _divisors(per):
+        data_ici = per // fsdp_ici
+        for dcn_fsdp in (_divisors(granules) if allow_dcn_fsdp else [1]):
+            dcn_data = granules // dcn_fsdp
+            sizes = {"data": data_ici * dcn_data, "fsdp": fsdp_ici * dcn_fsdp, **others}
+            if sizes["context"] == 1:
+                del sizes["context"]
+            yield sizes, {"data": dcn_data, "fsdp": dcn_fsdp, "pipeline": dcn_pipe}
+
+
+def _meshes(cfg, fleet: Fleet, allow_dcn_fsdp: bool):
+    return meshes(fleet, allow_dcn_fsdp, num_experts(cfg), _layers(cfg), cfg.batch_size,
+                  cfg.seq_len)
 
 
 def _layers(cfg) -> int:
@@ -86,11 +121,12 @@ def _presets(sizes) -> list[str]:
     # Equivalent rule tables are listed once: with tensor=1 'fsdp_tp' is 'fsdp', and with
     # fsdp=1 as well it is plain 'data'. With expert > 1 only the presets that shard experts
     # over it: 'fsdp_tp', and 'fold_tensor' (experts over expert x tensor) when tensor > 1.
+    # 'data' does not split the length, so a context split takes 'fsdp' even at fsdp=1.
     if sizes.get("expert", 1) > 1:
         return ["fsdp_tp", "fold_tensor"] if sizes["tensor"] > 1 else ["fsdp_tp"]
     if sizes["tensor"] > 1:
         return ["fsdp_tp"]
-    return ["data"] if sizes["fsdp"] == 1 else ["fsdp"]
+    return ["data"] if sizes["fsdp"] == 1 and sizes.get("context", 1) == 1 else ["fsdp"]
 
 
 def _microbatch_options(cfg, sizes, preset) -> list[int]:
@@ -119,7 +155,7 @@ def enumerate_all(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp:
                   remats=cost.REMATS):
     """Every valid plan with every microbatch count (brute force; for tests and --all)."""
     cost.profile(cfg)
-    for sizes, dcn in meshes(fleet, allow_dcn_fsdp, num_experts(cfg), _layers(cfg)):
+    for sizes, dcn in _meshes(cfg, fleet, allow_dcn_fsdp):
         for preset in _presets(sizes):
             for repeats, counts in _schedules(cfg, sizes, preset):
                 for mb in counts:
@@ -154,7 +190,7 @@ def search(cfg, fleet: Fleet, backend: str | None = None, allow_dcn_fsdp: bool =
     microbatches, less memory)."""
     cost.profile(cfg)   # a family the planner cannot model is said as such, up front
     plans, closest, considered = [], None, 0
-    for sizes, dcn in meshes(fleet, allow_dcn_fsdp, num_experts(cfg), _layers(cfg)):
+    for sizes, dcn in _meshes(cfg, fleet, allow_dcn_fsdp):
         pipelined = sizes.get("pipeline", 1) > 1
         for preset in _presets(sizes):
             for remat in cost.REMATS:
