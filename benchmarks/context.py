@@ -21,7 +21,8 @@ GSPMD's all-gather of keys and values, the sequence split over n devices.
    (`solve(axis_name=...)`, the blocks passing states on).
 5. Splash attention on TPU (needs the `tpu` extra: libtpu compiles for a v5p topology ahead of
    time, no TPU needed): compiled memory per chip of a Transformer train step (2 layers, d 256,
-   4 / 2 heads, batch 8, remat full) at --splash_T, model.attention_impl xla vs splash, without
+   4 / 2 heads, batch 8, remat full) at --splash_T, model.attention_impl xla vs splash (and,
+   with context, ring attention with XLA or splash blocks), without
    context parallelism (fsdp 8 on v5p:2x2x2) and with all-gather context parallelism (context 4
    x fsdp 4 on v5p:2x2x4), beside the planner's prediction for each.
 """
@@ -202,25 +203,30 @@ def splash_table(a):
     from paxlike.experiments import transformer
     from paxlike.planner import cost, fleets
     print(f"\nTransformer train step on v5p (AOT), T={a.splash_T}: memory per chip\n")
-    print("| plan | attention | compiled GiB/chip | planner GiB/chip | splash / xla (compiled) |")
-    print("|---|---|---|---|---|")
-    for sizes, topology in (({"fsdp": 8}, "v5p:2x2x2"), ({"context": 4, "fsdp": 4}, "v5p:2x2x4")):
+    print("| plan | context_parallel | attention | compiled GiB/chip | planner GiB/chip | "
+          "/ all_gather xla (compiled) |")
+    print("|---|---|---|---|---|---|")
+    all_gather = [("all_gather", "xla"), ("all_gather", "splash")]
+    for sizes, topology, variants in (
+            ({"fsdp": 8}, "v5p:2x2x2", all_gather),
+            ({"context": 4, "fsdp": 4}, "v5p:2x2x4",
+             all_gather + [("ring", "xla"), ("ring", "splash")])):
         plan = cost.Plan.make(sizes, {}, "fsdp_tp", 1, "full")
         fleet = fleets.fleet_for_devices(topology_devices(topology))
-        compiled = {}
-        for impl in ("xla", "splash"):
+        baseline = None
+        for context_parallel, impl in variants:
             cfg = transformer.get_config("125m")
             cfg.model.update(num_layers=2, d_model=256, num_heads=4, num_kv_heads=2,
-                             mlp_dim=512, vocab_size=1024, remat="full", attention_impl=impl)
+                             mlp_dim=512, vocab_size=1024, remat="full", attention_impl=impl,
+                             context_parallel=context_parallel)
             cfg.batch_size, cfg.seq_len = 8, a.splash_T
             report = compile_plan(cfg, topology_devices(topology), plan)
-            compiled[impl] = report["bytes_per_device"] / 2 ** 30
+            compiled = report["bytes_per_device"] / 2 ** 30
+            baseline = baseline or compiled
             predicted = cost.estimate(cfg, plan, fleet).bytes_per_device / 2 ** 30
             name = " x ".join(f"{k} {v}" for k, v in sizes.items())
-            ratio = f"{compiled['splash'] / compiled['xla']:.3f}" if impl == "splash" else ""
-            print(f"| {name} | {impl} | {compiled[impl]:.3f} | {predicted:.3f} | {ratio} |",
-                  flush=True)
-
+            print(f"| {name} | {context_parallel} | {impl} | {compiled:.3f} | {predicted:.3f} | "
+                  f"{compiled / baseline:.3f} |", flush=True)
 
 if __name__ == "__main__":
     main()

@@ -11,6 +11,7 @@ planner through `planner_profile(cfg)`.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import jax
@@ -22,6 +23,7 @@ from paxlike.errors import UserError
 from paxlike.kernels import attention as attention_kernels
 from paxlike.kernels.attention import cudnn
 from paxlike.kernels.attention.splash import SplashKernel, splash_attention
+from paxlike.kernels.attention.splash_ring import splash_ring_attention
 from paxlike.kernels.platform import by_lowering_platform
 from paxlike.models import layers
 from paxlike.planner import workingset
@@ -123,19 +125,36 @@ class Attention(nnx.Module):
         (ring attention builds each block's mask from positions and segment ids) or splash or
         cuDNN attention (`uses_segment_ids`)."""
         q, k, v = self._project(x, positions)
-        if self.impl == "splash" and not self.ring:
+        context = active_axes("length") if self.ring else ()
+        if context:
+            return self._output(self._ring(q, k, v, positions, mask, context))
+        if self.impl == "splash":
             return self._output(self._splash(q, k, v, mask))
         if self.impl == "cudnn" and not self.ring:
             return self._output(self._cudnn(q, k, v, positions, mask))
-        if not self.ring:
-            return self._attend(q, k, v, mask)
-        context = active_axes("length")
-        ring = lambda *a: attention_kernels.ring_attention(
-            *a[:3], a[3], a[3], a[4], a[4], axis_name=context[0] if len(context) == 1 else context)
-        o = (per_shard(ring, (q, k, v, positions, mask),
-                       (HEADS, KV_HEADS, KV_HEADS, TOKENS, TOKENS), HEADS) if context
-             else attention_kernels.dense_attention(q, k, v, positions, mask))
-        return self._output(o)
+        if self.ring:   # ring attention on a length that is not split: the same mask, one device
+            return self._output(attention_kernels.dense_attention(q, k, v, positions, mask))
+        return self._attend(q, k, v, mask)
+
+    def _ring(self, q, k, v, positions, segment_ids, context):
+        """Ring attention over the length's blocks on the `context` axes: XLA's blocks, or with
+        attention_impl=splash the splash kernel per block pair (which relies on the trainer's
+        zigzag token order, kernels/attention/splash_ring.py)."""
+        axis = context[0] if len(context) == 1 else context
+        specs = (HEADS, KV_HEADS, KV_HEADS, TOKENS, TOKENS)
+        if self.impl != "splash":
+            def ring(q, k, v, pos, seg):
+                return attention_kernels.ring_attention(q, k, v, pos, pos, seg, seg,
+                                                        axis_name=axis)
+            return per_shard(ring, (q, k, v, positions, segment_ids), specs, HEADS)
+
+        def run(interpret):
+            def ring(q, k, v, pos, seg):
+                with _splash_length_errors():
+                    return splash_ring_attention(q, k, v, seg, seg, axis_name=axis,
+                                                 order="zigzag", interpret=interpret)
+            return per_shard(ring, (q, k, v, positions, segment_ids), specs, HEADS)
+        return by_lowering_platform(run, {"tpu": False}, True)
 
     def cached(self, x, positions, mask, cache, start):
         """Attention of x's tokens over the KV cache after writing their keys and values into
@@ -165,12 +184,9 @@ class Attention(nnx.Module):
         q_axes, head_axes = active_axes("length"), active_axes("heads")
 
         def run(interpret):
-            try:
+            with _splash_length_errors():
                 kernel = SplashKernel(q.shape[1], self.num_heads, q_shards=ways(q_axes),
                                       head_shards=ways(head_axes), interpret=interpret)
-            except ValueError as e:
-                raise UserError(f"model.attention_impl=splash: {e}; change seq_len, or use "
-                                f"model.attention_impl=xla") from None
             whole = ("batch", None, "kv_heads", "head_dim")
             return per_shard(splash_attention, (kernel.kernel, q, k, v, segment_ids, segment_ids),
                              (lambda mesh: kernel.in_spec(mesh, head_axes, q_axes), HEADS,
@@ -195,6 +211,16 @@ class Attention(nnx.Module):
         o = constrain(o, HEADS)
         out = jnp.einsum("bthk,hkd->btd", o, self.wo[...].astype(o.dtype))
         return constrain(out, ("batch", "length", "act_embed"))
+
+
+@contextlib.contextmanager
+def _splash_length_errors():
+    """A sequence the splash kernel's blocks cannot tile is the user's to change."""
+    try:
+        yield
+    except ValueError as e:
+        raise UserError(f"model.attention_impl=splash: {e}; change seq_len, or use "
+                        f"model.attention_impl=xla") from None
 
 
 class Block(nnx.Module):
@@ -423,9 +449,10 @@ class Profile(workingset.Profile):
 
     def keys_at_once(self, t: int, context: int) -> int:
         """Keys one query row's scores span at once: splash keeps its blocks in VMEM (none in
-        HBM); ring attention a chunk of its block; XLA's attention every key, the whole
-        sequence under all-gather context parallelism."""
-        if self.splash and self.context_parallel != "ring":
+        HBM, alone or as ring attention's block computation); XLA's ring attention a chunk of
+        its block; XLA's attention every key, the whole sequence under all-gather context
+        parallelism."""
+        if self.splash:
             return 0
         if self.context_parallel == "ring" and context > 1:
             return min(self.RING_KEY_CHUNK, t)
@@ -450,7 +477,7 @@ class Profile(workingset.Profile):
         kv = b * t * self.kv / tp * self.hd
         forward_runs = 2 if remat == "full" else 1
         if self.context_parallel == "ring":
-            ids = 2 * b * t * 4
+            ids = (1 if self.splash else 2) * b * t * 4   # segment ids (and XLA's positions)
             return [("collective-permute", 2 * kv * self.dt + ids, (ways - 1) * forward_runs, True),
                     ("collective-permute", 2 * kv * (self.dt + 4) + ids, ways, True)]
         whole = kv * ways * self.dt
