@@ -407,7 +407,7 @@ class Profile(workingset.Profile):
     MLP_ARRAYS = {"none": 5, "save_dots": 6, "full": 8}
     RING_KEY_CHUNK = 512   # kernels/attention/ring.py's default key_chunk
     ATTENTION_ARRAYS = {"none": 2, "save_dots": 4, "full": 4}
-    RING_ATTENTION_ARRAYS = 8
+    RING_ATTENTION_ARRAYS = 4
     STREAM_ARRAYS = 7
     # Whether the output head's logits-sized residuals are still live at the layer peak could
     # not be told apart in the dumps (vocabulary = MLP width there); counting them matched the
@@ -438,7 +438,9 @@ class Profile(workingset.Profile):
         activations instead), RING_ATTENTION_ARRAYS chunk-sized ones under ring attention, and
         the residual stream's arrays. Read from XLA:CPU compiles at T = 512-2048 (d 64, fsdp 8
         and ring on context 4 x fsdp 2): the compiled temporaries were 3.99-4.18 (save_dots,
-        full), 1.99 (none) and 8.1-8.2 (ring, full) score units beyond the stream's."""
+        full), 1.99 (none) and 4.0 (ring, full; 8.1-8.2 while the ring's forward loops were scans, whose
+        per-hop intermediates JAX kept: kernels/attention/ring.py, forward_hops) score units
+        beyond the stream's."""
         phases = super().working_set(remat, b, t, tp, vocab_ways, backend, context)
         u = self.units(b, t, tp, vocab_ways, context)
         ring = self.context_parallel == "ring" and context > 1

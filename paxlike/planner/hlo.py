@@ -101,7 +101,9 @@ def _parse(text: str):
                 if m.group(1):
                     entry = current
             continue
-        if line.startswith("}"):
+        # A computation ends at a line that is only "}" (a Mosaic kernel's backend_config can
+        # span lines, one of them starting "}}, metadata=...").
+        if line.rstrip() == "}":
             current = None
             continue
         m = _INSTR.match(line)
