@@ -438,9 +438,9 @@ class Profile(workingset.Profile):
         activations instead), RING_ATTENTION_ARRAYS chunk-sized ones under ring attention, and
         the residual stream's arrays. Read from XLA:CPU compiles at T = 512-2048 (d 64, fsdp 8
         and ring on context 4 x fsdp 2): the compiled temporaries were 3.99-4.18 (save_dots,
-        full), 1.99 (none) and 4.0 (ring, full; 8.1-8.2 while the ring's forward loops were scans, whose
-        per-hop intermediates JAX kept: kernels/attention/ring.py, forward_hops) score units
-        beyond the stream's."""
+        full), 1.99 (none) and 4.0 (ring, full; 8.1-8.2 while the ring's forward loops were
+        scans, whose per-hop intermediates JAX kept: kernels/attention/ring.py, forward_loop)
+        score units beyond the stream's."""
         phases = super().working_set(remat, b, t, tp, vocab_ways, backend, context)
         u = self.units(b, t, tp, vocab_ways, context)
         ring = self.context_parallel == "ring" and context > 1

@@ -276,7 +276,7 @@ def test_ring_attention_train_step_compiles_for_v5p_4x4x4():
     chips: the key / value blocks (and their gradients) travel by collective-permute, in the
     forward and backward passes of every layer; and the step needs less than half of what one
     layer's [T/8, T] float32 scores alone would take (37 MiB per chip; 230 MiB while the ring's
-    forward loops were scans whose per-hop intermediates JAX kept: ring.forward_hops)."""
+    forward loops were scans whose per-hop intermediates JAX kept: ring.forward_loop)."""
     cfg = _long_context_config(context_parallel="ring")
     plan = cost.Plan.make({"context": 8, "fsdp": 8}, {}, "fsdp_tp", 1, "full")
     report = compile_plan(cfg, topology_devices("v5p:4x4x4"), plan)

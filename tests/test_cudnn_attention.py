@@ -90,7 +90,8 @@ def _cuda_train_step_text(mesh: dict) -> str:
     exported = jax.export.export(
         trainer._train_step, platforms=["cuda"],
         disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(f"__cudnn${name}")
-                         for name in FUSED_CALLS])(trainer.abstract_state(), trainer.abstract_batch())
+                         for name in FUSED_CALLS])(
+        trainer.abstract_state(), trainer.abstract_batch())
     return exported.mlir_module()
 
 

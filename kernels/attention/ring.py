@@ -11,9 +11,11 @@ is skipped, `key_chunk` keys at a time (an arriving block is attended chunk by c
 online softmax, so no score matrix larger than [T/n, key_chunk] per head is ever formed). Rows
 that see nothing (never the case for a token that sees itself) give 0, not NaN.
 
-The backward pass is a custom VJP that runs the ring again: each step recomputes its block's
-probabilities from the saved log-sum-exp and sends the key / value gradients on with their
-blocks, so that after n hops they arrive home; nothing of size T x T, or T, is kept per device.
+The forward pass's loops are while loops (`forward_loop`: as scans, a model's layer scan made
+JAX keep their per-hop intermediates). The backward pass is a custom VJP that runs the ring
+again: each step recomputes its block's probabilities from the saved log-sum-exp and sends the
+key / value gradients on with their blocks, so that after n hops they arrive home; nothing of
+size T x T, or T, is kept per device.
 
 Grouped-query attention: q [B, Tq, H, D], k and v [B, Tk, KV, D] with H a multiple of KV; query
 head h reads key / value head h // (H / KV), as `jax.nn.dot_product_attention` does.
@@ -61,17 +63,17 @@ def _block_scores(q, k, mask, scale):
     return jnp.where(mask[:, None, None], s, -jnp.inf)
 
 
-def forward_hops(body, init, start: int, stop: int):
-    """carry = body(hop, carry) for hop = start .. stop - 1, as a while loop, not a scan.
+def forward_loop(body, init, start: int, stop: int):
+    """carry = body(i, carry) for i = start .. stop - 1, as a while loop, not a scan.
 
-    For the loops of the forward pass of a ring's custom VJP (over hops, and over key chunks). Inside a differentiated `lax.scan` (a model's
-    layer scan) JAX linearises the scans of a custom VJP's forward pass anyway and keeps their
-    per-iteration intermediates (masks, probabilities, key / value chunks of every hop), stacked,
-    as residuals that the custom backward never reads: O(T^2 / n) per device instead of O(T / n).
-    A while loop's iterations are not kept that way."""
+    For the loops of a ring's forward pass (over hops, and over key chunks). Inside a
+    differentiated `lax.scan` (a model's layer scan) JAX linearises the scans of a custom VJP's
+    forward pass anyway and keeps their per-iteration intermediates (masks, probabilities, key /
+    value chunks of every hop), stacked, as residuals that the custom backward never reads:
+    O(T^2 / n) per device instead of O(T / n). A while loop's iterations are not kept that way."""
     def step(c):
-        hop, carry = c
-        return hop + 1, body(hop, carry)
+        i, carry = c
+        return i + 1, body(i, carry)
     return jax.lax.while_loop(lambda c: c[0] < stop, step, (jnp.int32(start), init))[1]
 
 
@@ -143,7 +145,7 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk):
 
     def attend_block(acc, m, l, blk):
         chunks = _chunks(chunk, *blk)
-        return forward_hops(lambda i, c: key_chunk(i, c, chunks), (acc, m, l), 0,
+        return forward_loop(lambda i, c: key_chunk(i, c, chunks), (acc, m, l), 0,
                             blk[0].shape[1] // chunk)
 
     def step(hop, carry):
@@ -153,7 +155,7 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk):
     init = (jnp.zeros(shape + (d,), jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32),
             jnp.zeros(shape, jnp.float32), (k, v, k_pos, k_seg))
     # n - 1 hops bring every other block here; the last block needs no hop onward.
-    acc, m, l, blk = forward_hops(step, init, 0, n - 1)
+    acc, m, l, blk = forward_loop(step, init, 0, n - 1)
     acc, m, l = attend_block(acc, m, l, blk)
     seen = l > 0
     out = jnp.where(seen[..., None], acc / jnp.where(seen, l, 1.0)[..., None], 0.0)

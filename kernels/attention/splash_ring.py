@@ -36,7 +36,7 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as _kernel
 
-from paxlike.kernels.attention.ring import forward_hops
+from paxlike.kernels.attention.ring import forward_loop
 from paxlike.kernels.attention.splash import BLOCK, LANES
 
 ORDERS = ("contiguous", "zigzag")
@@ -183,7 +183,7 @@ def _ring(q, k, v, q_seg, k_seg, axis_name, order, interpret):
 
 def _forward(q, k, v, q_seg, k_seg, axis_name, order, interpret):
     n, me = jax.lax.axis_size(axis_name), jax.lax.axis_index(axis_name)
-    pair = lambda kind, q, k, v, qs, ks: _forward_pair(kind, q, k, v, qs, ks, interpret)  # noqa: E731
+    pair = functools.partial(_forward_pair, interpret=interpret)
 
     def step(hop, carry):
         out, lse, blk = carry
@@ -193,7 +193,7 @@ def _forward(q, k, v, q_seg, k_seg, axis_name, order, interpret):
         return (*_merge(out, lse, *part), blk)
 
     out, lse = _forward_pair(CAUSAL, q, k, v, q_seg, k_seg, interpret)
-    out, lse, _ = forward_hops(step, (out, lse, (k, v, k_seg)), 1, n)
+    out, lse, _ = forward_loop(step, (out, lse, (k, v, k_seg)), 1, n)
     return out.astype(q.dtype), lse
 
 
