@@ -145,3 +145,18 @@ def assert_one_line_error(result, message: str = "") -> str:
     assert re.search(message, errors[0]), errors[0]
     assert "Traceback" not in result.stderr, result.stderr[-3000:]
     return errors[0]
+
+
+def packed_attention_inputs(dtype, *, batch=2, length=256, heads=4, kv_heads=2, head_dim=16):
+    """q, k, v (normal, `dtype`), positions and segment ids of a batch of 2 rows for attention
+    kernels: row 0 holds documents of 100 and 120 tokens, then 36 of padding (segment 0,
+    position 0); row 1 one document of `length`."""
+    import jax.numpy as jnp
+    import numpy as np
+    rng = np.random.default_rng(0)
+    q, k, v = (jnp.asarray(rng.standard_normal((batch, length, h, head_dim)), dtype)
+               for h in (heads, kv_heads, kv_heads))
+    pad = length - 220
+    segments = np.array([[1] * 100 + [2] * 120 + [0] * pad, [1] * length])
+    positions = np.array([list(range(100)) + list(range(120)) + [0] * pad, list(range(length))])
+    return q, k, v, jnp.asarray(positions, jnp.int32), jnp.asarray(segments, jnp.int32)

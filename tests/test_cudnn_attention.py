@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from configs import packed_attention_inputs
 from jax.sharding import Mesh, PartitionSpec as P
 
 from paxlike.kernels.attention.cudnn import cuda_plugin_installed, cudnn_attention
@@ -24,13 +25,8 @@ FUSED_CALLS = ("fmhaSoftmax", "fmhaSoftmaxBackward",
 
 
 def _inputs():
-    rng = np.random.default_rng(0)
-    q, k, v = (jnp.asarray(rng.standard_normal((B, T, h, D)), jnp.bfloat16) for h in (H, KV, KV))
-    # Row 0: documents of 100 and 120 tokens, then 36 of padding (segment 0, position 0);
-    # row 1: one document of 256.
-    segments = np.array([[1] * 100 + [2] * 120 + [0] * 36, [1] * T])
-    positions = np.array([list(range(100)) + list(range(120)) + [0] * 36, list(range(T))])
-    return q, k, v, jnp.asarray(positions, jnp.int32), jnp.asarray(segments, jnp.int32)
+    return packed_attention_inputs(jnp.bfloat16, batch=B, length=T, heads=H, kv_heads=KV,
+                                   head_dim=D)
 
 
 def _xla_attention(q, k, v, pos, seg):

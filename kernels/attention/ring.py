@@ -77,7 +77,8 @@ def forward_loop(body, init, start: int, stop: int):
     return jax.lax.while_loop(lambda c: c[0] < stop, step, (jnp.int32(start), init))[1]
 
 
-def _rotate(tree, axis_name, n):
+def rotate(tree, axis_name, n):
+    """Every array of `tree` one hop on around the ring of `axis_name`'s n devices."""
     perm = [(i, (i + 1) % n) for i in range(n)]
     return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
 
@@ -150,7 +151,7 @@ def _forward(q, k, v, q_pos, k_pos, q_seg, k_seg, axis_name, scale, chunk):
 
     def step(hop, carry):
         acc, m, l, blk = carry
-        return (*attend_block(acc, m, l, blk), _rotate(blk, axis_name, n))
+        return (*attend_block(acc, m, l, blk), rotate(blk, axis_name, n))
 
     init = (jnp.zeros(shape + (d,), jnp.float32), jnp.full(shape, -jnp.inf, jnp.float32),
             jnp.zeros(shape, jnp.float32), (k, v, k_pos, k_seg))
@@ -200,7 +201,7 @@ def _backward_rule(axis_name, scale, chunk, residuals, d_out):
         dq, (dk_c, dv_c) = jax.lax.scan(key_chunk, dq, _chunks(chunk, k_blk, v_blk, kp, ks))
         dk_blk, dv_blk = dk_blk + _unchunk(dk_c), dv_blk + _unchunk(dv_c)
         # The key / value gradients travel with their blocks: after n hops they are home.
-        return (dq, _rotate((k_blk, v_blk, kp, ks, dk_blk, dv_blk), axis_name, n)), None
+        return (dq, rotate((k_blk, v_blk, kp, ks, dk_blk, dv_blk), axis_name, n)), None
 
     zeros = lambda x: jnp.zeros(x.shape, jnp.float32)
     init = (zeros(qg), (k, v, k_pos, k_seg, zeros(k), zeros(v)))

@@ -34,8 +34,21 @@ BLOCK = 512
 LANES = 128   # the kernel's key blocks are whole multiples of the TPU's 128 lanes
 
 
-def _block(n: int) -> int:
-    return min(BLOCK, n)
+def block_sizes(q_len: int, kv_len: int) -> "splash.BlockSizes | None":
+    """Splash's block sizes (forward and backward) for `q_len` queries over `kv_len` keys:
+    blocks of up to BLOCK that divide both lengths, key blocks whole multiples of LANES; None
+    where the lengths cannot be tiled so."""
+    bq, bkv = min(BLOCK, q_len), min(BLOCK, kv_len)
+    if q_len % bq or kv_len % bkv or bkv % LANES:
+        return None
+    return splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
+                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
+                             block_kv_dq=bkv)
+
+
+def heads_first(x):
+    """[B, T, H, D] <-> [B, H, T, D]: splash's layout is heads first."""
+    return jnp.swapaxes(x, 1, 2)
 
 
 class SplashKernel:
@@ -48,14 +61,11 @@ class SplashKernel:
             raise ValueError(f"splash attention: {length} tokens and {num_heads} heads must "
                              f"divide into {q_shards} x {head_shards} shards")
         local = length // q_shards
-        bq, bkv = _block(local), _block(length)
-        if local % bq or length % bkv or bkv % LANES:
-            raise ValueError(f"splash attention: blocks of {bq} queries / {bkv} keys do not "
+        sizes = block_sizes(local, length)
+        if sizes is None:
+            raise ValueError(f"splash attention: blocks of up to {BLOCK} queries / keys do not "
                              f"divide the local length {local} / the length {length}; the "
                              f"length must be a multiple of {LANES}, and of {BLOCK} beyond it")
-        sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv,
-                                  block_q_dkv=bq, block_kv_dkv=bkv, block_kv_dkv_compute=bkv,
-                                  block_q_dq=bq, block_kv_dq=bkv)
         mask = splash.MultiHeadMask([splash.CausalMask((length, length))] * num_heads)
         self.kernel = splash.make_splash_mha(mask, block_sizes=sizes, head_shards=head_shards,
                                              q_seq_shards=q_shards, interpret=interpret)
@@ -74,7 +84,6 @@ def splash_attention(kernel, q, k, v, q_segment_ids, kv_segment_ids):
     this device's block of queries), k, v [B, T, KV, D]; segment ids [B, t] and [B, T] int.
     Returns [B, t, H, D] in q's dtype. Scores are scaled by 1/sqrt(D)."""
     scale = q.shape[-1] ** -0.5
-    heads_first = lambda x: jnp.swapaxes(x, 1, 2)  # noqa: E731  [B, T, H, D] -> [B, H, T, D]
 
     def one(q, k, v, sq, skv):
         return kernel(q, k, v, splash.SegmentIds(q=sq, kv=skv))

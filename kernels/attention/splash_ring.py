@@ -36,23 +36,21 @@ import jax.numpy as jnp
 from jax.experimental.pallas.ops.tpu import splash_attention as splash
 from jax.experimental.pallas.ops.tpu.splash_attention import splash_attention_kernel as _kernel
 
-from paxlike.kernels.attention.ring import forward_loop
-from paxlike.kernels.attention.splash import BLOCK, LANES
+from paxlike.kernels.attention.ring import forward_loop, rotate
+from paxlike.kernels.attention.splash import BLOCK, LANES, block_sizes, heads_first
 
 ORDERS = ("contiguous", "zigzag")
 SKIP, CAUSAL, FULL, FIRST_KEYS, LAST_QUERIES = range(5)   # how a key block meets the queries
 
 
 def _sizes(q_len: int, kv_len: int) -> splash.BlockSizes:
-    bq, bkv = min(BLOCK, q_len), min(BLOCK, kv_len)
-    if q_len % bq or kv_len % bkv or bkv % LANES:
-        raise ValueError(f"splash ring attention: blocks of {bq} queries / {bkv} keys do not "
-                         f"divide {q_len} / {kv_len}; a device's block of the sequence must be a "
+    sizes = block_sizes(q_len, kv_len)
+    if sizes is None:
+        raise ValueError(f"splash ring attention: blocks of up to {BLOCK} do not divide {q_len} "
+                         f"queries / {kv_len} keys; a device's block of the sequence must be a "
                          f"multiple of {2 * LANES} (of {LANES} per zigzag chunk) and of "
                          f"{2 * BLOCK} beyond it")
-    return splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
-                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
-                             block_kv_dq=bkv)
+    return sizes
 
 
 def _kernel_for(kind: int, t: int, heads: int, interpret: bool):
@@ -83,10 +81,6 @@ def _kinds(order: str, me, other):
     if order == "contiguous":
         return jnp.where(other == me, CAUSAL, jnp.where(earlier, FULL, SKIP))
     return jnp.where(other == me, CAUSAL, jnp.where(earlier, FIRST_KEYS, LAST_QUERIES))
-
-
-def _heads_first(x):
-    return jnp.swapaxes(x, 1, 2)      # [B, T, H, D] <-> [B, H, T, D]
 
 
 def _forward_pair(kind, q, k, v, q_seg, k_seg, interpret):
@@ -141,11 +135,6 @@ def _collapsed(info):
     return info._replace(partial_mask_blocks=blocks.reshape(-1, *blocks.shape[-2:]))
 
 
-def _rotate(tree, axis_name, n):
-    perm = [(i, (i + 1) % n) for i in range(n)]
-    return jax.tree.map(lambda x: jax.lax.ppermute(x, axis_name, perm), tree)
-
-
 def _merge(out, lse, part_out, part_lse):
     new = jnp.logaddexp(lse, part_lse)
     safe = jnp.where(jnp.isfinite(new), new, 0.0)
@@ -161,10 +150,10 @@ def splash_ring_attention(q, k, v, q_segment_ids, kv_segment_ids, *, axis_name, 
     if order not in ORDERS:
         raise ValueError(f"order={order!r}; choose one of {ORDERS}")
     scale = q.shape[-1] ** -0.5
-    out = _ring((_heads_first(q) * scale).astype(q.dtype), _heads_first(k), _heads_first(v),
+    out = _ring((heads_first(q) * scale).astype(q.dtype), heads_first(k), heads_first(v),
                 q_segment_ids.astype(jnp.int32), kv_segment_ids.astype(jnp.int32),
                 axis_name, order, bool(interpret))
-    return _heads_first(out)
+    return heads_first(out)
 
 
 def _switch(kind, fn, skipped, *args):
@@ -187,7 +176,7 @@ def _forward(q, k, v, q_seg, k_seg, axis_name, order, interpret):
 
     def step(hop, carry):
         out, lse, blk = carry
-        blk = _rotate(blk, axis_name, n)
+        blk = rotate(blk, axis_name, n)
         kind = _kinds(order, me, (me - hop) % n)
         part = _switch(kind, pair, (0.0, -jnp.inf), q, *blk[:2], q_seg, blk[2])
         return (*_merge(out, lse, *part), blk)
@@ -215,7 +204,7 @@ def _backward_rule(axis_name, order, interpret, residuals, d_out):
         dq_part, dk_part, dv_part = _switch(kind, pair, (0.0, 0.0, 0.0), k_blk, v_blk, ks)
         # The key / value gradients travel with their blocks: after n hops they are home.
         blk = (k_blk, v_blk, ks, dk + dk_part, dv + dv_part)
-        return (dq + dq_part, _rotate(blk, axis_name, n)), None
+        return (dq + dq_part, rotate(blk, axis_name, n)), None
 
     f32 = lambda x: jnp.zeros(x.shape, jnp.float32)  # noqa: E731
     (dq, (_, _, _, dk, dv)), _ = jax.lax.scan(
