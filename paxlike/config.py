@@ -11,7 +11,7 @@ import json
 
 import ml_collections
 
-from paxlike import family, health
+from paxlike import family, health, optim, outer
 from paxlike.data.pipeline import default_config as data_defaults
 from paxlike.errors import UserError
 from paxlike.mesh import MESH_AXES
@@ -49,6 +49,7 @@ def base_config() -> ml_collections.ConfigDict:
     # also sets sharding, microbatches and model.remat); see docs/planner.md.
     c.mesh.auto = False
     c.optimizer = ml_collections.ConfigDict({
+        "name": "adamw",        # adamw | sgd (with an outer optimizer: each replica's inner rule)
         "learning_rate": 1e-3,
         "warmup_steps": 30,
         "min_lr_ratio": 0.1,    # cosine decays to learning_rate * min_lr_ratio at decay_steps
@@ -61,6 +62,14 @@ def base_config() -> ml_collections.ConfigDict:
         "b2": 0.95,
         "eps": 1e-8,
         "clip_norm": 1.0,       # global-norm gradient clipping; 0 disables
+        # Training across weak links (paxlike/outer.py, docs/lowcomm.md): each `data` index is a
+        # replica with its own parameters and inner optimizer state, synchronised every
+        # `outer_every` steps. none | diloco | noloco | co2
+        "outer": "none",
+        "outer_every": 50,      # H: inner steps per outer step
+        "outer_lr": 0.7,
+        "outer_momentum": 0.9,  # Nesterov (diloco, co2); heavy-ball (noloco)
+        "outer_fragments": 1,   # diloco: > 1 = streaming, one fragment of the layers per sync
     })
     c.data = data_defaults()   # one source: paxlike/data/pipeline.py
     # Bad steps (non-finite or spiking loss) and what to do about them: paxlike/health.py.
@@ -139,6 +148,9 @@ def validate(cfg) -> None:
     opt = cfg.optimizer
     if opt.learning_rate <= 0:
         problems.append(f"optimizer.learning_rate={opt.learning_rate} must be > 0")
+    if opt.get("name", "adamw") not in optim.OPTIMIZERS:
+        problems.append(f"optimizer.name={opt.name!r}; choose one of {', '.join(optim.OPTIMIZERS)}")
+    problems += outer.validate(opt)
     if opt.warmup_steps < 0 or not 0 <= opt.min_lr_ratio <= 1:
         problems.append("optimizer.warmup_steps must be >= 0 and optimizer.min_lr_ratio in [0, 1]")
     decay_steps = opt.get("decay_steps", 0)

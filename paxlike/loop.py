@@ -32,7 +32,7 @@ from absl import logging
 
 from paxlike import config as config_lib
 from paxlike import data, health, metrics, watchdog
-from paxlike import elastic, optim, sharding, storage
+from paxlike import elastic, optim, outer, sharding, storage
 from paxlike.data import tokenizer as tokenizer_lib
 from paxlike.checkpoint import Checkpoints, param_shapes
 from paxlike.devices import peak_flops
@@ -204,6 +204,7 @@ def prepare(cfg, workdir: str, devices=None) -> Run:
     cfg.microbatches = resume.microbatches   # an existing key: a locked config accepts it
     checkpoints.layout = resume.layout
     trainer = Trainer(cfg, mesh)
+    outer.check_resume(saved_meta, latest, trainer.outer)
     shapes = param_shapes(trainer.abstract_state().params)
     if latest is not None:
         checkpoints.check_compatible(latest, cfg.model.to_dict(), shapes, saved_meta)
@@ -304,11 +305,25 @@ def _refusal(anomaly: health.Anomaly, policy: str, rollbacks: int) -> UserError:
                      f"checkpoints are kept.")
 
 
+def _report_bad_replicas(step: int, step_metrics: dict, writer) -> None:
+    """After an outer step: replicas left out of it because they were not finite (they restart
+    from the outer parameters; paxlike/outer.py)."""
+    bad = int(float(step_metrics["bad_replicas"]))
+    if bad:
+        logging.warning("step %d: %d replica(s) had a non-finite loss, gradient or parameters; "
+                        "left out of the outer step and restarted from the outer parameters",
+                        step, bad)
+        writer.write_event(step, "bad_replicas", {"count": bad})
+
+
 def checkpoint_meta(run: Run, step: int, train_iter) -> dict:
     """What a checkpoint records besides the state: where the data stands, the model's config
     and shapes (to refuse another model), the learning-rate schedule's length."""
-    return {"step": step, "data_state": train_iter.get_state(), "model": run.cfg.model.to_dict(),
+    meta = {"step": step, "data_state": train_iter.get_state(), "model": run.cfg.model.to_dict(),
             "param_shapes": run.param_shapes, **optim.schedule_meta(run.cfg)}
+    if run.trainer.outer:
+        meta[outer.META_KEY] = run.trainer.outer.meta()
+    return meta
 
 
 def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
@@ -360,7 +375,7 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
                 batch = next(train_iter)
                 data_wait += time.perf_counter() - wait_start
                 profiler.before(step)
-                state, step_metrics = trainer.train_step(state, batch)
+                state, step_metrics = trainer.train_step(state, batch, step)
                 profiler.after(step, step_metrics)
                 interval_steps += 1
                 if step == stop_at:
@@ -385,6 +400,11 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
                         "reason": anomaly.reason})
                     interval_start, interval_steps, data_wait = time.perf_counter(), 0, 0.0
                     continue
+                if trainer.syncs_after(step):
+                    _report_bad_replicas(step, step_metrics, writer)
+                evaluates = bool(cfg.eval_every and (step % cfg.eval_every == 0 or last))
+                if save_now or evaluates:   # noloco: the replicas' mean becomes the model
+                    state = trainer.consolidate(state)
                 event = StepEnd(step, state, step_metrics, logs=log_now, saves=save_now)
                 for hook in hooks:
                     hook.after_step(event)
@@ -405,7 +425,7 @@ def train(run: Run, start: Start, hooks: Sequence[Hook] = (),
                                         straggler["process"], straggler["host_s"],
                                         straggler["others_median_host_s"])
                         writer.write_event(step, "straggler", straggler)
-                if cfg.eval_every and (step % cfg.eval_every == 0 or last):
+                if evaluates:
                     dog.update(phase="eval")
                     writer.write_eval(step, evaluate(trainer, state.params, run.dataset,
                                                      token_bytes))

@@ -1,7 +1,7 @@
 """The update rule: gradients -> new parameters and optimizer state.
 
-Today one rule, `OptaxUpdate`: AdamW with linear warmup, cosine decay and global-norm clipping,
-weight decay on matrices only.
+One rule, `OptaxUpdate`: `optimizer.name` AdamW (default) or plain SGD, both with linear warmup,
+cosine decay and global-norm clipping; AdamW's weight decay on matrices only.
 
 The schedule's length is `optimizer.decay_steps` (warmup included); after it the rate stays at
 `learning_rate * min_lr_ratio`. 0 means the run's `steps`, taken once, when the run starts: the
@@ -10,9 +10,9 @@ into the config (so config.json shows it) and the loop records it in every check
 (`schedule_meta`). A resumed run with decay_steps=0 takes the length its checkpoint recorded, so
 raising `--config.steps` on a finished run continues at the floor rate instead of stretching the
 cosine over the new total; an explicit decay_steps > 0 always wins (e.g. to decay again). This is the seam where an outer optimizer (DiLoCo-style: every H
-steps an outer step on the averaged parameter change) wraps the inner rule: `make_update_rule`
-chooses the rule from the config, and the train step (paxlike/step.py) only calls `init` and
-`apply`.
+steps an outer step on the averaged parameter change, paxlike/outer.py) trains replicas that each
+use this rule as their inner rule: `make_update_rule` chooses it from the config, and the train
+step (paxlike/step.py) only calls `init` and `apply`.
 """
 
 from __future__ import annotations
@@ -124,6 +124,20 @@ def adamw(opt_cfg, total_steps: int, decay_mask) -> OptaxUpdate:
     return OptaxUpdate(optax.chain(*parts), schedule)
 
 
+def sgd(opt_cfg, total_steps: int) -> OptaxUpdate:
+    """Plain SGD on the same schedule and clipping (no momentum, no weight decay): the inner rule
+    under which one DiLoCo round of one step is exactly a data-parallel SGD step."""
+    schedule = learning_rate_schedule(opt_cfg, total_steps)
+    parts = [optax.clip_by_global_norm(opt_cfg.clip_norm)] if opt_cfg.clip_norm > 0 else []
+    parts.append(optax.sgd(schedule))
+    return OptaxUpdate(optax.chain(*parts), schedule)
+
+
+OPTIMIZERS = ("adamw", "sgd")
+
+
 def make_update_rule(opt_cfg, total_steps: int, decay_mask) -> OptaxUpdate:
-    """The update rule the config asks for (an outer optimizer will wrap the inner rule here)."""
+    """The update rule `optimizer.name` asks for (with `optimizer.outer`, each replica's)."""
+    if opt_cfg.get("name", "adamw") == "sgd":
+        return sgd(opt_cfg, total_steps)
     return adamw(opt_cfg, total_steps, decay_mask)

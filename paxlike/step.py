@@ -9,8 +9,9 @@
    through the layer stack split into stages over the `pipeline` mesh axis (paxlike/pipeline.py)
    as microbatches in flight. A schedule receives `loss_fn(params, batch, dropout_key, stats) ->
    ModelLoss`.
-3. **Update rule** (`paxlike.optim`): gradients → new parameters and optimizer state (optax
-   today; an outer optimizer wraps it there).
+3. **Update rule** (`paxlike.optim`): gradients → new parameters and optimizer state (optax).
+   With an outer optimizer (paxlike/outer.py) this whole step is each replica's inner step,
+   `vmap`ped over the replicas, and every H steps an outer step follows.
 
 The functions are pure; `paxlike.trainer.Trainer` gives them shardings and compiles them.
 """

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from paxlike import family, optim, pipeline, sharding, step
+from paxlike import family, optim, outer, pipeline, sharding, step
 from paxlike.errors import UserError
 from paxlike.metrics import RESERVED_KEYS
 from paxlike.data import BATCH_KEYS
@@ -44,6 +44,16 @@ class Trainer:
             lambda v: len([n for n in sharding.variable_names(v) if n != "layers"]) > 1,
             abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
         self.update = optim.make_update_rule(cfg.optimizer, cfg.steps, nnx.to_pure_dict(decay_mask))
+        # With an outer optimizer every `data` index is a replica training on its own
+        # (paxlike/outer.py); inside one, the rules without `data`.
+        layer_axes = jax.tree.map(
+            lambda v: sharding.variable_names(v).index("layers")
+            if "layers" in sharding.variable_names(v) else -1,
+            abstract_params, is_leaf=lambda x: isinstance(x, nnx.Variable))
+        self.outer = outer.Outer.from_config(
+            cfg, self.mesh.shape[outer.AXIS],
+            tuple(None if a < 0 else a for a in jax.tree.leaves(nnx.to_pure_dict(layer_axes))))
+        self.step_rules = outer.replica_rules(self.rules) if self.outer else self.rules
         aux_weights = family.aux_loss_weights(cfg.model)
         global_stats = getattr(abstract_model, "reads_global_stats", True)
         self.schedule = (step.Accumulate(cfg.microbatches, aux_weights, global_stats)
@@ -53,11 +63,12 @@ class Trainer:
         self.replicated = NamedSharding(self.mesh, PartitionSpec())
         self.param_shardings = nnx.to_pure_dict(param_shardings)
         abstract_pure = nnx.to_pure_dict(abstract_params)
-        self.state_shardings = TrainState(
-            step=self.replicated, params=self.param_shardings,
-            opt_state=self.update.state_shardings(jax.eval_shape(self.update.init, abstract_pure),
-                                                  self.param_shardings, self.replicated),
-            rng=self.replicated)
+        opt_shardings = self.update.state_shardings(jax.eval_shape(self.update.init, abstract_pure),
+                                                    self.param_shardings, self.replicated)
+        if self.outer:
+            opt_shardings = self.outer.state_shardings(self.param_shardings, opt_shardings)
+        self.state_shardings = TrainState(step=self.replicated, params=self.param_shardings,
+                                          opt_state=opt_shardings, rng=self.replicated)
         # Each microbatch is split over the batch axes (a pipeline's are those inside a stage);
         # the global batch arrives split over them too, and a pipeline's also over `pipeline`.
         rows = cfg.batch_size // cfg.microbatches
@@ -76,18 +87,18 @@ class Trainer:
         parts = jax.eval_shape(self._pipelined_loss, abstract_pure, call, None, None)
         family.check_loss_names(parts, aux_weights, RESERVED_KEYS)
 
-        self._train_step = jax.jit(
-            self._train_step_impl, in_shardings=(self.state_shardings, self.batch_sharding),
-            out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+        self._programs = {}   # sync fragments -> the jitted train step ((): no outer step)
+        self._train_step = self.program(())
         self._eval_step = jax.jit(
             functools.partial(step.eval_sums, self._pipelined_loss),
             in_shardings=(self.param_shardings, self.batch_sharding, self.replicated),
             out_shardings=self.replicated)
 
-    def loss(self, params, batch, dropout_key, stats) -> family.ModelLoss:
-        """The model family's loss on a batch, with activations sharded by the rules."""
+    def loss(self, params, batch, dropout_key, stats, rules=None) -> family.ModelLoss:
+        """The model family's loss on a batch, with activations sharded by the rules (`rules`:
+        other ones, e.g. those inside a replica)."""
         model = nnx.merge(self.graphdef, params)
-        with sharding.use_rules(self.mesh, self.rules):
+        with sharding.use_rules(self.mesh, self.rules if rules is None else rules):
             return model.loss(batch, dropout_key=dropout_key, stats=stats)
 
     def _pipelined_loss(self, params, batch, dropout_key, stats) -> family.ModelLoss:
@@ -132,11 +143,37 @@ class Trainer:
             return nnx.to_pure_dict(nnx.state(model))
         return apply
 
-    def _train_step_impl(self, state: TrainState, batch: dict):
+    def _train_step_impl(self, state: TrainState, batch: dict, sync: tuple[int, ...] = ()):
         # Traced under the rules: the schedule's microbatch constraints shard by them too.
-        with sharding.use_rules(self.mesh, self.rules):
-            return step.train_step(state, batch, loss_fn=self.loss, schedule=self.schedule,
-                                   update=self.update, update_buffers=self._update_buffers)
+        with sharding.use_rules(self.mesh, self.step_rules):
+            loss_fn = functools.partial(self.loss, rules=self.step_rules)
+            one = functools.partial(step.train_step, loss_fn=loss_fn, schedule=self.schedule,
+                                    update=self.update, update_buffers=self._update_buffers)
+            if self.outer is None:
+                return one(state, batch)
+            return self.outer.step(state, batch, one, sync)
+
+    def program(self, sync: tuple[int, ...]):
+        """The jitted train step that ends with the outer step of the fragments `sync` (()
+        for none: every step without an outer optimizer)."""
+        if sync not in self._programs:
+            self._programs[sync] = jax.jit(
+                functools.partial(self._train_step_impl, sync=sync),
+                in_shardings=(self.state_shardings, self.batch_sharding),
+                out_shardings=(self.state_shardings, self.replicated), donate_argnums=(0,))
+        return self._programs[sync]
+
+    def consolidate(self, state: TrainState) -> TrainState:
+        """The state whose `params` are the model to evaluate and save (paxlike/outer.py)."""
+        if self.outer is None or self.outer.method != "noloco":
+            return state
+        if not hasattr(self, "_consolidate"):
+            with sharding.use_rules(self.mesh, self.rules):
+                self._consolidate = jax.jit(self.outer.consolidate,
+                                            in_shardings=(self.state_shardings,),
+                                            out_shardings=self.state_shardings,
+                                            donate_argnums=(0,))
+        return self._consolidate(state)
 
     # ----------------------------------------------------------------------------- state
     def abstract_state(self) -> TrainState:
@@ -159,8 +196,10 @@ class Trainer:
         with sharding.use_rules(self.mesh, self.rules):
             model = self.module.build(self.cfg.model, nnx.Rngs(params=init_key))
         params = nnx.to_pure_dict(nnx.state(model))
-        return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                          opt_state=self.update.init(params), rng=rng)
+        opt_state = (self.outer.init(params, self.update.init) if self.outer
+                     else self.update.init(params))
+        return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,
+                          rng=rng)
 
     # ----------------------------------------------------------------------------- steps
     def abstract_batch(self) -> dict:
@@ -168,14 +207,26 @@ class Trainer:
         return {k: jax.ShapeDtypeStruct(shape, jnp.float32 if k == "weights" else jnp.int32,
                                         sharding=self.batch_sharding) for k in BATCH_KEYS}
 
-    def compile(self, state=None):
-        """Compiles the train step ahead of time (for `state`, else the abstract state)."""
+    def compile(self, state=None, sync: tuple[int, ...] = ()):
+        """Compiles a train step ahead of time (for `state`, else the abstract state): by default
+        the one every step runs (with an outer optimizer, the inner steps')."""
         state = self.abstract_state() if state is None else state
-        self._compiled_train_step = self._train_step.lower(state, self.abstract_batch()).compile()
-        return self._compiled_train_step
+        compiled = self.program(sync).lower(state, self.abstract_batch()).compile()
+        if not sync:
+            self._compiled_train_step = compiled
+        return compiled
 
-    def train_step(self, state: TrainState, batch) -> tuple[TrainState, dict]:
-        compiled = getattr(self, "_compiled_train_step", None) or self._train_step
+    def syncs_after(self, step: int) -> tuple[int, ...]:
+        """The outer-step fragments optimizer step `step` (from 1) ends with; () for none."""
+        return self.outer.syncs_after(step) if self.outer and step else ()
+
+    def train_step(self, state: TrainState, batch, step: int | None = None
+                   ) -> tuple[TrainState, dict]:
+        """One train step; with an outer optimizer `step` (the optimizer step this is, from 1)
+        says whether it ends with an outer step."""
+        sync = self.syncs_after(step) if step is not None else ()
+        compiled = (getattr(self, "_compiled_train_step", None) if not sync else None
+                    ) or self.program(sync)
         return compiled(state, {k: batch[k] for k in BATCH_KEYS})
 
     def eval_step(self, params, batch, token_bytes: jax.Array) -> dict:
