@@ -297,6 +297,11 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     # the sequences those see at once: the local rows B/W (split over `pipeline` too)
     head_b = cfg.batch_size // batch_ways if pipe else b
 
+    # An outer optimizer makes each `data` index a replica (paxlike/outer.py): no per-step
+    # gradient sum over `data`; the outer step's traffic instead (`_outer_traffic`).
+    opt_cfg = cfg.get("optimizer", {})
+    outer_method = opt_cfg.get("outer", "none") if opt_cfg else "none"
+    replica_axes = {"data"} if outer_method != "none" else set()
     memory = dict.fromkeys(("params", "grads", "optimizer", "batch", "activations",
                             "temporaries"), 0.0)
     comm: dict[str, float] = {}
@@ -392,7 +397,7 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
                 gathers = pipe.gathers(backend, plan.remat, p.names)
             send("all-gather", fsdp_axes, gathered, uses * gathers, overlaps=True)
             send("reduce-scatter", fsdp_axes, gathered, uses, overlaps=True)
-        replicated = [a for a in batch_axes if a not in shard_axes]
+        replicated = [a for a in batch_axes if a not in shard_axes and a not in replica_axes]
         if (moe or (pipe and backend != "cpu")) and p.path in acts.lookup_params:
             # The table's gradient is an f32 scatter-add: reduced in f32 (v5p MoE HLO). The
             # dense family keeps its figures (its CI plans shard the table over fsdp), except
@@ -417,6 +422,8 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
             if backend != "cpu":
                 send("all-reduce", replicated, use_bytes, uses, overlaps=True)
 
+    if outer_method != "none":
+        _outer_traffic(send, memory, outer_method, int(opt_cfg.get("outer_every", 1)))
     if tp > 1:
         # the residual stream's sums over `tensor` per layer: the family's (its profile)
         per_layer = acts.tensor_sums_per_layer(backend, plan.remat) + 2 * stats
@@ -525,6 +532,28 @@ def estimate(cfg, plan: Plan, fleet: Fleet, backend: str | None = None) -> Cost:
     return Cost(plan, memory, comm, {k: v for k, v in kinds.items() if v},
                 timing.parts["compute"], comm_s, timing.seconds, mfu, timing.binding, fits,
                 fleet.device.hbm_bytes, units, by_axes, timing.reason, timing.parts, inputs)
+
+
+def _outer_traffic(send, memory: dict, method: str, every: int) -> None:
+    """An outer optimizer's state and traffic (paxlike/outer.py), per step: every replica's own
+    float32 parameters and the outer momentum (NoLoCo: its own outer parameters too; CO2: its
+    unreduced pseudo-gradient); each `every` steps DiLoCo and CO2 all-reduce one float32 copy of
+    the local parameters over `data` (CO2's may overlap the step), NoLoCo permutes two (its
+    pseudo-gradient and outer parameters, to one peer). Streaming DiLoCo moves the same bytes
+    per `every` steps, a fragment at a time."""
+    local = memory["params"]   # float32 bytes of the local parameters
+    extra = {"diloco": 1, "co2": 2, "noloco": 2}[method]
+    memory["params"] += local
+    memory["optimizer"] += extra * local
+    # The outer step's program holds more float32 copies beside the inner step's peak (the
+    # replicas' mean and the pseudo-gradient; NoLoCo the peer's two arrays and the local
+    # pseudo-gradient): read from XLA:CPU compiles (docs/lowcomm.md), priced so that the
+    # program that syncs fits too.
+    memory["outer_step"] = (3 if method == "noloco" else 2) * local
+    if method == "noloco":
+        send("collective-permute", ["data"], local, 2.0 / every)
+    else:
+        send("all-reduce", ["data"], local, 1.0 / every, overlaps=method == "co2")
 
 
 def _bandwidth(fleet: Fleet, axis: str, link: str, sizes, dcn) -> float:

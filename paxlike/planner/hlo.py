@@ -154,8 +154,8 @@ def _trip_count(cond: list, body: list) -> int:
 
 def computation_runs(hlo_text: str) -> tuple[dict, collections.Counter, set]:
     """(the program's computations {name: [(name, type, op, rest)]}; how many times each runs per
-    step: loop bodies times their trip counts, fusions and calls once per call; the computations
-    that are the body of a fusion)."""
+    step: loop bodies times their trip counts, fusions and calls once per call, each of a
+    switch's N branches 1/N per call; the computations that are the body of a fusion)."""
     comps, entry = _parse(hlo_text)
     edges = collections.defaultdict(list)  # caller -> [(callee, times per call)]
     fused = set()                          # computations that are the body of a fusion
@@ -173,9 +173,13 @@ def computation_runs(hlo_text: str) -> tuple[dict, collections.Counter, set]:
                 elif cond and body:
                     trips = _trip_count(comps.get(cond.group(1), []), comps.get(body.group(1), []))
             for key, targets in _CALLS.findall(rest):
-                for target in re.findall(r"%?([\w.\-]+)", targets):
-                    if target in comps:
-                        edges[comp].append((target, trips if key == "body" else 1))
+                names = [t for t in re.findall(r"%?([\w.\-]+)", targets) if t in comps]
+                for target in names:
+                    # One branch of a `switch` runs per call: each counts as its expected share
+                    # (NoLoCo draws its peer matching uniformly: paxlike/outer.py).
+                    times = (trips if key == "body" else
+                             1 / len(names) if key == "branch_computations" else 1)
+                    edges[comp].append((target, times))
     # Executions per computation: the call graph is a DAG, so walk it in topological order.
     indegree = collections.Counter(t for callees in edges.values() for t, _ in callees)
     runs = collections.Counter({entry: 1})
