@@ -1,4 +1,4 @@
-"""Command-line plumbing shared by paxlike's tools (train, plan, aot).
+"""Command-line plumbing shared by paxlike's tools (train, plan, aot, btm).
 
 Each tool takes `--config=experiments/<family>.py:<size>` plus `--config.KEY=VALUE` overrides
 (ml_collections config flags on absl), in any order, and reports every problem with the user's
@@ -15,6 +15,7 @@ import logging as py_logging
 import os
 import re
 import sys
+from collections.abc import Mapping
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -101,6 +102,30 @@ def emulate_cpu_devices(count: int | None) -> None:
     import jax
     jax.config.update("jax_num_cpu_devices", count)
     jax.config.update("jax_platforms", "cpu")
+
+
+def compilation_cache_dir(setting: str, env: Mapping[str, str]) -> str | None:
+    """The directory for `compilation_cache` ("auto", "off" or a path); None when off. "auto"
+    keeps a directory given to jax through JAX_COMPILATION_CACHE_DIR, else the user's cache
+    directory (XDG_CACHE_HOME, else ~/.cache)."""
+    if setting == "off":
+        return None
+    if setting != "auto":
+        return os.path.expanduser(setting)
+    if env.get("JAX_COMPILATION_CACHE_DIR"):
+        return env["JAX_COMPILATION_CACHE_DIR"]
+    cache_home = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache_home, "paxlike", "jax")
+
+
+def setup_compilation_cache(setting: str) -> None:
+    """A persistent cache of compiled programs: a restarted or resumed run loads its train step,
+    init and eval programs instead of compiling them (benchmarks/compile_cache.py measures it)."""
+    import jax
+    directory = compilation_cache_dir(setting, os.environ)
+    jax.config.update("jax_compilation_cache_dir", directory)
+    if directory:
+        logging.info("compiled programs are cached in %s (compilation_cache)", directory)
 
 
 def print_error(message: str) -> None:

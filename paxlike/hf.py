@@ -306,7 +306,7 @@ def import_run(hf_dir: str, cfg, workdir: str) -> dict:
         if path == ("final_norm", "scale"):
             value = value / np.float32(_tied_scale(cfg.model))
         _set(params, path, jax.device_put(value, _get(shardings, path)))
-    state = start.state.replace(params=params)
+    state = run.trainer.init_state(params)   # a fresh optimizer state around them
     run.checkpoints.save(0, state, loop.checkpoint_meta(run, 0, start.train_iter))
     run.checkpoints.close()
     return {"tensors": len(declared), "workdir": workdir}

@@ -92,33 +92,9 @@ def _setup_jax():
                  jax.config._read("jax_cuda_visible_devices"))
 
 
-def compilation_cache_dir(setting: str, env: Mapping[str, str]) -> str | None:
-    """The directory for `compilation_cache` ("auto", "off" or a path); None when off. "auto"
-    keeps a directory given to jax through JAX_COMPILATION_CACHE_DIR, else the user's cache
-    directory (XDG_CACHE_HOME, else ~/.cache)."""
-    if setting == "off":
-        return None
-    if setting != "auto":
-        return os.path.expanduser(setting)
-    if env.get("JAX_COMPILATION_CACHE_DIR"):
-        return env["JAX_COMPILATION_CACHE_DIR"]
-    cache_home = env.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(cache_home, "paxlike", "jax")
-
-
-def _setup_compilation_cache(setting: str) -> None:
-    """A persistent cache of compiled programs: a restarted or resumed run loads its train step,
-    init and eval programs instead of compiling them (benchmarks/compile_cache.py measures it)."""
-    import jax
-    directory = compilation_cache_dir(setting, os.environ)
-    jax.config.update("jax_compilation_cache_dir", directory)
-    if directory:
-        logging.info("compiled programs are cached in %s (compilation_cache)", directory)
-
-
 def main(cfg):
     _setup_jax()
-    _setup_compilation_cache(cfg.compilation_cache)
+    cli.setup_compilation_cache(cfg.compilation_cache)
     from paxlike import loop  # after _setup_jax: importing the trainer touches no devices
     config_arg = cli.config_argument(_DEFAULT_CONFIG)
     workdir = _WORKDIR.value or default_workdir(config_arg)

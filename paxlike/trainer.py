@@ -182,7 +182,13 @@ class Trainer:
         return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
                             shapes, self.state_shardings)
 
-    def init_state(self) -> TrainState:
+    def init_state(self, params=None) -> TrainState:
+        """A fresh, sharded train state: initialised parameters, or `params` (a tree like the
+        parameters, e.g. a seed model's or imported weights) with a fresh optimizer state around
+        them (with an outer optimizer, every replica starting from them)."""
+        if params is not None:
+            return jax.jit(self._state_around, in_shardings=(self.param_shardings,),
+                           out_shardings=self.state_shardings)(params)
         lowered = jax.jit(self._init_impl, out_shardings=self.state_shardings).lower()
         # The init runs once. On CPU, LLVM's optimisation of the random-number code costs about a
         # second per initializer at compile time and buys nothing, so it is skipped.
@@ -190,12 +196,18 @@ class Trainer:
         options = {"xla_backend_optimization_level": 0} if on_cpu else {}
         return lowered.compile(compiler_options=options)()
 
+    def _keys(self):
+        """(the parameters' init key, the state's dropout key) from the seed."""
+        return jax.random.split(jax.random.PRNGKey(self.cfg.seed))
+
     def _init_impl(self) -> TrainState:
-        key = jax.random.PRNGKey(self.cfg.seed)
-        init_key, rng = jax.random.split(key)
+        init_key, _ = self._keys()
         with sharding.use_rules(self.mesh, self.rules):
             model = self.module.build(self.cfg.model, nnx.Rngs(params=init_key))
-        params = nnx.to_pure_dict(nnx.state(model))
+        return self._state_around(nnx.to_pure_dict(nnx.state(model)))
+
+    def _state_around(self, params) -> TrainState:
+        _, rng = self._keys()
         opt_state = (self.outer.init(params, self.update.init) if self.outer
                      else self.update.init(params))
         return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=opt_state,

@@ -11,7 +11,7 @@ import pytest
 
 from configs import ROOT, cli_overrides, subprocess_env
 from paxlike.config import profile_range
-from paxlike.train import compilation_cache_dir
+from paxlike.cli import compilation_cache_dir
 
 
 def test_trace_of_the_chosen_steps_and_programs_cached_in_the_chosen_directory(tmp_path):

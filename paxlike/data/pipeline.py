@@ -29,6 +29,10 @@ DEFAULTS = {
     # written by `python -m paxlike.data prepare --out=DIR` (paxlike/data/prepared.py)
     'paths': '',
     'jsonl_field': 'text',     # JSONL field holding the document text
+    # source 'stdlib' only: comma-separated shell patterns over the library's relative paths
+    # choosing its files ('email/*,json/*'; '!' excludes: '!encodings/*'); '' = every file. A
+    # domain of the built-in corpus (Branch-Train-Merge experts, docs/btm.md).
+    'stdlib_filter': '',
     'val_fraction': 0.05,      # share of documents (files / records) held out for eval
     'tokenizer': 'byte',       # 'byte' | 'bpe' | path of a pretrained tokenizer.json
     'bpe_vocab_size': 4096,    # BPE vocabulary size including the EOS token
@@ -258,6 +262,19 @@ def _pack(tok, docs, seq_len, split):
     return packing.PackedSplit(stream, ends, seq_len)
 
 
+def tokenizer_settings(cfg_data) -> dict:
+    """The data settings a BPE tokenizer trained in a workdir is recorded with (and must match to
+    be reused there): what decides the text it was trained on. A stdlib filter is recorded only
+    when set, so tokenizers saved before the key existed still match."""
+    source = _get(cfg_data, 'source')
+    settings = {'source': source, 'paths': _get(cfg_data, 'paths') if source != 'stdlib' else '',
+                'jsonl_field': _get(cfg_data, 'jsonl_field') if source == 'jsonl' else '',
+                'val_fraction': float(_get(cfg_data, 'val_fraction'))}
+    if source == 'stdlib' and _get(cfg_data, 'stdlib_filter'):
+        settings['stdlib_filter'] = _get(cfg_data, 'stdlib_filter')
+    return settings
+
+
 def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir: str | None,
           batch_sharding: jax.sharding.NamedSharding, save_tokenizer: bool = True,
           length_order=None) -> Dataset:
@@ -285,6 +302,11 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
         raise UserError(f'data.val_fraction must be a number in [0, 1); got {val_fraction!r}')
     if seq_len < 1 or global_batch_size < 1:
         raise UserError(f'seq_len and batch_size must be >= 1; got {seq_len}, {global_batch_size}')
+    stdlib_filter = _get(cfg_data, 'stdlib_filter')
+    if not isinstance(stdlib_filter, str) or (stdlib_filter and source != 'stdlib'):
+        raise UserError(f'data.stdlib_filter={stdlib_filter!r} selects files of the built-in '
+                        f'corpus (data.source=stdlib), not of data.source={source}; choose files '
+                        'with data.paths instead')
     skip_batches = parse_skip_batches(_get(cfg_data, 'skip_batches'))
     process_rows(batch_sharding, (global_batch_size, seq_len))   # fails early on a bad split
 
@@ -299,14 +321,13 @@ def build(cfg_data, *, seq_len: int, global_batch_size: int, seed: int, workdir:
             workdir=workdir)
     else:
         corpus = sources.load_corpus(source, paths=paths, jsonl_field=field,
-                                     val_fraction=float(val_fraction))
+                                     val_fraction=float(val_fraction),
+                                     stdlib_filter=_get(cfg_data, 'stdlib_filter'))
         description = corpus.description
-        settings = {'source': source, 'paths': paths if source != 'stdlib' else '',
-                    'jsonl_field': field if source == 'jsonl' else '',
-                    'val_fraction': float(val_fraction)}
         tok = tokenizer_lib.build_tokenizer(
             tok_name, bpe_vocab_size=_get(cfg_data, 'bpe_vocab_size'), workdir=workdir,
-            train_texts_fn=lambda: [d.text for d in corpus.train], settings=settings,
+            train_texts_fn=lambda: [d.text for d in corpus.train],
+            settings=tokenizer_settings(cfg_data),
             eos_token=_get(cfg_data, 'eos_token'), bos_token=_get(cfg_data, 'bos_token'))
     if jax.process_count() > 1:
         # Each process trains or loads its own BPE; training is deterministic, but a stale

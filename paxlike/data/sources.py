@@ -15,6 +15,7 @@ streaming `python -m paxlike.data prepare` (prepared.py) both use it, so they sp
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import glob
 import hashlib
 import importlib
@@ -87,6 +88,31 @@ def stdlib_files(root: str | None = None) -> list[str]:
                 rel = f if rel_dir == '.' else os.path.join(rel_dir, f)
                 out.append(rel.replace(os.sep, '/'))
     return sorted(out)
+
+
+def select_stdlib_files(rels: list[str], stdlib_filter: str) -> list[str]:
+    """The files of `rels` (stdlib-relative, '/'-separated) that `stdlib_filter` selects: comma-
+    separated shell patterns matched against the whole relative path (`*` also crosses '/', so
+    `email/*` is the email package and `[a-l]*` every module and package starting with a-l); a
+    pattern starting with `!` excludes. A file is kept when it matches an including pattern (or
+    there is none) and no excluding one. '' keeps every file. UserError when nothing is kept.
+
+    Filtering happens before the train/val split, which is decided per file by its path: a file
+    has the same split in every filtered corpus, so the val files of a domain are exactly the val
+    files of the whole library that belong to it."""
+    patterns = [p.strip() for p in (stdlib_filter or '').split(',') if p.strip()]
+    if not patterns:
+        return list(rels)
+    include = [p for p in patterns if not p.startswith('!')]
+    exclude = [p[1:] for p in patterns if p.startswith('!')]
+    chosen = [r for r in rels
+              if (not include or any(fnmatch.fnmatchcase(r, p) for p in include))
+              and not any(fnmatch.fnmatchcase(r, p) for p in exclude)]
+    if not chosen:
+        raise UserError(f'data.stdlib_filter={stdlib_filter!r} selects none of the '
+                        f'{len(rels)} standard-library files; patterns match paths such as '
+                        f'{rels[0]!r} (e.g. "email/*,json/*", "!encodings/*")')
+    return chosen
 
 
 def _read_bytes(path: str) -> bytes:
@@ -358,19 +384,25 @@ def _load_hf(datasets, path: str, split: str | None):
 
 
 def open_source(source: str, *, paths: str = '', field: str = 'text',
-                hf_split: str | None = None) -> DocumentSource:
+                hf_split: str | None = None, stdlib_filter: str = '') -> DocumentSource:
     """The documents of a source, to be read one at a time. Raises UserError for a missing input
-    (paths that match nothing, a missing package) before any document is read."""
+    (paths that match nothing, a missing package) before any document is read. `stdlib_filter`
+    (data.stdlib_filter, `select_stdlib_files`) narrows the stdlib source to some of its files."""
     if source not in PREPARE_SOURCES:
         raise UserError(f'the source must be one of {", ".join(PREPARE_SOURCES)}; got {source!r}')
+    if stdlib_filter and source != 'stdlib':
+        raise UserError(f'data.stdlib_filter={stdlib_filter!r} selects files of the built-in '
+                        f'corpus (data.source=stdlib), not of data.source={source}; choose the '
+                        'files with data.paths instead')
     if source == 'stdlib':
         root = stdlib_dir()
-        rels = stdlib_files(root)
-        logging.info('data: reading %d standard-library files from %s', len(rels), root)
+        rels = select_stdlib_files(stdlib_files(root), stdlib_filter)
+        chosen = f', data.stdlib_filter={stdlib_filter!r}' if stdlib_filter else ''
+        logging.info('data: reading %d standard-library files from %s%s', len(rels), root, chosen)
         return DocumentSource(
             'stdlib', rels, _stdlib_reader,
             total=sum(_file_size(os.path.join(root, r)) for r in rels),
-            describe=lambda s, f: f'Python standard library at {root} ({len(rels)} files)')
+            describe=lambda s, f: f'Python standard library at {root} ({len(rels)} files{chosen})')
     if source == 'hf':
         _require('datasets', 'hf', 'datasets')
         specs = [p.strip() for p in (paths or '').split(',') if p.strip()]
@@ -421,14 +453,14 @@ def open_source(source: str, *, paths: str = '', field: str = 'text',
 
 
 def load_corpus(source: str, *, paths: str = '', jsonl_field: str = 'text',
-                val_fraction: float = 0.05) -> Corpus:
+                val_fraction: float = 0.05, stdlib_filter: str = '') -> Corpus:
     """Reads a whole source into memory and splits it. Raises UserError for anything the user can
     fix. (The streaming `prepare` splits the same way, document by document.)"""
     if source not in SOURCES:
         raise UserError(f'data.source must be one of {", ".join(SOURCES)}; got {source!r}')
     if not 0.0 <= val_fraction < 1.0:
         raise UserError(f'data.val_fraction must be in [0, 1); got {val_fraction}')
-    src = open_source(source, paths=paths, field=jsonl_field)
+    src = open_source(source, paths=paths, field=jsonl_field, stdlib_filter=stdlib_filter)
     pairs, splitter = src.split(val_fraction)
     train, val = [], []
     for ordinal, (is_v, doc) in enumerate(pairs):
