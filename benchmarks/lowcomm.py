@@ -38,14 +38,17 @@ RUNS = {   # name: optimizer overrides
 }
 
 
-def config(name: str, steps: int, replicas: int):
+def config(name: str, steps: int, replicas: int, outer_lr=None, outer_momentum=None):
     from paxlike.experiments import transformer
     cfg = transformer.get_config("tiny")
-    cfg.update(steps=steps, log_every=10, eval_every=steps, checkpoint_every=0,
+    cfg.update(steps=steps, log_every=50, eval_every=steps, checkpoint_every=0,
                async_checkpoints=False)
     cfg.mesh.data, cfg.mesh.fsdp = replicas, 1
     cfg.metrics.plot = cfg.metrics.tensorboard = False
     cfg.optimizer.update(RUNS[name])
+    for key, value in (("outer_lr", outer_lr), ("outer_momentum", outer_momentum)):
+        if value is not None:
+            cfg.optimizer[key] = value
     return cfg
 
 
@@ -132,6 +135,8 @@ def main() -> None:
     parser.add_argument("--workdir", default="/tmp/lowcomm")
     parser.add_argument("--only", default=",".join(RUNS))
     parser.add_argument("--bytes_only", action="store_true")
+    parser.add_argument("--outer_lr", type=float, default=None, help="default: 0.7")
+    parser.add_argument("--outer_momentum", type=float, default=None, help="default: 0.9")
     parser.add_argument("--co2_schedule", default="", help="a TPU topology, e.g. v5e:2x4")
     parser.add_argument("--slices", type=int, default=1)
     args = parser.parse_args()
@@ -149,15 +154,18 @@ def main() -> None:
     names = args.only.split(",")
     rows = {}
     for name in names:
-        cfg = config(name, args.steps, args.replicas)
+        cfg = config(name, args.steps, args.replicas, args.outer_lr, args.outer_momentum)
         rows[name] = bytes_per_step(cfg, args.replicas)
         if not args.bytes_only:
             rows[name].update(train(cfg, os.path.join(args.workdir, name)))
         print(f"{name}: {rows[name]}", file=sys.stderr, flush=True)
 
     base = rows.get("sync", {})
+    lr = 0.7 if args.outer_lr is None else args.outer_lr
+    momentum = 0.9 if args.outer_momentum is None else args.outer_momentum
     print(f"\n{machine()}; tiny Transformer, {args.replicas} data shards / replicas, "
-          f"{args.steps} steps, batch 16 x 128, AdamW inner, outer lr 0.7 / momentum 0.9\n")
+          f"{args.steps} steps, batch 16 x 128, AdamW inner, outer lr {lr} / momentum "
+          f"{momentum}\n")
     print("| run | bytes / step / device over data (compiled) | planner | vs sync | eval loss "
           "| vs sync | last-5 train loss | wall s |")
     print("|---|---|---|---|---|---|---|---|")

@@ -71,7 +71,7 @@ def validate(opt) -> list[str]:
     elif fragments > 1 and method != "diloco":
         problems.append(f"optimizer.outer_fragments={fragments} (streaming) needs "
                         f"optimizer.outer=diloco, not {method}")
-    elif isinstance(every, int) and fragments > every:
+    elif isinstance(every, int) and every >= 1 and fragments > every:
         problems.append(f"optimizer.outer_fragments={fragments} must be <= optimizer.outer_every"
                         f"={every} (each fragment syncs once per {every} steps)")
     return problems
